@@ -1,0 +1,96 @@
+"""Settings: the per-dataset hyperparameter table and the typed run configuration.
+
+The table reproduces the original's per-dataset settings (Zhou et al., `main.py`); batch size and lr
+are used for every loss, baselines included. `Config` is built once from the CLI and the table and is
+never mutated afterwards: functions take the fields they use.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from losses import LOSSES
+
+LOSS_NAMES = tuple(LOSSES)  # every registered loss: bce, iun, an, EM, EM_APL
+
+# Shared by every real dataset (the original's fixed settings).
+_REAL = dict(arch="resnet50", weights="imagenet", image_size=448, num_epochs=10, num_workers=8)
+
+DATASET_SETTINGS: dict[str, dict] = {
+    #            batch         lr          alpha (EM)    theta                 T_w                beta (APL)
+    "pascal":  dict(batch_size=8, lr=1e-5, alpha=0.2, neg_proportion=0.9, warmup_epoch=5, beta=0.02, **_REAL),
+    "coco":    dict(batch_size=16, lr=1e-5, alpha=0.1, neg_proportion=0.9, warmup_epoch=5, beta=0.9, **_REAL),
+    "nuswide": dict(batch_size=16, lr=1e-5, alpha=0.1, neg_proportion=0.9, warmup_epoch=4, beta=0.2, **_REAL),
+    "cub":     dict(batch_size=8, lr=1e-4, alpha=0.01, neg_proportion=0.9, warmup_epoch=3, beta=0.4, **_REAL),
+    # The bundled demo (generated, no download): a small network trained from scratch on small images,
+    # sized so that a whole EM_APL run fits in a few minutes on 2 CPU cores.
+    "demo":    dict(batch_size=32, lr=1e-3, alpha=0.1, neg_proportion=0.9, warmup_epoch=3, beta=0.4,
+                    arch="resnet18", weights="random", image_size=48, num_epochs=6, num_workers=0),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs. Defaults are the original's; dataset-specific ones come from the table."""
+
+    dataset: str
+    loss: str = "EM_APL"
+    gpu: str = "0"  # a CUDA index, or "cpu"
+    pytorch_seed: int = 0
+    # per-dataset (DATASET_SETTINGS)
+    batch_size: int = 8
+    lr: float = 1e-5
+    alpha: float = 0.2
+    beta: float = 0.02
+    neg_proportion: float = 0.9
+    warmup_epoch: int = 5
+    arch: str = "resnet50"
+    weights: str = "imagenet"  # "imagenet", "random" or a path to a state dict
+    image_size: int = 448
+    num_epochs: int = 10
+    num_workers: int = 8
+    # fixed in the original
+    seed: int = 1200  # numpy global seed
+    split_seed: int = 1200
+    val_frac: float = 0.2
+    # project options (not in the original; defaults keep its behaviour)
+    persistent_workers: bool = False
+    data_root: str = "data"
+    results_dir: str = "results"
+
+    @property
+    def train_set_variant(self) -> str:
+        """`bce` trains on the full labels ("All P. & All N."), every other loss on the single positives."""
+        return "clean" if self.loss == "bce" else "observed"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_config(dataset: str, **overrides) -> Config:
+    """The table entry of `dataset`, with every non-None override applied on top, validated."""
+    if dataset not in DATASET_SETTINGS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_SETTINGS)}")
+    values = dict(DATASET_SETTINGS[dataset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = Config(dataset=dataset, **values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.loss not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {list(LOSS_NAMES)}")
+    if cfg.batch_size < 1 or cfg.num_epochs < 1 or cfg.image_size < 1:
+        raise ValueError(f"batch size, epochs and image size must be positive, got "
+                         f"{cfg.batch_size}, {cfg.num_epochs}, {cfg.image_size}")
+    if cfg.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.loss == "EM_APL" and not 1 <= cfg.warmup_epoch < cfg.num_epochs:
+        # k_c = floor(theta * U_c / (T - T_w)) needs T > T_w
+        raise ValueError(f"EM_APL needs 1 <= warmup_epoch < num_epochs, got warmup_epoch={cfg.warmup_epoch}, "
+                         f"num_epochs={cfg.num_epochs}")
+    if not 0.0 <= cfg.neg_proportion <= 1.0:
+        raise ValueError(f"neg_proportion must be in [0, 1], got {cfg.neg_proportion}")
+    if not 0.0 <= cfg.val_frac < 1.0:
+        raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")

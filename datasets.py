@@ -1,0 +1,170 @@
+"""Datasets: per-dataset metadata, the original's 80/20 split, transforms and the torch Dataset.
+
+Sets, as in the original:
+  train = 80 % of the official train split, with the single-positive observed labels (full labels for `bce`);
+  val   = the other 20 %, with full labels (model selection);
+  test  = the official val/test split, with full labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_subdir: str  # image root, relative to <data_root>/<dataset>
+    format_command: str  # what creates the formatted_*.npy files
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "pascal": DatasetInfo(20, "VOCdevkit/VOC2012/JPEGImages", "python preproc/format_pascal.py"),
+    "coco": DatasetInfo(80, "", "python preproc/format_coco.py"),
+    "nuswide": DatasetInfo(81, "Flickr", "python preproc/format_nuswide.py"),
+    "cub": DatasetInfo(312, "CUB_200_2011/images", "python preproc/format_cub.py"),
+    "demo": DatasetInfo(12, "images", "python preproc/make_demo.py"),
+}
+
+
+class DataError(RuntimeError):
+    """Missing or malformed dataset files; the message says what to run or fix."""
+
+
+def generate_split(num_ex: int, frac: float, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    """The original's split: a permutation, the last round(frac * num_ex) go to idx_2, the rest to idx_1.
+
+    Both index arrays are sorted. As in the original, frac = 0 gives idx_2 = everything (a `-0:` slice).
+    """
+    num_2 = int(np.round(frac * num_ex))
+    num_1 = num_ex - num_2
+    perm = rng.permutation(num_ex)
+    return np.sort(perm[:num_1]), np.sort(perm[-num_2:])
+
+
+def get_transforms(image_size: int) -> dict[str, transforms.Compose]:
+    """Exact square bilinear resize (aspect not kept), flip for train only, ImageNet normalisation."""
+    def build(train: bool) -> transforms.Compose:
+        steps = [transforms.Resize((image_size, image_size))]
+        if train:
+            steps.append(transforms.RandomHorizontalFlip(0.5))
+        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return transforms.Compose(steps)
+
+    return {"train": build(True), "val": build(False), "test": build(False)}
+
+
+class MultilabelDataset(Dataset):
+    """Images plus observed and true label matrices.
+
+    The observed matrix lives in a shared-memory float64 tensor, so `set_observed` (pseudo-labelling between
+    epochs) reaches DataLoader workers, persistent ones included, without rebuilding anything.
+    """
+
+    def __init__(self, image_paths: np.ndarray, labels_obs: np.ndarray, labels_true: np.ndarray,
+                 image_root: Path, transform) -> None:
+        if not (len(image_paths) == len(labels_obs) == len(labels_true)):
+            raise DataError(f"{len(image_paths)} images but {len(labels_obs)} observed and "
+                            f"{len(labels_true)} true label rows")
+        self.image_paths = image_paths
+        self.image_root = Path(image_root)
+        self.transform = transform
+        self._obs = torch.from_numpy(np.array(labels_obs, dtype=np.float64)).share_memory_()
+        self.labels_true = np.asarray(labels_true, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def labels_obs(self) -> np.ndarray:
+        """The current observed matrix (a view: do not edit in place, use `set_observed`)."""
+        return self._obs.numpy()
+
+    def set_observed(self, labels_obs: np.ndarray) -> None:
+        if labels_obs.shape != tuple(self._obs.shape):
+            raise ValueError(f"observed matrix shape {labels_obs.shape} != dataset's {tuple(self._obs.shape)}")
+        self._obs.copy_(torch.from_numpy(np.asarray(labels_obs, dtype=np.float64)))
+
+    def __getitem__(self, idx: int) -> dict:
+        path = self.image_root / str(self.image_paths[idx])
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+        return {
+            "image": self.transform(image),
+            "label_vec_obs": self._obs[idx].float(),  # float32, as the original's FloatTensor copy
+            "label_vec_true": torch.from_numpy(self.labels_true[idx]).float(),
+            "idx": idx,
+        }
+
+
+def _load_array(path: Path, command: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"missing {path}; create it with: {command}")
+    return np.load(path)
+
+
+def _check_labels(labels: np.ndarray, path: Path, num_classes: int, allowed: tuple[float, ...]) -> None:
+    if labels.ndim != 2 or labels.shape[1] != num_classes:
+        raise DataError(f"{path}: expected a label matrix of shape (N, {num_classes}), found {labels.shape}")
+    bad = ~np.isin(labels, allowed)
+    if bad.any():
+        raise DataError(f"{path}: labels must take values in {allowed}, found {np.unique(labels[bad])[:5]}")
+
+
+def load_formatted(data_root: str | Path, dataset: str, phase: str) -> dict[str, np.ndarray]:
+    """Images, true labels (float64) and observed labels (float64) of an official split ('train' or 'val')."""
+    info = DATASET_INFO[dataset]
+    root = Path(data_root) / dataset
+    obs_command = f"python preproc/generate_observed_labels.py --dataset {dataset} --data-root {data_root}"
+    paths = {k: root / f"formatted_{phase}_{k}.npy" for k in ("images", "labels", "labels_obs")}
+    images = _load_array(paths["images"], info.format_command)
+    labels = _load_array(paths["labels"], info.format_command).astype(np.float64)
+    labels_obs = _load_array(paths["labels_obs"], obs_command).astype(np.float64)
+    if images.ndim != 1 or images.dtype.kind not in "US":
+        raise DataError(f"{paths['images']}: expected a 1-D string array, found {images.dtype} {images.shape}")
+    _check_labels(labels, paths["labels"], info.num_classes, (0.0, 1.0))
+    _check_labels(labels_obs, paths["labels_obs"], info.num_classes, (-1.0, 0.0, 1.0))
+    if not len(images) == len(labels) == len(labels_obs):
+        raise DataError(f"{root}: {phase} split has {len(images)} images, {len(labels)} label rows and "
+                        f"{len(labels_obs)} observed-label rows; re-run {info.format_command} and {obs_command}")
+    return {"images": images, "labels": labels, "labels_obs": labels_obs}
+
+
+def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_set_variant: str = "observed",
+                   val_frac: float = 0.2, split_seed: int = 1200) -> dict[str, MultilabelDataset]:
+    """The train / val / test datasets of the original (see the module docstring)."""
+    if dataset not in DATASET_INFO:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_INFO)}")
+    if dataset == "demo":
+        from preproc.make_demo import ensure_demo
+        ensure_demo(Path(data_root) / "demo")
+    official_train = load_formatted(data_root, dataset, "train")
+    official_val = load_formatted(data_root, dataset, "val")
+    image_root = Path(data_root) / dataset / DATASET_INFO[dataset].image_subdir
+    tfm = get_transforms(image_size)
+
+    train_idx, val_idx = generate_split(len(official_train["images"]), val_frac, np.random.RandomState(split_seed))
+    train_obs = official_train["labels_obs"] if train_set_variant == "observed" else official_train["labels"]
+
+    def subset(idx: np.ndarray, obs: np.ndarray, phase: str) -> MultilabelDataset:
+        return MultilabelDataset(official_train["images"][idx], obs[idx], official_train["labels"][idx],
+                                 image_root, tfm[phase])
+
+    return {
+        "train": subset(train_idx, train_obs, "train"),
+        "val": subset(val_idx, official_train["labels"], "val"),  # clean val, as the original's 'clean' variant
+        "test": MultilabelDataset(official_val["images"], official_val["labels"], official_val["labels"],
+                                  image_root, tfm["test"]),
+    }

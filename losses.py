@@ -1,0 +1,118 @@
+"""Losses for single-positive multi-label learning, as in the original.
+
+Every loss is a pure function  (logits, obs, true, **hyperparameters) -> (B, C) matrix of per-entry losses,
+registered by name. `compute_loss` sums that matrix and divides by B * C, as the original does (entries a loss
+leaves at zero still count in the denominator). Label coding of `obs`: 1 = observed positive, 0 = unknown,
+-q (0 < q <= 1) = negative pseudo-label with soft target q (written by APL).
+
+With p = sigmoid(logits) and eps = 1e-5 (always added inside the log, never clamped):
+    neg_log(x) = -log(x + eps)
+    H(p)       = p * neg_log(p) + (1 - p) * neg_log(1 - p)           (entropy)
+To add a loss: write one function with the docstring formula and decorate it with @register("name").
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+
+EPS = 1e-5
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register(name: str) -> Callable:
+    def add(fn: Callable) -> Callable:
+        LOSSES[name] = fn
+        return fn
+    return add
+
+
+def neg_log(x: torch.Tensor) -> torch.Tensor:
+    return -torch.log(x + EPS)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    return p * neg_log(p) + (1 - p) * neg_log(1 - p)
+
+
+@register("bce")
+def bce(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Full supervision ("All P. & All N."): obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p).
+
+    Trained on the full labels (the training loop passes them as `obs`).
+    """
+    if (obs < 0).any():
+        raise ValueError("bce expects 0/1 labels, found negative values")
+    p = torch.sigmoid(logits)
+    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
+        torch.where(obs == 0, neg_log(1 - p), torch.zeros_like(p))
+
+
+@register("iun")
+def iun(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """"1 P. & All N.": obs = 1 -> neg_log(p); true = 0 -> neg_log(1 - p); unobserved true positives -> 0.
+
+    The negatives come from the true labels (the original's corrected version, `true == 0`).
+    """
+    p = torch.sigmoid(logits)
+    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
+        torch.where(true == 0, neg_log(1 - p), torch.zeros_like(p))
+
+
+@register("an")
+def assume_negative(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Assume negative: obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p)."""
+    p = torch.sigmoid(logits)
+    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
+        torch.where(obs == 0, neg_log(1 - p), torch.zeros_like(p))
+
+
+@register("EM")
+def entropy_maximisation(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
+                         alpha: float) -> torch.Tensor:
+    """Entropy maximisation: obs = 1 -> neg_log(p); obs = 0 -> -alpha * H(p).
+
+    On an unknown entry the gradient w.r.t. its logit g is alpha * g * p * (1 - p) (eps ignored): it pulls
+    uncertain logits towards 0 (p = 0.5) and vanishes for confident ones.
+    """
+    if (obs < 0).any():
+        raise ValueError("EM expects obs in {0, 1}; negative pseudo-labels need EM_APL")
+    p = torch.sigmoid(logits)
+    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
+        torch.where(obs == 0, -alpha * entropy(p), torch.zeros_like(p))
+
+
+@register("EM_APL")
+def entropy_maximisation_apl(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
+                             alpha: float, beta: float) -> torch.Tensor:
+    """EM plus asymmetric pseudo-labels: obs = 1 -> neg_log(p); obs = 0 -> -alpha * H(p);
+    obs = -q < 0 -> beta * [q * neg_log(p) + (1 - q) * neg_log(1 - p)]  (soft BCE towards target q).
+
+    Pseudo-labelled entries get only the beta term, not the EM term.
+    """
+    p = torch.sigmoid(logits)
+    q = -obs
+    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
+        torch.where(obs == 0, -alpha * entropy(p), torch.zeros_like(p)) + \
+        torch.where(obs < 0, beta * (q * neg_log(p) + (1 - q) * neg_log(1 - p)), torch.zeros_like(p))
+
+
+def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor,
+                 **hparams: float) -> torch.Tensor:
+    """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
+    if logits.ndim != 2 or logits.shape != obs.shape or logits.shape != true.shape:
+        raise ValueError(f"logits, obs and true must be (B, C) of one shape, got {tuple(logits.shape)}, "
+                         f"{tuple(obs.shape)}, {tuple(true.shape)}")
+    if (obs < -1).any() or (obs > 1).any():
+        raise ValueError("obs must lie in [-1, 1]")
+    fn = LOSSES[name]
+    params = inspect.signature(fn).parameters
+    needed = [k for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+    missing = [k for k in needed if k not in hparams]
+    if missing:
+        raise TypeError(f"loss {name!r} needs hyperparameter(s) {missing}")
+    loss_matrix = fn(logits, obs, true, **{k: hparams[k] for k in needed})
+    return loss_matrix.sum() / loss_matrix.numel()

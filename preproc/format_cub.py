@@ -1,0 +1,238 @@
+"""Format CUB-200-2011 (312 binary attributes) into ``formatted_{train,val}_{images,labels}.npy``.
+
+Reads (layout of the extracted ``CUB_200_2011.tgz``):
+
+* ``<load>/CUB_200_2011/images.txt``: ``<image id> <relative file name>`` (11,788 lines);
+* ``<load>/CUB_200_2011/train_test_split.txt``: ``<image id> <is_train>``;
+* ``<load>/attributes.txt``: the 312 attribute names (top level, next to CUB_200_2011/;
+  only its line count is checked, as in the reference);
+* ``<load>/CUB_200_2011/attributes/image_attribute_labels.txt``:
+  ``<image id> <attribute id> <is_present> <certainty id> <time>``.
+
+As in the reference, labels are the raw ``is_present`` values (no certainty filtering),
+int64 of shape (N, 312), attribute id 1..312 -> column 0..311; rows follow images.txt
+order; ``is_train == 1`` goes to the train files and everything else to the "val" files
+(the official test split). Image paths are the file names from images.txt, relative to
+``data/cub/CUB_200_2011/images``.
+
+Robustness beyond the reference (same output on well-formed data): lines are split on
+whitespace and fields are taken by position, so lines with extra fields still parse; each
+``(image, attribute)`` row is placed by its ids and every pair must occur exactly once
+(the reference assumed 312 consecutive rows per image in images.txt order).
+
+Usage (from the repo root)::
+
+    python preproc/format_cub.py [--load-path ./data/cub] [--save-path ./data/cub]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the ``preproc`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from preproc.common import (  # noqa: E402
+    PreprocError,
+    read_text_lines,
+    require_file,
+    run_main,
+    save_formatted,
+)
+
+NUM_IMAGES = 11788
+NUM_ATTRIBUTES = 312
+
+
+def raw_files(load_path: os.PathLike | str) -> Dict[str, Path]:
+    root = Path(load_path)
+    return {
+        "images": root / "CUB_200_2011" / "images.txt",
+        "split": root / "CUB_200_2011" / "train_test_split.txt",
+        "attributes": root / "attributes.txt",
+        "labels": root / "CUB_200_2011" / "attributes" / "image_attribute_labels.txt",
+    }
+
+
+def _parse_id(text: str, path: Path, lineno: int, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise PreprocError(f"{path}, line {lineno}: expected an integer {what}, found {text!r}") from None
+
+
+def read_images(path: Path) -> tuple:
+    ids: List[int] = []
+    names: List[str] = []
+    for lineno, line in enumerate(read_text_lines(path, keep_blank=True), start=1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(None, 1)
+        if len(parts) != 2:
+            raise PreprocError(f"{path}, line {lineno}: expected '<image id> <file name>', found {line!r}")
+        ids.append(_parse_id(parts[0], path, lineno, "image id"))
+        names.append(parts[1].strip())
+    if len(ids) != NUM_IMAGES:
+        raise PreprocError(
+            f"{path}: expected {NUM_IMAGES} images (CUB-200-2011), found {len(ids)} lines"
+        )
+    if len(set(ids)) != len(ids):
+        seen = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise PreprocError(f"{path}: image id {dup} is listed more than once")
+    return ids, names
+
+
+def read_split(path: Path, image_ids: List[int]) -> np.ndarray:
+    """Boolean ``is_train`` per image, aligned with images.txt order."""
+    split: Dict[int, int] = {}
+    for lineno, line in enumerate(read_text_lines(path, keep_blank=True), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) < 2:
+            raise PreprocError(f"{path}, line {lineno}: expected '<image id> <is_train>', found {line!r}")
+        image_id = _parse_id(tokens[0], path, lineno, "image id")
+        flag = _parse_id(tokens[1], path, lineno, "is_train flag")
+        if flag not in (0, 1):
+            raise PreprocError(f"{path}, line {lineno}: expected is_train 0 or 1, found {flag}")
+        if image_id in split:
+            raise PreprocError(f"{path}, line {lineno}: image id {image_id} is listed twice")
+        split[image_id] = flag
+    if len(split) != len(image_ids):
+        raise PreprocError(
+            f"{path}: expected one line per image of images.txt ({len(image_ids)}), found {len(split)}"
+        )
+    missing = [i for i in image_ids if i not in split]
+    if missing:
+        raise PreprocError(
+            f"{path}: expected the same image ids as images.txt; {len(missing)} are missing "
+            f"(e.g. {missing[0]})"
+        )
+    return np.array([split[i] == 1 for i in image_ids], dtype=bool)
+
+
+def count_attributes(path: Path) -> None:
+    n = len(read_text_lines(path))
+    if n != NUM_ATTRIBUTES:
+        raise PreprocError(
+            f"{path}: expected {NUM_ATTRIBUTES} attribute lines, found {n}"
+        )
+
+
+def read_attribute_labels(path: Path, image_ids: List[int]) -> np.ndarray:
+    """int64 (len(image_ids), 312) is_present matrix, rows in ``image_ids`` order."""
+    try:
+        # Whitespace-separated; only the first three fields are used, so lines with
+        # extra fields (known in some copies) still parse.
+        table = np.loadtxt(path, usecols=(0, 1, 2), dtype=np.int64, ndmin=2, comments=None)
+    except ValueError as exc:
+        raise PreprocError(
+            f"{path}: expected lines '<image id> <attribute id> <is_present> ...' with integer "
+            f"first three fields; could not parse: {exc}"
+        ) from exc
+    expected_rows = len(image_ids) * NUM_ATTRIBUTES
+    if table.shape[0] != expected_rows:
+        raise PreprocError(
+            f"{path}: expected {expected_rows} rows ({len(image_ids)} images x {NUM_ATTRIBUTES} "
+            f"attributes), found {table.shape[0]}"
+        )
+    img, att, present = table[:, 0], table[:, 1], table[:, 2]
+
+    bad = np.flatnonzero((present != 0) & (present != 1))
+    if bad.size:
+        r = bad[0]
+        raise PreprocError(
+            f"{path}: expected is_present 0 or 1, found {present[r]} "
+            f"(image {img[r]}, attribute {att[r]}; {bad.size} such rows)"
+        )
+    bad = np.flatnonzero((att < 1) | (att > NUM_ATTRIBUTES))
+    if bad.size:
+        r = bad[0]
+        raise PreprocError(
+            f"{path}: expected attribute ids 1..{NUM_ATTRIBUTES}, found {att[r]} (image {img[r]})"
+        )
+
+    ids = np.asarray(image_ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids[order], img)
+    pos = np.minimum(pos, len(ids) - 1)
+    known = ids[order][pos] == img
+    if not known.all():
+        r = np.flatnonzero(~known)[0]
+        raise PreprocError(
+            f"{path}: image id {img[r]} (attribute {att[r]}) is not in images.txt"
+        )
+    rows = order[pos]
+    flat = rows * NUM_ATTRIBUTES + (att - 1)
+    counts = np.bincount(flat, minlength=expected_rows)
+    if not (counts == 1).all():
+        dup = np.flatnonzero(counts > 1)
+        miss = np.flatnonzero(counts == 0)
+        parts = []
+        if dup.size:
+            parts.append(
+                f"{dup.size} (image, attribute) pairs occur more than once, e.g. image "
+                f"{ids[dup[0] // NUM_ATTRIBUTES]} attribute {dup[0] % NUM_ATTRIBUTES + 1}"
+            )
+        if miss.size:
+            parts.append(
+                f"{miss.size} pairs are missing, e.g. image {ids[miss[0] // NUM_ATTRIBUTES]} "
+                f"attribute {miss[0] % NUM_ATTRIBUTES + 1}"
+            )
+        raise PreprocError(
+            f"{path}: expected every (image, attribute) pair exactly once; " + "; ".join(parts)
+        )
+    labels = np.zeros(expected_rows, dtype=np.int64)
+    labels[flat] = present
+    return labels.reshape(len(image_ids), NUM_ATTRIBUTES)
+
+
+def format_cub(
+    load_path: os.PathLike | str = "./data/cub",
+    save_path: Optional[os.PathLike | str] = "./data/cub",
+) -> Dict[str, np.ndarray]:
+    """Format CUB-200-2011 train/test. Returns ``{'train_images', 'train_labels',
+    'val_images', 'val_labels'}`` ("val" = the official test split); also writes them to
+    ``save_path`` unless it is None."""
+    files = raw_files(load_path)
+    for key, path in files.items():
+        require_file(path, "cub", f"CUB-200-2011 {path.name}")
+    image_ids, names = read_images(files["images"])
+    is_train = read_split(files["split"], image_ids)
+    count_attributes(files["attributes"])
+    labels = read_attribute_labels(files["labels"], image_ids)
+
+    names_arr = np.array(names)
+    arrays = {
+        "train_images": names_arr[is_train],
+        "train_labels": labels[is_train],
+        "val_images": names_arr[~is_train],
+        "val_labels": labels[~is_train],
+    }
+    print(
+        f"CUB-200-2011: {len(names)} images, {int(is_train.sum())} train, "
+        f"{int((~is_train).sum())} test (saved as val)"
+    )
+    if save_path is not None:
+        save_formatted(save_path, arrays)
+    return arrays
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Format CUB-200-2011 attributes for SPML training.")
+    parser.add_argument("--load-path", default="./data/cub",
+                        help="folder holding CUB_200_2011/ and attributes.txt (default: ./data/cub)")
+    parser.add_argument("--save-path", default="./data/cub",
+                        help="where formatted_*.npy go (default: ./data/cub)")
+    args = parser.parse_args(argv)
+    return run_main(lambda: format_cub(args.load_path, args.save_path))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

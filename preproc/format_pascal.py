@@ -1,0 +1,148 @@
+"""Format PASCAL VOC 2012 into ``formatted_{train,val}_{images,labels}.npy``.
+
+Reads ``<load>/VOCdevkit/VOC2012/ImageSets/Main/<class>_{train,val}.txt`` for the 20 VOC
+classes. Each line is ``<image id> <label>`` with label 1 (present), 0 (difficult only) or
+-1 (absent). As in the reference, only label 1 is positive: "difficult" counts as
+negative, and images with no positive class are dropped. Rows are the file names
+``<id>.jpg`` sorted as strings; labels are float64 of shape (N, 20). Image paths are
+relative to ``data/pascal/VOCdevkit/VOC2012/JPEGImages``.
+
+Usage (from the repo root)::
+
+    python preproc/format_pascal.py [--load-path ./data/pascal] [--save-path ./data/pascal]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the ``preproc`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from preproc.common import (  # noqa: E402
+    PreprocError,
+    read_text_lines,
+    require_file,
+    run_main,
+    save_formatted,
+)
+
+CATEGORIES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+]
+PHASES = ("train", "val")
+
+
+def class_file(load_path: os.PathLike | str, cls: str, phase: str) -> Path:
+    return Path(load_path) / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main" / f"{cls}_{phase}.txt"
+
+
+def read_class_file(path: Path) -> Dict[str, int]:
+    """``{image_id: label}`` from one ``<class>_<phase>.txt`` (whitespace separated)."""
+    out: Dict[str, int] = {}
+    for lineno, line in enumerate(read_text_lines(path, keep_blank=True), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) != 2:
+            raise PreprocError(
+                f"{path}, line {lineno}: expected '<image id> <label>' (2 fields), "
+                f"found {len(tokens)} fields: {line!r}"
+            )
+        image_id, label_text = tokens
+        try:
+            label = int(label_text)
+        except ValueError:
+            label = None
+        if label not in (-1, 0, 1):
+            raise PreprocError(
+                f"{path}, line {lineno}: expected a label in {{-1, 0, 1}}, found {label_text!r}"
+            )
+        if image_id in out:
+            raise PreprocError(f"{path}, line {lineno}: image id {image_id!r} is listed twice")
+        out[image_id] = label
+    if not out:
+        raise PreprocError(f"{path}: expected one '<image id> <label>' line per image, found none")
+    return out
+
+
+def format_phase(load_path: os.PathLike | str, phase: str):
+    """Images (sorted ``<id>.jpg`` strings) and float64 labels (N, 20) for one phase."""
+    per_class: List[Dict[str, int]] = []
+    paths = [class_file(load_path, cls, phase) for cls in CATEGORIES]
+    for path in paths:
+        require_file(path, "pascal", f"VOC2012 {phase} class list")
+    for path in paths:
+        per_class.append(read_class_file(path))
+
+    # Every class file of a phase lists the same images in the official release.
+    reference_ids = set(per_class[0])
+    for cls, path, table in zip(CATEGORIES, paths, per_class):
+        ids = set(table)
+        if ids != reference_ids:
+            only_here = sorted(ids - reference_ids)
+            only_ref = sorted(reference_ids - ids)
+            example = (
+                f"{only_here[0]!r} is only in {path.name}" if only_here
+                else f"{only_ref[0]!r} is only in {paths[0].name}"
+            )
+            raise PreprocError(
+                f"VOC2012 {phase}: expected every class file to list the same images; "
+                f"{paths[0].name} lists {len(reference_ids)} images and {path.name} lists "
+                f"{len(ids)} ({len(only_here)} extra, {len(only_ref)} missing; e.g. {example})"
+            )
+
+    positives: Dict[str, List[int]] = {}
+    for k, table in enumerate(per_class):
+        for image_id, label in table.items():
+            if label == 1:  # only label 1 is positive; 0 (difficult) is a negative
+                positives.setdefault(image_id, []).append(k)
+
+    # File names sorted as strings; images without any positive are dropped.
+    names = sorted(image_id + ".jpg" for image_id in positives)
+    labels = np.zeros((len(names), len(CATEGORIES)), dtype=np.float64)
+    for row, name in enumerate(names):
+        labels[row, positives[name[: -len(".jpg")]]] = 1.0
+    dropped = len(reference_ids) - len(names)
+    print(
+        f"VOC2012 {phase}: {len(reference_ids)} images listed, {len(names)} kept, "
+        f"{dropped} dropped (no class with label 1)"
+    )
+    return np.array(names), labels
+
+
+def format_pascal(
+    load_path: os.PathLike | str = "./data/pascal",
+    save_path: Optional[os.PathLike | str] = "./data/pascal",
+) -> Dict[str, np.ndarray]:
+    """Format VOC2012 train/val. Returns ``{'train_images', 'train_labels', 'val_images',
+    'val_labels'}``; also writes them to ``save_path`` unless it is None."""
+    arrays: Dict[str, np.ndarray] = {}
+    for phase in PHASES:
+        images, labels = format_phase(load_path, phase)
+        arrays[f"{phase}_images"] = images
+        arrays[f"{phase}_labels"] = labels
+    if save_path is not None:
+        save_formatted(save_path, arrays)
+    return arrays
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Format PASCAL VOC 2012 for SPML training.")
+    parser.add_argument("--load-path", default="./data/pascal",
+                        help="folder holding VOCdevkit/VOC2012 (default: ./data/pascal)")
+    parser.add_argument("--save-path", default="./data/pascal",
+                        help="where formatted_*.npy go (default: ./data/pascal)")
+    args = parser.parse_args(argv)
+    return run_main(lambda: format_pascal(args.load_path, args.save_path))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

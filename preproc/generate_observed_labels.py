@@ -1,0 +1,241 @@
+"""Sample the single-positive ("observed") training labels, bit-identical to the reference.
+
+For each phase (train, then val) this loads ``<root>/<dataset>/formatted_<phase>_labels.npy``
+(values exactly 0/1), and with a FRESH ``np.random.RandomState(seed)`` per phase walks the
+rows in order. For each row it
+
+1. takes the positive column indices (ascending, as ``np.nonzero`` returns them), shuffles
+   them in place with ``rng.shuffle`` and marks the first ``num_pos`` as +1
+   (``num_pos == -1`` keeps all);
+2. takes the negative column indices (ascending), shuffles them in place with
+   ``rng.shuffle`` -- always, even when ``num_neg == 0``, because the call is part of the
+   reference's random stream -- and marks the first ``num_neg`` as -1
+   (``num_neg == -1`` keeps all).
+
+The result (same shape and dtype as the labels; +1 observed positive, -1 observed negative,
+0 unobserved) is saved as ``formatted_<phase>_labels_obs.npy``. Rows without any positive
+stay all-zero (a warning gives their count).
+
+Usage (from the repo root)::
+
+    python preproc/generate_observed_labels.py --dataset pascal [--num-pos 1] [--num-neg 0]
+        [--seed 1200] [--data-root ./data]
+
+This module is imported by the dataset code as ``preproc.generate_observed_labels``; it
+deliberately depends on the standard library and numpy only (no sibling imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+DATASETS = ("pascal", "coco", "nuswide", "cub", "demo")
+PHASES = ("train", "val")
+DEFAULT_SEED = 1200
+
+# The command that produces each dataset's formatted_*_labels.npy files.
+FORMAT_COMMANDS = {
+    "pascal": "python preproc/format_pascal.py",
+    "coco": "python preproc/format_coco.py",
+    "nuswide": "python preproc/format_nuswide.py",
+    "cub": "python preproc/format_cub.py",
+    "demo": "python preproc/make_demo.py",
+}
+
+
+class ObservedLabelsError(Exception):
+    """An expected, user-fixable problem (missing or invalid formatted label file)."""
+
+
+def _check_counts(num_pos: int, num_neg: int) -> None:
+    for name, value in (("num_pos", num_pos), ("num_neg", num_neg)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < -1:
+            raise ValueError(f"{name} must be an integer >= 0, or -1 for 'all'; got {value!r}")
+
+
+def validate_labels(labels: np.ndarray, name: str = "labels") -> None:
+    """Raise ValueError unless ``labels`` is a 2-D float / signed-int matrix holding exactly
+    the values 0 and 1, both present (the reference asserts min == 0 and max == 1)."""
+    if labels.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D (images x classes) matrix, found shape {labels.shape}")
+    if not (np.issubdtype(labels.dtype, np.floating) or np.issubdtype(labels.dtype, np.signedinteger)):
+        raise ValueError(
+            f"{name}: expected a float or signed integer dtype (0/1 values, -1 is written for "
+            f"negatives), found {labels.dtype}"
+        )
+    is01 = (labels == 0) | (labels == 1)
+    if not is01.all():
+        bad = labels[~is01]
+        examples = ", ".join(repr(v.item()) for v in np.unique(bad)[:5])
+        raise ValueError(
+            f"{name}: expected values exactly 0 or 1, found {bad.size} other entries ({examples})"
+        )
+    if labels.size == 0 or not (labels == 0).any() or not (labels == 1).any():
+        raise ValueError(
+            f"{name}: expected both 0 and 1 to occur (min 0, max 1), found "
+            f"{'an empty matrix' if labels.size == 0 else 'only ' + repr(labels.flat[0].item())}"
+        )
+
+
+def generate_observed(
+    labels: np.ndarray, num_pos: int = 1, num_neg: int = 0, seed: int = DEFAULT_SEED
+) -> np.ndarray:
+    """Observed labels for ONE phase, using its own ``np.random.RandomState(seed)``.
+
+    ``labels`` is an (N, C) 0/1 matrix. Returns an array of the same shape and dtype with
+    +1 at the kept positives, -1 at the kept negatives and 0 elsewhere. Rows without any
+    positive stay all-zero (a UserWarning reports how many). The input is not modified.
+    """
+    labels = np.asarray(labels)
+    _check_counts(num_pos, num_neg)
+    validate_labels(labels)
+
+    signed = labels.copy()
+    signed[signed == 0] = -1  # recode to -1/+1 as the reference does
+
+    rng = np.random.RandomState(seed)
+    obs = np.zeros_like(signed)
+    for i in range(signed.shape[0]):
+        row = signed[i]
+        pos_idx = np.nonzero(row == 1)[0]
+        rng.shuffle(pos_idx)
+        keep_pos = pos_idx if num_pos == -1 else pos_idx[:num_pos]
+        obs[i, keep_pos] = 1
+
+        neg_idx = np.nonzero(row == -1)[0]
+        rng.shuffle(neg_idx)  # always called: it consumes draws even when num_neg == 0
+        keep_neg = neg_idx if num_neg == -1 else neg_idx[:num_neg]
+        obs[i, keep_neg] = -1
+
+    num_empty = int((~(labels == 1).any(axis=1)).sum())
+    if num_empty:
+        warnings.warn(
+            f"{num_empty} of {labels.shape[0]} rows have no positive label; "
+            f"their observed rows stay all-zero",
+            UserWarning,
+            stacklevel=2,
+        )
+    return obs
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    # A unique hidden name in the same folder (same filesystem, so os.replace is atomic);
+    # opened with "xb" so the file gets the usual umask-based permissions.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "xb") as fh:
+            np.save(fh, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _save_path_hint(folder: Path, dataset: str) -> str:
+    """`` --save-path <folder>`` when ``folder`` is not the format script's default."""
+    if dataset == "demo":
+        return ""
+    try:
+        if folder.resolve() == (Path("./data") / dataset).resolve():
+            return ""
+    except OSError:
+        pass
+    return f" --save-path {folder}"
+
+
+def _load_labels(path: Path, dataset: str) -> np.ndarray:
+    if not path.is_file():
+        raise ObservedLabelsError(
+            f"missing formatted label file: expected {path}\n"
+            f"  create it first with: {FORMAT_COMMANDS[dataset]}{_save_path_hint(path.parent, dataset)}\n"
+            f"  (see data/{dataset}/README.md)"
+        )
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ObservedLabelsError(f"{path}: cannot be read as a .npy array ({exc})") from exc
+    try:
+        validate_labels(labels, name=str(path))
+    except ValueError as exc:
+        raise ObservedLabelsError(str(exc)) from exc
+    return labels
+
+
+def generate_for_dataset(
+    dataset: str,
+    num_pos: int = 1,
+    num_neg: int = 0,
+    seed: int = DEFAULT_SEED,
+    data_root: os.PathLike | str = "./data",
+) -> dict:
+    """Write ``formatted_{train,val}_labels_obs.npy`` for ``dataset`` under ``data_root``.
+    Returns ``{phase: observed array}``. Both label files are checked before anything is
+    written."""
+    if dataset not in DATASETS:
+        raise ObservedLabelsError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    try:
+        _check_counts(num_pos, num_neg)
+    except ValueError as exc:
+        raise ObservedLabelsError(str(exc)) from exc
+    folder = Path(data_root) / dataset
+    labels = {
+        phase: _load_labels(folder / f"formatted_{phase}_labels.npy", dataset) for phase in PHASES
+    }
+    result = {}
+    for phase in PHASES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported below with the file name
+            obs = generate_observed(labels[phase], num_pos=num_pos, num_neg=num_neg, seed=seed)
+        num_empty = int((~(labels[phase] == 1).any(axis=1)).sum())
+        if num_empty:
+            print(
+                f"warning: {num_empty} of {obs.shape[0]} rows of formatted_{phase}_labels.npy "
+                f"have no positive label; their observed rows stay all-zero",
+                file=sys.stderr,
+            )
+        out = folder / f"formatted_{phase}_labels_obs.npy"
+        _save_npy_atomic(out, obs)
+        print(
+            f"wrote {out}  shape={obs.shape} dtype={obs.dtype} "
+            f"(+1: {int((obs == 1).sum())}, -1: {int((obs == -1).sum())})"
+        )
+        result[phase] = obs
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Sample observed (single-positive) labels from formatted_*_labels.npy."
+    )
+    parser.add_argument("--dataset", default="pascal", choices=DATASETS,
+                        help="dataset folder under --data-root (default: pascal)")
+    parser.add_argument("--num-pos", type=int, default=1,
+                        help="positives kept per image; -1 keeps all (default: 1)")
+    parser.add_argument("--num-neg", type=int, default=0,
+                        help="negatives kept per image; -1 keeps all (default: 0)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="RandomState seed, reused for each phase (default: 1200)")
+    parser.add_argument("--data-root", default="./data",
+                        help="folder holding <dataset>/formatted_*_labels.npy (default: ./data)")
+    args = parser.parse_args(argv)
+    try:
+        generate_for_dataset(args.dataset, args.num_pos, args.num_neg, args.seed, args.data_root)
+    except ObservedLabelsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
