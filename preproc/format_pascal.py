@@ -82,22 +82,16 @@ def format_phase(load_path: os.PathLike | str, phase: str):
     for path in paths:
         per_class.append(read_class_file(path))
 
-    # Every class file of a phase lists the same images in the official release.
+    # Every class file of a phase lists the same images in the official release. The original simply
+    # takes the union of the positives, so a mismatch is reported but not fatal.
     reference_ids = set(per_class[0])
-    for cls, path, table in zip(CATEGORIES, paths, per_class):
+    for path, table in zip(paths, per_class):
         ids = set(table)
         if ids != reference_ids:
-            only_here = sorted(ids - reference_ids)
-            only_ref = sorted(reference_ids - ids)
-            example = (
-                f"{only_here[0]!r} is only in {path.name}" if only_here
-                else f"{only_ref[0]!r} is only in {paths[0].name}"
-            )
-            raise PreprocError(
-                f"VOC2012 {phase}: expected every class file to list the same images; "
-                f"{paths[0].name} lists {len(reference_ids)} images and {path.name} lists "
-                f"{len(ids)} ({len(only_here)} extra, {len(only_ref)} missing; e.g. {example})"
-            )
+            print(f"warning: VOC2012 {phase}: {paths[0].name} lists {len(reference_ids)} images and "
+                  f"{path.name} lists {len(ids)} ({len(ids - reference_ids)} extra, "
+                  f"{len(reference_ids - ids)} missing)", file=sys.stderr)
+            reference_ids |= ids
 
     positives: Dict[str, List[int]] = {}
     for k, table in enumerate(per_class):

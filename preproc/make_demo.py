@@ -2,7 +2,7 @@
 
     python preproc/make_demo.py [--save-path ./data/demo]
 
-12 classes = 6 shapes x 2 colours. Each image holds 1-4 shapes at random places on a noisy background, so
+12 classes = 4 shapes x 3 colours. Each image holds 1-3 shapes at random places on a noisy background, so
 labels are genuinely multi-label and need a CNN to find them. Generation is deterministic (fixed seed) and
 writes the same layout as the real datasets: images/<n>.png, formatted_{train,val}_{images,labels}.npy and
 the single-positive formatted_{train,val}_labels_obs.npy (generate_observed_labels with seed 1200).
@@ -23,10 +23,10 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from preproc.generate_observed_labels import generate_observed  # noqa: E402
 
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
-COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220)}
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {"red": (220, 40, 40), "green": (30, 160, 50), "blue": (40, 70, 220)}
 CLASS_NAMES = tuple(f"{colour}_{shape}" for colour in COLOURS for shape in SHAPES)
-NUM_TRAIN, NUM_TEST, SIZE, SEED = 2000, 600, 48, 0
+NUM_TRAIN, NUM_TEST, SIZE, SEED = 4000, 1000, 48, 0
 FILES = [f"formatted_{phase}_{kind}.npy" for phase in ("train", "val")
          for kind in ("images", "labels", "labels_obs")]
 
@@ -43,22 +43,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: tuple, cx: float,
         w = r / 3
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
-    elif shape == "ring":
-        draw.ellipse(box, outline=colour, width=max(2, int(r / 3)))
-    elif shape == "bar":
-        draw.rectangle((cx - r, cy - r / 4, cx + r, cy + r / 4), fill=colour)
 
 
 def make_image(rng: np.random.RandomState) -> tuple[Image.Image, np.ndarray]:
-    """One image with 1-4 random shapes (classes may repeat) and its 0/1 label vector."""
+    """One image with 1-3 random shapes (classes may repeat) and its 0/1 label vector."""
     background = rng.randint(150, 235, size=(SIZE, SIZE, 3)).astype(np.uint8)
     img = Image.fromarray(background)
     draw = ImageDraw.Draw(img)
     labels = np.zeros(len(CLASS_NAMES))
-    for _ in range(rng.randint(1, 5)):
+    for _ in range(rng.randint(1, 4)):
         c = rng.randint(len(CLASS_NAMES))
         colour_name, shape = CLASS_NAMES[c].split("_")
-        r = rng.uniform(5, 9)
+        r = rng.uniform(6, 10)
         cx, cy = rng.uniform(r, SIZE - r, size=2)
         _draw_shape(draw, shape, COLOURS[colour_name], cx, cy, r)
         labels[c] = 1.0

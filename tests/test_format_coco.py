@@ -170,11 +170,17 @@ def test_category_mismatch_is_an_error(tmp_path):
     assert "(3, 'car')" in msg and "(4, 'motorcycle')" in msg
 
 
-def test_wrong_category_count_is_an_error(tmp_path):
+def test_other_category_count_warns_and_keeps_the_files_columns(tmp_path, capsys):
+    # The original formats whatever category list it finds (training later rejects C != 80), so a
+    # 79-category pair of files gives 79 columns and a warning, not an error.
     train, val = merged_train(), derived_val()
-    train["categories"] = train["categories"][:79]
-    with pytest.raises(PreprocError, match="expected 80 categories .* found 79"):
-        fc.format_coco(write_tree(tmp_path / "raw", train, val), None)
+    used = {a["category_id"] for d in (train, val) for a in d["annotations"]}
+    unused = next(c["id"] for c in train["categories"] if c["id"] not in used)
+    for d in (train, val):
+        d["categories"] = [c for c in d["categories"] if c["id"] != unused]
+    out = fc.format_coco(write_tree(tmp_path / "raw", train, val), None)
+    assert out["train_labels"].shape[1] == out["val_labels"].shape[1] == 79
+    assert "expected 80 categories" in capsys.readouterr().err
 
 
 def test_unknown_category_id_is_an_error(tmp_path):

@@ -196,16 +196,23 @@ def test_missing_raw_file_names_path_and_source(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_class_files_listing_different_images_is_an_error(tmp_path):
+def test_class_files_listing_different_images_warn_and_use_the_union(tmp_path, capsys):
+    # The original takes the union of the positives over the class files, so a class file that misses
+    # an image is reported but the image keeps the labels the other files give it.
     load = tmp_path / "raw"
     main = write_class_lists(load, {"train": TRAIN_IDS, "val": VAL_IDS})
+    complete = fp.format_pascal(load, None)
     lines = (main / "dog_val.txt").read_text().splitlines()
     (main / "dog_val.txt").write_text("\n".join(lines[:-1]) + "\n")
-    with pytest.raises(PreprocError) as exc:
-        fp.format_pascal(load, None)
-    msg = str(exc.value)
-    assert "aeroplane_val.txt lists 7 images and dog_val.txt lists 6" in msg
-    assert "'000002'" in msg
+    capsys.readouterr()
+    out = fp.format_pascal(load, None)
+    assert "aeroplane_val.txt lists 7 images and dog_val.txt lists 6" in capsys.readouterr().err
+    dropped_id = lines[-1].split()[0]
+    dog = fp.CATEGORIES.index("dog")
+    np.testing.assert_array_equal(out["val_images"], complete["val_images"])
+    expected = complete["val_labels"].copy()
+    expected[list(complete["val_images"]).index(dropped_id + ".jpg"), dog] = 0.0
+    np.testing.assert_array_equal(out["val_labels"], expected)
 
 
 def test_bad_label_value_is_an_error(tmp_path):
