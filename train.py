@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +20,7 @@ from config import Config
 from datasets import MultilabelDataset
 from losses import compute_loss
 from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics
+from preproc.common import write_atomic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,19 +128,6 @@ def run_apl(model, loader: DataLoader, dataset: MultilabelDataset, unlabel_num: 
 
 # ----------------------------------------------------------------------------------------------------------------
 # results
-
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def save_json(path: Path, obj: dict) -> None:
     def write(tmp: str) -> None:

@@ -5,9 +5,8 @@ files, inconsistent counts), the download hints those errors print, an atomic ``
 writer and a ``main`` wrapper that turns expected errors into a message plus a non-zero
 exit code instead of a traceback.
 
-``preproc/generate_observed_labels.py`` does NOT import this module (it is imported by the
-dataset code and must stay stdlib + numpy only), so it carries its own copies of the
-few lines it needs.
+The atomic writer is also used by ``generate_observed_labels.py``, ``make_demo.py`` and the
+training code (results and checkpoints), so this module stays standard library + numpy only.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ __all__ = [
     "missing_file_message",
     "require_file",
     "read_text_lines",
+    "write_atomic",
     "save_npy_atomic",
     "save_formatted",
     "run_main",
@@ -99,17 +99,16 @@ def read_text_lines(path: os.PathLike | str, keep_blank: bool = False) -> list:
     return [ln for ln in lines if ln.strip()]
 
 
-def save_npy_atomic(path: os.PathLike | str, array: np.ndarray) -> Path:
-    """Write ``array`` to ``path`` (.npy) via a temporary file in the same folder and
-    ``os.replace``, so an interrupted run never leaves a truncated file behind."""
+def write_atomic(path: os.PathLike | str, write: Callable[[str], None]) -> Path:
+    """Create ``path`` through ``write(tmp_path)`` on a temporary file in the same folder, then
+    ``os.replace``: readers never see a partial file and an interrupted run leaves none behind.
+    The temporary file is created with "x" mode, so the result gets the usual umask permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique hidden name in the same folder (same filesystem, so os.replace is atomic);
-    # opened with "xb" so the file gets the usual umask-based permissions.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with open(tmp, "xb") as fh:
-            np.save(fh, array, allow_pickle=False)
+        open(tmp, "xb").close()
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -118,6 +117,15 @@ def save_npy_atomic(path: os.PathLike | str, array: np.ndarray) -> Path:
             pass
         raise
     return path
+
+
+def save_npy_atomic(path: os.PathLike | str, array: np.ndarray) -> Path:
+    """Write ``array`` to ``path`` (.npy) atomically (see ``write_atomic``)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
+            np.save(fh, array, allow_pickle=False)
+
+    return write_atomic(path, write)
 
 
 def save_formatted(save_path: os.PathLike | str, arrays: Mapping[str, np.ndarray]) -> None:

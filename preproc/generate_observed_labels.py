@@ -21,8 +21,8 @@ Usage (from the repo root)::
     python preproc/generate_observed_labels.py --dataset pascal [--num-pos 1] [--num-neg 0]
         [--seed 1200] [--data-root ./data]
 
-This module is imported by the dataset code as ``preproc.generate_observed_labels``; it
-deliberately depends on the standard library and numpy only (no sibling imports).
+This module is imported by the demo generator as ``preproc.generate_observed_labels``; it
+depends on the standard library, numpy and ``preproc.common`` only.
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
 import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the ``preproc`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from preproc.common import save_npy_atomic  # noqa: E402
 
 DATASETS = ("pascal", "coco", "nuswide", "cub", "demo")
 PHASES = ("train", "val")
@@ -126,22 +129,6 @@ def generate_observed(
     return obs
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    # A unique hidden name in the same folder (same filesystem, so os.replace is atomic);
-    # opened with "xb" so the file gets the usual umask-based permissions.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _save_path_hint(folder: Path, dataset: str) -> str:
     """`` --save-path <folder>`` when ``folder`` is not the format script's default."""
     if dataset == "demo":
@@ -205,7 +192,7 @@ def generate_for_dataset(
                 file=sys.stderr,
             )
         out = folder / f"formatted_{phase}_labels_obs.npy"
-        _save_npy_atomic(out, obs)
+        save_npy_atomic(out, obs)
         print(
             f"wrote {out}  shape={obs.shape} dtype={obs.dtype} "
             f"(+1: {int((obs == 1).sum())}, -1: {int((obs == -1).sum())})"
