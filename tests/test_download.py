@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
 from preproc import download as dl  # noqa: E402
 

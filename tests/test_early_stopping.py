@@ -21,9 +21,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
 import config  # noqa: E402
 import losses  # noqa: E402

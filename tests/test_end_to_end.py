@@ -18,9 +18,9 @@ import torch
 import torchvision
 
 import main
+from conftest import REALDATA
 from preproc.generate_observed_labels import generate_observed
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 CUB = REALDATA / "cub" / "CUB_200_2011"
 
 

@@ -23,21 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
 from preproc import format_coco as fc  # noqa: E402
 from preproc.common import PreprocError  # noqa: E402
 
 
-def realdata_root() -> Path:
-    env = os.environ.get("SPML_REALDATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
-
-FEW_SHOT = realdata_root() / "coco" / "few_shot_coco_split"
-pytestmark = pytest.mark.skipif(not FEW_SHOT.is_dir(), reason=f"real COCO data not found at {FEW_SHOT}")
+FEW_SHOT = REALDATA / "coco" / "few_shot_coco_split"
 
 # COCO class index (position in the 80-entry categories list) of the classes we use.
 INDEX = {"person": 0, "car": 2, "bus": 5, "cat": 15, "dog": 16}

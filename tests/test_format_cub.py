@@ -24,21 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
 from preproc import format_cub as fcub  # noqa: E402
 from preproc.common import PreprocError  # noqa: E402
 
 
-def realdata_root() -> Path:
-    env = os.environ.get("SPML_REALDATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
-
-CUB = realdata_root() / "cub" / "CUB_200_2011"
-pytestmark = pytest.mark.skipif(not (CUB / "images.txt").is_file(), reason=f"real CUB data not found at {CUB}")
+CUB = REALDATA / "cub" / "CUB_200_2011"
 
 
 def read_pairs(path):

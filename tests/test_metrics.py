@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
 from metrics import compute_map, compute_metrics, per_class_ap, threshold_metrics, top_k_metrics  # noqa: E402
 

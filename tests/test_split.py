@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
 from datasets import generate_split  # noqa: E402
 
