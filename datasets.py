@@ -112,7 +112,10 @@ class MultilabelDataset(Dataset):
 def _load_array(path: Path, command: str) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"missing {path}; create it with: {command}")
-    return np.load(path)
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot load {path} ({exc}); re-create it with: {command}") from exc
 
 
 def _check_labels(labels: np.ndarray, path: Path, num_classes: int, allowed: tuple[float, ...]) -> None:
@@ -132,13 +135,18 @@ def load_formatted(data_root: str | Path, dataset: str, phase: str) -> dict[str,
     images = _load_array(paths["images"], info.format_command)
     labels = _load_array(paths["labels"], info.format_command).astype(np.float64)
     labels_obs = _load_array(paths["labels_obs"], obs_command).astype(np.float64)
-    if images.ndim != 1 or images.dtype.kind not in "US":
-        raise DataError(f"{paths['images']}: expected a 1-D string array, found {images.dtype} {images.shape}")
+    if images.ndim != 1 or images.dtype.kind != "U":
+        raise DataError(f"{paths['images']}: expected a 1-D unicode string array, found {images.dtype} {images.shape}")
     _check_labels(labels, paths["labels"], info.num_classes, (0.0, 1.0))
     _check_labels(labels_obs, paths["labels_obs"], info.num_classes, (-1.0, 0.0, 1.0))
     if not len(images) == len(labels) == len(labels_obs):
         raise DataError(f"{root}: {phase} split has {len(images)} images, {len(labels)} label rows and "
                         f"{len(labels_obs)} observed-label rows; re-run {info.format_command} and {obs_command}")
+    stale = ((labels_obs == 1) & (labels != 1)).any(axis=1) | ((labels_obs == -1) & (labels != 0)).any(axis=1)
+    if stale.any():
+        raise DataError(f"{paths['labels_obs']}: {int(stale.sum())} rows observe labels that "
+                        f"{paths['labels'].name} does not have (first: row {int(np.argmax(stale))}); the file is "
+                        f"stale, re-create it with: {obs_command}")
     return {"images": images, "labels": labels, "labels_obs": labels_obs}
 
 

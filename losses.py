@@ -1,8 +1,9 @@
 """Losses for single-positive multi-label learning, as in the original.
 
 Every loss is a pure function  (logits, obs, true, **hyperparameters) -> (B, C) matrix of per-entry losses,
-registered by name. `compute_loss` sums that matrix and divides by B * C, as the original does (entries a loss
-leaves at zero still count in the denominator). Label coding of `obs`: 1 = observed positive, 0 = unknown,
+registered by name, filled by masked assignment into a zero matrix as the original does (same values and
+gradients, bit for bit). `compute_loss` divides that matrix by B * C and sums it (entries a loss leaves at
+zero still count in the denominator). Label coding of `obs`: 1 = observed positive, 0 = unknown,
 -q (0 < q <= 1) = negative pseudo-label with soft target q (written by APL).
 
 With p = sigmoid(logits) and eps = 1e-5 (always added inside the log, never clamped):
@@ -36,36 +37,49 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return p * neg_log(p) + (1 - p) * neg_log(1 - p)
 
 
+def _require_nonnegative(obs: torch.Tensor, name: str) -> None:
+    if (obs < 0).any():
+        raise ValueError(f"{name} expects obs in {{0, 1}}, found negative values (pseudo-labels need EM_APL)")
+
+
 @register("bce")
 def bce(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Full supervision ("All P. & All N."): obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p).
 
     Trained on the full labels (the training loop passes them as `obs`).
     """
-    if (obs < 0).any():
-        raise ValueError("bce expects 0/1 labels, found negative values")
+    _require_nonnegative(obs, "bce")
     p = torch.sigmoid(logits)
-    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
-        torch.where(obs == 0, neg_log(1 - p), torch.zeros_like(p))
+    loss = torch.zeros_like(p)
+    loss[obs == 1] = neg_log(p[obs == 1])
+    loss[obs == 0] = neg_log(1 - p[obs == 0])
+    return loss
 
 
 @register("iun")
 def iun(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """"1 P. & All N.": obs = 1 -> neg_log(p); true = 0 -> neg_log(1 - p); unobserved true positives -> 0.
+    """"1 P. & All N.": obs = 1 -> neg_log(p); then true = 0 -> neg_log(1 - p) (overriding, as the original);
+    unobserved true positives -> 0.
 
     The negatives come from the true labels (the original's corrected version, `true == 0`).
     """
+    _require_nonnegative(obs, "iun")
     p = torch.sigmoid(logits)
-    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
-        torch.where(true == 0, neg_log(1 - p), torch.zeros_like(p))
+    loss = torch.zeros_like(p)
+    loss[obs == 1] = neg_log(p[obs == 1])
+    loss[true == 0] = neg_log(1 - p[true == 0])
+    return loss
 
 
 @register("an")
 def assume_negative(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Assume negative: obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p)."""
+    _require_nonnegative(obs, "an")
     p = torch.sigmoid(logits)
-    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
-        torch.where(obs == 0, neg_log(1 - p), torch.zeros_like(p))
+    loss = torch.zeros_like(p)
+    loss[obs == 1] = neg_log(p[obs == 1])
+    loss[obs == 0] = neg_log(1 - p[obs == 0])
+    return loss
 
 
 @register("EM")
@@ -76,11 +90,12 @@ def entropy_maximisation(logits: torch.Tensor, obs: torch.Tensor, true: torch.Te
     On an unknown entry the gradient w.r.t. its logit g is alpha * g * p * (1 - p) (eps ignored): it pulls
     uncertain logits towards 0 (p = 0.5) and vanishes for confident ones.
     """
-    if (obs < 0).any():
-        raise ValueError("EM expects obs in {0, 1}; negative pseudo-labels need EM_APL")
+    _require_nonnegative(obs, "EM")
     p = torch.sigmoid(logits)
-    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
-        torch.where(obs == 0, -alpha * entropy(p), torch.zeros_like(p))
+    loss = torch.zeros_like(p)
+    loss[obs == 1] = neg_log(p[obs == 1])
+    loss[obs == 0] = -alpha * entropy(p[obs == 0])
+    return loss
 
 
 @register("EM_APL")
@@ -92,10 +107,13 @@ def entropy_maximisation_apl(logits: torch.Tensor, obs: torch.Tensor, true: torc
     Pseudo-labelled entries get only the beta term, not the EM term.
     """
     p = torch.sigmoid(logits)
-    q = -obs
-    return torch.where(obs == 1, neg_log(p), torch.zeros_like(p)) + \
-        torch.where(obs == 0, -alpha * entropy(p), torch.zeros_like(p)) + \
-        torch.where(obs < 0, beta * (q * neg_log(p) + (1 - q) * neg_log(1 - p)), torch.zeros_like(p))
+    loss = torch.zeros_like(p)
+    loss[obs == 1] = neg_log(p[obs == 1])
+    loss[obs == 0] = -alpha * entropy(p[obs == 0])
+    pseudo = obs < 0
+    q, p_pseudo = -obs[pseudo], p[pseudo]
+    loss[pseudo] = beta * (q * neg_log(p_pseudo) + (1 - q) * neg_log(1 - p_pseudo))
+    return loss
 
 
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor,
@@ -114,5 +132,8 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     missing = [k for k in needed if k not in hparams]
     if missing:
         raise TypeError(f"loss {name!r} needs hyperparameter(s) {missing}")
+    # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
+    obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     loss_matrix = fn(logits, obs, true, **{k: hparams[k] for k in needed})
-    return loss_matrix.sum() / loss_matrix.numel()
+    # divide, then sum: the original's order of operations (bit-identical values)
+    return (loss_matrix / loss_matrix.numel()).sum()

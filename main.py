@@ -164,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.weights == "random":
             print(f"note: {cfg.arch} starts from random weights (--weights random)")
         chance = print_stats(datasets)
+        if cfg.loss == "EM_APL" and (datasets["train"].labels_obs == -1).any():
+            print("warning: the observed labels hold negatives (-1); EM_APL reads -q as a pseudo-label with target q, "
+                  "so -1 pushes those entries towards 1 (as the original does): generate them with --num-neg 0")
         results = {"config": cfg.to_dict(), "environment": environment(device), "chance_test_map": chance}
         try:
             results = fit(model, datasets, cfg, device, run_dir, results)
-        except NonFiniteLossError as exc:
+        except (NonFiniteLossError, DataError, ValueError) as exc:
+            sys.stdout.file.write(f"error: {exc}\n")  # into console.log too
             print(f"error: {exc}", file=sys.stderr)
             return 3
         print(f"best epoch {results['best_epoch']}: val mAP {results['val_map']:.2f}, "
@@ -176,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         sys.stdout.flush()
+        sys.stdout.file.close()
         sys.stdout = sys.stdout.stream
 
 

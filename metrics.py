@@ -42,7 +42,7 @@ def top_k_metrics(scores: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = 
     """prec@k = hits/k, rec@k = hits/#positives (0 without positives), top@k = share of images with a hit,
     averaged over images; hits = true positives among the k highest scores."""
     scores, y = _check(scores, labels)
-    order = np.argsort(-scores, axis=1, kind="stable")
+    order = np.argsort(scores, axis=1)[:, ::-1]  # descending; ties broken as the original's reversed argsort
     num_pos = y.sum(axis=1)
     out = {}
     for k in ks:

@@ -61,7 +61,8 @@ def _imagenet_state_dict(arch: str) -> dict:
 
 
 def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> MultilabelClassifier:
-    """`weights`: "imagenet" (torchvision IMAGENET1K_V1), "random", or the path of a torchvision-format state dict.
+    """`weights`: "imagenet" (torchvision IMAGENET1K_V1), "random", or the path of a torchvision-format state dict
+    (or of a best.pt of this project, whose backbone is used).
 
     Never falls back silently: a weights source that fails raises WeightsError.
     """
@@ -79,8 +80,12 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> Multi
         if not path.is_file():
             raise WeightsError(f"--weights {weights}: no such file (expected 'imagenet', 'random' or a state dict path)")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            # one of our checkpoints (best.pt): start from its backbone, with a fresh head
+            state = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise WeightsError(f"--weights {weights}: expected a state dict of tensors for {arch}")
+            raise WeightsError(f"--weights {weights}: expected a state dict of tensors for {arch} "
+                               f"(torchvision's keys) or a best.pt checkpoint of this project")
 
     classifier_name, feat_dim = _strip_last_linear(backbone)
     if state is not None:

@@ -45,6 +45,8 @@ def apl_update(obs: np.ndarray, preds: np.ndarray, unlabel_num: np.ndarray, neg_
     if preds.shape != obs.shape or len(unlabel_num) != obs.shape[1]:
         raise ValueError(f"obs {obs.shape}, preds {preds.shape} and unlabel_num ({len(unlabel_num)}) do not agree")
     rounds = num_epochs - warmup_epoch
+    if rounds < 1:
+        raise ValueError(f"APL needs num_epochs > warmup_epoch, got {num_epochs} and {warmup_epoch}")
     for c in range(obs.shape[1]):
         k = int(np.floor(neg_proportion * unlabel_num[c] / rounds))
         candidates = np.where(obs[:, c] == 0)[0]
@@ -113,11 +115,12 @@ def run_apl(model, loader: DataLoader, dataset: MultilabelDataset, unlabel_num: 
             device, epoch: int) -> int:
     """Pseudo-label after a training epoch, as the original: eval mode, predictions taken over the training
     loader itself (shuffled, train transform). Returns the number of new pseudo-labels."""
-    if len(loader) <= 1:
-        # The original's update sits in its "not the first batch" branch, so a one-batch loader never labels.
-        print(f"[epoch {epoch}] APL skipped: the training loader has a single batch (as in the original)")
-        return 0
     out = evaluate(model, loader, device, f"epoch {epoch} APL")
+    if out["num_batches"] <= 1:
+        # The original's update sits in its "not the first batch" branch: a one-batch loader is iterated
+        # (consuming the same random numbers) but never labels.
+        print(f"[epoch {epoch}] APL made no pseudo-labels: the training loader has a single batch (as the original)")
+        return 0
     preds = np.zeros_like(out["preds"])
     preds[out["idx"]] = out["preds"]
     before = dataset.labels_obs.copy()
@@ -149,58 +152,20 @@ def _eval_metrics(out: dict) -> dict:
 
 def fit(model: torch.nn.Module, datasets: dict[str, MultilabelDataset], cfg: Config, device: torch.device,
         run_dir: Path, results: dict) -> dict:
-    """Train with early stopping; fill and save `results` (results.json) after every epoch; keep best.pt."""
-    loaders = {phase: DataLoader(ds, batch_size=cfg.batch_size, shuffle=(phase == "train"),
-                                 num_workers=cfg.num_workers, drop_last=False, pin_memory=device.type == "cuda",
-                                 persistent_workers=cfg.persistent_workers and cfg.num_workers > 0)
-               for phase, ds in datasets.items()}
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    unlabel_num = (datasets["train"].labels_obs == 0).sum(axis=0)  # U_c, counted once before training
+    """Train with early stopping; fill and save `results` (results.json) after every epoch; keep best.pt.
 
-    best_val_map, best_state, best_test = -np.inf, None, None
+    A run that breaks (NaN loss, unreadable image, Ctrl-C, ...) keeps its finished epochs in results.json
+    with status "failed" or "interrupted" and the error.
+    """
     results.update(epochs={}, best_epoch=None, status="running")
     save_json(run_dir / "results.json", results)
-    for epoch in range(1, cfg.num_epochs + 1):
-        record: dict = {}
-        results["epochs"][str(epoch)] = record
-        epoch_start = time.time()
-        try:
-            out = train_epoch(model, loaders["train"], optimizer, cfg, device, epoch)
-        except NonFiniteLossError as exc:
-            results.update(status="failed", error=str(exc))
-            save_json(run_dir / "results.json", results)
-            raise
-        record["train"] = {"loss": out["loss"], **compute_metrics(out["preds"], out["true"], out["obs"]),
-                           "seconds": out["seconds"]}
-
-        if cfg.loss == "EM_APL" and epoch >= cfg.warmup_epoch:
-            record["apl_new_pseudo_labels"] = run_apl(model, loaders["train"], datasets["train"], unlabel_num,
-                                                      cfg, device, epoch)
-            record["apl_total_pseudo_labels"] = int((datasets["train"].labels_obs < 0).sum())
-
-        out = evaluate(model, loaders["val"], device, f"epoch {epoch} val")
-        record["val"] = _eval_metrics(out)
-        val_map = record["val"]["map_clean"]
-        improved = val_map > best_val_map
-        line = (f"epoch {epoch}/{cfg.num_epochs}  train loss {record['train']['loss']:.4f}  "
-                f"val mAP {val_map:.2f}")
-        if improved:
-            best_val_map = val_map
-            best_state = copy.deepcopy(model.state_dict())
-            results["best_epoch"] = epoch
-            out = evaluate(model, loaders["test"], device, f"epoch {epoch} test")
-            record["test"] = _eval_metrics(out)
-            best_test = out
-            line += f"  test mAP {record['test']['map_clean']:.2f}  *best*"
-        record["seconds"] = time.time() - epoch_start
-        print(line + f"  ({record['seconds']:.0f} s)", flush=True)
-        if improved:
-            _save_checkpoint(run_dir / "best.pt", best_state, cfg, epoch)
+    try:
+        best_state, best_test = _train_with_early_stopping(model, datasets, cfg, device, run_dir, results)
+    except BaseException as exc:
+        results.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                       error=f"{type(exc).__name__}: {exc}")
         save_json(run_dir / "results.json", results)
-        if not improved:
-            print(f"*** early stop: val mAP {val_map:.2f} did not improve on {best_val_map:.2f} "
-                  f"(epoch {results['best_epoch']}) ***", flush=True)
-            break
+        raise
 
     model.load_state_dict(best_state)
     best = results["epochs"][str(results["best_epoch"])]
@@ -214,6 +179,55 @@ def fit(model: torch.nn.Module, datasets: dict[str, MultilabelDataset], cfg: Con
     )
     save_json(run_dir / "results.json", results)
     return results
+
+
+def _train_with_early_stopping(model, datasets, cfg: Config, device, run_dir: Path, results: dict):
+    """epoch -> train -> (pseudo-label) -> val -> select (-> test); returns the best state and test pass."""
+    loaders = {phase: DataLoader(ds, batch_size=cfg.batch_size, shuffle=(phase == "train"),
+                                 num_workers=cfg.num_workers, drop_last=False, pin_memory=device.type == "cuda",
+                                 persistent_workers=cfg.persistent_workers and cfg.num_workers > 0)
+               for phase, ds in datasets.items()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    unlabel_num = (datasets["train"].labels_obs == 0).sum(axis=0)  # U_c, counted once before training
+
+    best_val_map, best_state, best_test = -np.inf, None, None
+    for epoch in range(1, cfg.num_epochs + 1):
+        record: dict = {}
+        results["epochs"][str(epoch)] = record
+        epoch_start = time.time()
+        out = train_epoch(model, loaders["train"], optimizer, cfg, device, epoch)
+        record["train"] = {"loss": out["loss"], **compute_metrics(out["preds"], out["true"], out["obs"]),
+                           "seconds": out["seconds"]}
+
+        if cfg.loss == "EM_APL" and epoch >= cfg.warmup_epoch:
+            record["apl_new_pseudo_labels"] = run_apl(model, loaders["train"], datasets["train"], unlabel_num,
+                                                      cfg, device, epoch)
+            record["apl_total_pseudo_labels"] = int((datasets["train"].labels_obs < 0).sum())
+
+        out = evaluate(model, loaders["val"], device, f"epoch {epoch} val")
+        record["val"] = _eval_metrics(out)
+        val_map = record["val"]["map_clean"]
+        improved = val_map > best_val_map  # strict: a tie stops the run, as the original
+        line = (f"epoch {epoch}/{cfg.num_epochs}  train loss {record['train']['loss']:.4f}  "
+                f"val mAP {val_map:.2f}")
+        if improved:
+            best_val_map = val_map
+            best_state = copy.deepcopy(model.state_dict())
+            results["best_epoch"] = epoch
+            best_test = evaluate(model, loaders["test"], device, f"epoch {epoch} test")
+            record["test"] = _eval_metrics(best_test)
+            line += f"  test mAP {record['test']['map_clean']:.2f}  *best*"
+        record["seconds"] = time.time() - epoch_start
+        print(line + f"  ({record['seconds']:.0f} s)", flush=True)
+        if improved:
+            _save_checkpoint(run_dir / "best.pt", best_state, cfg, epoch)
+        save_json(run_dir / "results.json", results)
+        if not improved:
+            # the original leaves both loops here, so this epoch has no test pass
+            print(f"*** early stop: val mAP {val_map:.2f} did not improve on {best_val_map:.2f} "
+                  f"(epoch {results['best_epoch']}) ***", flush=True)
+            break
+    return best_state, best_test
 
 
 def _save_checkpoint(path: Path, state: dict, cfg: Config, epoch: int) -> None:

@@ -208,11 +208,12 @@ def format_cub(
     count_attributes(files["attributes"])
     labels = read_attribute_labels(files["labels"], image_ids)
 
-    names_arr = np.array(names)
+    # One array per split, built from that split's names: its string width (dtype) is the split's own,
+    # as in the original.
     arrays = {
-        "train_images": names_arr[is_train],
+        "train_images": np.array([n for n, t in zip(names, is_train) if t]),
         "train_labels": labels[is_train],
-        "val_images": names_arr[~is_train],
+        "val_images": np.array([n for n, t in zip(names, is_train) if not t]),
         "val_labels": labels[~is_train],
     }
     print(

@@ -100,6 +100,9 @@ def test_format_full_metadata(cub_tree, tmp_path, capsys):
     assert out["val_labels"].shape == (5794, 312)
     assert out["train_labels"].dtype == np.int64 and out["val_labels"].dtype == np.int64
     assert out["train_images"].dtype.kind == "U"
+    # each split's string width is its own longest name, as np.array over that split's list gives
+    for key, mask in (("train_images", is_train), ("val_images", ~is_train)):
+        assert out[key].dtype == np.dtype(f"<U{max(len(n) for n in names[mask])}")
     assert out["train_images"].tolist() == names[is_train].tolist()
     assert out["val_images"].tolist() == names[~is_train].tolist()
     np.testing.assert_array_equal(out["train_labels"], table[is_train])

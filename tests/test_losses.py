@@ -288,9 +288,38 @@ def test_em_rejects_negative_obs():
     assert math.isfinite(loss("EM_APL", LOGITS, obs, TRUE, alpha=0.1, beta=0.2))
 
 
-def test_bce_rejects_negative_obs():
-    with pytest.raises(ValueError):
-        compute_loss("bce", t(LOGITS), t([[1.0, -1.0, 0.0], [0.0, 1.0, 0.0]]), t(TRUE))
+@pytest.mark.parametrize("name", ["bce", "iun", "an"])
+def test_baselines_reject_negative_obs(name):
+    with pytest.raises(ValueError, match="negative"):
+        compute_loss(name, t(LOGITS), t([[1.0, -1.0, 0.0], [0.0, 1.0, 0.0]]), t(TRUE))
+
+
+def test_iun_true_negative_overrides_an_observed_positive():
+    # The original writes the true-negative term over the observed-positive one: an entry with obs = 1 and
+    # true = 0 (impossible for generated labels, possible for hand-made ones) gets neg_log(1 - p) only.
+    logits, obs, true = [[0.0, 1.0]], [[1.0, 0.0]], [[0.0, 0.0]]
+    expected = (nl(1 - sig(0.0)) + nl(1 - sig(1.0))) / 2
+    assert loss("iun", logits, obs, true) == pytest.approx(expected, rel=1e-10)
+
+
+def test_float64_labels_keep_a_float32_loss_bit_identical_to_masked_assignment():
+    # The original fills a float32 zero matrix by masked assignment and returns (L / (B*C)).sum();
+    # an independent re-computation in that form must agree to the bit, whatever the labels' dtype.
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, generator=gen)
+    obs = torch.zeros(7, 5, dtype=torch.float64)
+    obs[torch.arange(7), torch.randint(0, 5, (7,), generator=gen)] = 1.0
+    obs[0, (obs[0] == 0).nonzero()[0]] = -0.3
+    p = torch.sigmoid(logits)
+    ref = torch.zeros_like(p)
+    o = obs.float()
+    ref[o == 1] = -torch.log(p[o == 1] + EPS)
+    ref[o == 0] = -0.1 * (p[o == 0] * -torch.log(p[o == 0] + EPS) + (1 - p[o == 0]) * -torch.log(1 - p[o == 0] + EPS))
+    q, pp = -o[o < 0], p[o < 0]
+    ref[o < 0] = 0.2 * (q * -torch.log(pp + EPS) + (1 - q) * -torch.log(1 - pp + EPS))
+    out = compute_loss("EM_APL", logits, obs, obs.clamp(min=0), alpha=0.1, beta=0.2)
+    assert out.dtype == torch.float32
+    assert out.item() == (ref / 35).sum().item()
 
 
 @pytest.mark.parametrize("bad", [1.5, -1.5, 2.0])

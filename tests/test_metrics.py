@@ -173,3 +173,9 @@ def test_compute_metrics_clean_and_observed():
     assert m["preds_k_hat"] == pytest.approx((1.7 + 1.2 + 1.7) / 3)
     assert m["prec_at_1_clean"] == pytest.approx(1.0)      # argmax of every row is a true positive
     assert m["prec_at_1_observed"] == pytest.approx(2 / 3)  # row 2's argmax (class 1) is unobserved
+
+
+def test_top_k_ties_are_broken_like_the_original_reversed_argsort():
+    # np.argsort([.5, .5, .1]) = [2, 0, 1]; reversed, the first of the tied pair taken is index 1.
+    out = top_k_metrics(np.array([[0.5, 0.5, 0.1]]), np.array([[1, 0, 0]]), ks=(1,))
+    assert out["prec_at_1"] == 0.0 and out["top_1"] == 0.0
