@@ -19,11 +19,18 @@ import numpy as np
 from config import DATASET_SETTINGS, LOSS_NAMES, Config, build_config
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for options whose default (None) means "the dataset's table entry"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Single-positive multi-label learning (Zhou et al., ECCV 2022: EM loss + APL). "
                     "Unset options take the per-dataset defaults of the original (config.py).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("-d", "--dataset", default="pascal", choices=sorted(DATASET_SETTINGS), help="dataset")
     p.add_argument("-l", "--loss", default="EM_APL", choices=LOSS_NAMES, help="training loss")
     p.add_argument("-g", "--gpu", default="0", help="CUDA device index, or 'cpu'")
