@@ -178,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = fit(model, datasets, cfg, device, run_dir, results)
         except (NonFiniteLossError, DataError, ValueError) as exc:
-            sys.stdout.file.write(f"error: {exc}\n")  # into console.log too
-            print(f"error: {exc}", file=sys.stderr)
+            # a DataLoader worker's error carries the worker's traceback: its last line is the message
+            message = str(exc).strip().splitlines()[-1] if "Original Traceback" in str(exc) else str(exc)
+            sys.stdout.file.write(f"error: {message}\n")  # into console.log too
+            print(f"error: {message}", file=sys.stderr)
             return 3
         print(f"best epoch {results['best_epoch']}: val mAP {results['val_map']:.2f}, "
               f"test mAP {results['test_map']:.2f} (chance {chance:.2f})")

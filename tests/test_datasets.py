@@ -118,3 +118,20 @@ def test_unreadable_image_names_the_file(tmp_path):
     ds = next(d for d in (sets["train"], sets["val"]) if "missing.jpg" in d.image_paths)
     with pytest.raises(DataError, match="cannot read image .*missing.jpg"):
         ds[list(ds.image_paths).index("missing.jpg")]
+
+
+def test_unreadable_image_in_a_worker_stops_the_run_cleanly(tmp_path, capsys):
+    import json
+
+    import main
+    root = write_pascal_root(tmp_path)
+    np.save(root / "pascal" / "formatted_train_images.npy", np.array(["missing.jpg"] * 10))
+    assert main.main(["-d", "pascal", "-g", "cpu", "--data-root", str(root), "--results-dir", str(tmp_path / "res"),
+                      "--arch", "resnet18", "--weights", "random", "--image-size", "16", "--num-workers", "1"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot read image" in err and "missing.jpg" in err
+    assert "Traceback" not in err
+    (run_dir,) = list((tmp_path / "res").iterdir())
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "failed" and "missing.jpg" in res["error"]
+    assert "missing.jpg" in (run_dir / "console.log").read_text()
