@@ -16,6 +16,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from preproc.common import FORMAT_COMMANDS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -24,15 +26,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class DatasetInfo:
     num_classes: int
     image_subdir: str  # image root, relative to <data_root>/<dataset>
-    format_command: str  # what creates the formatted_*.npy files
 
 
 DATASET_INFO: dict[str, DatasetInfo] = {
-    "pascal": DatasetInfo(20, "VOCdevkit/VOC2012/JPEGImages", "python preproc/format_pascal.py"),
-    "coco": DatasetInfo(80, "", "python preproc/format_coco.py"),
-    "nuswide": DatasetInfo(81, "Flickr", "python preproc/format_nuswide.py"),
-    "cub": DatasetInfo(312, "CUB_200_2011/images", "python preproc/format_cub.py"),
-    "demo": DatasetInfo(12, "images", "python preproc/make_demo.py"),
+    "pascal": DatasetInfo(20, "VOCdevkit/VOC2012/JPEGImages"),
+    "coco": DatasetInfo(80, ""),
+    "nuswide": DatasetInfo(81, "Flickr"),
+    "cub": DatasetInfo(312, "CUB_200_2011/images"),
+    "demo": DatasetInfo(12, "images"),
 }
 
 
@@ -129,11 +130,12 @@ def _check_labels(labels: np.ndarray, path: Path, num_classes: int, allowed: tup
 def load_formatted(data_root: str | Path, dataset: str, phase: str) -> dict[str, np.ndarray]:
     """Images, true labels (float64) and observed labels (float64) of an official split ('train' or 'val')."""
     info = DATASET_INFO[dataset]
+    format_command = FORMAT_COMMANDS[dataset]
     root = Path(data_root) / dataset
     obs_command = f"python preproc/generate_observed_labels.py --dataset {dataset} --data-root {data_root}"
     paths = {k: root / f"formatted_{phase}_{k}.npy" for k in ("images", "labels", "labels_obs")}
-    images = _load_array(paths["images"], info.format_command)
-    labels = _load_array(paths["labels"], info.format_command).astype(np.float64)
+    images = _load_array(paths["images"], format_command)
+    labels = _load_array(paths["labels"], format_command).astype(np.float64)
     labels_obs = _load_array(paths["labels_obs"], obs_command).astype(np.float64)
     if images.ndim != 1 or images.dtype.kind != "U":
         raise DataError(f"{paths['images']}: expected a 1-D unicode string array, found {images.dtype} {images.shape}")
@@ -141,7 +143,7 @@ def load_formatted(data_root: str | Path, dataset: str, phase: str) -> dict[str,
     _check_labels(labels_obs, paths["labels_obs"], info.num_classes, (-1.0, 0.0, 1.0))
     if not len(images) == len(labels) == len(labels_obs):
         raise DataError(f"{root}: {phase} split has {len(images)} images, {len(labels)} label rows and "
-                        f"{len(labels_obs)} observed-label rows; re-run {info.format_command} and {obs_command}")
+                        f"{len(labels_obs)} observed-label rows; re-run {format_command} and {obs_command}")
     stale = ((labels_obs == 1) & (labels != 1)).any(axis=1) | ((labels_obs == -1) & (labels != 0)).any(axis=1)
     if stale.any():
         raise DataError(f"{paths['labels_obs']}: {int(stale.sum())} rows observe labels that "

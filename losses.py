@@ -23,7 +23,10 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def register(name: str) -> Callable:
+    """Add a loss under `name`; its keyword-only parameters are the hyperparameters it takes."""
     def add(fn: Callable) -> Callable:
+        fn.hyperparameters = tuple(k for k, v in inspect.signature(fn).parameters.items()
+                                   if v.kind is inspect.Parameter.KEYWORD_ONLY)
         LOSSES[name] = fn
         return fn
     return add
@@ -42,20 +45,6 @@ def _require_nonnegative(obs: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} expects obs in {{0, 1}}, found negative values (pseudo-labels need EM_APL)")
 
 
-@register("bce")
-def bce(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """Full supervision ("All P. & All N."): obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p).
-
-    Trained on the full labels (the training loop passes them as `obs`).
-    """
-    _require_nonnegative(obs, "bce")
-    p = torch.sigmoid(logits)
-    loss = torch.zeros_like(p)
-    loss[obs == 1] = neg_log(p[obs == 1])
-    loss[obs == 0] = neg_log(1 - p[obs == 0])
-    return loss
-
-
 @register("iun")
 def iun(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """"1 P. & All N.": obs = 1 -> neg_log(p); then true = 0 -> neg_log(1 - p) (overriding, as the original);
@@ -71,10 +60,15 @@ def iun(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Te
     return loss
 
 
+@register("bce")
 @register("an")
 def assume_negative(logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """Assume negative: obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p)."""
-    _require_nonnegative(obs, "an")
+    """obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p).
+
+    `an` (assume negative) on the single positives; `bce` ("All P. & All N.", full supervision) is the same
+    formula, trained on the full labels (the training loop passes them as `obs`).
+    """
+    _require_nonnegative(obs, "bce/an")
     p = torch.sigmoid(logits)
     loss = torch.zeros_like(p)
     loss[obs == 1] = neg_log(p[obs == 1])
@@ -124,14 +118,13 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     if logits.ndim != 2 or logits.shape != obs.shape or logits.shape != true.shape:
         raise ValueError(f"logits, obs and true must be (B, C) of one shape, got {tuple(logits.shape)}, "
                          f"{tuple(obs.shape)}, {tuple(true.shape)}")
-    if (obs < -1).any() or (obs > 1).any():
-        raise ValueError("obs must lie in [-1, 1]")
     fn = LOSSES[name]
-    params = inspect.signature(fn).parameters
-    needed = [k for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+    needed = fn.hyperparameters
     missing = [k for k in needed if k not in hparams]
     if missing:
         raise TypeError(f"loss {name!r} needs hyperparameter(s) {missing}")
+    if ((obs < -1) | (obs > 1)).any():
+        raise ValueError("obs must lie in [-1, 1]")
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     loss_matrix = fn(logits, obs, true, **{k: hparams[k] for k in needed})

@@ -174,7 +174,8 @@ def fit(model: torch.nn.Module, datasets: dict[str, MultilabelDataset], cfg: Con
         val_map=best["val"]["map_clean"],
         test_map=best["test"]["map_clean"],
         test_per_class_ap=(100 * per_class_ap(best_test["preds"], best_test["true"])).tolist(),
-        test_thresholded={str(t): threshold_metrics(best_test["preds"], best_test["true"], t) for t in THRESHOLDS},
+        test_thresholded={str(t): {k[:-len(f"@{t}")]: v for k, v in best["test"].items() if k.endswith(f"@{t}")}
+                          for t in THRESHOLDS},
         recommended_threshold=0.75 if cfg.loss in ("EM", "EM_APL") else 0.5,
     )
     save_json(run_dir / "results.json", results)

@@ -21,6 +21,7 @@ import numpy as np
 
 __all__ = [
     "PreprocError",
+    "FORMAT_COMMANDS",
     "DOWNLOAD_HINTS",
     "missing_file_message",
     "require_file",
@@ -36,6 +37,15 @@ __all__ = [
 class PreprocError(Exception):
     """An expected, user-fixable problem with the raw data (shown without a traceback)."""
 
+
+# The command that creates each dataset's formatted_*.npy files (named in "missing file" errors).
+FORMAT_COMMANDS: Dict[str, str] = {
+    "pascal": "python preproc/format_pascal.py",
+    "coco": "python preproc/format_coco.py",
+    "nuswide": "python preproc/format_nuswide.py",
+    "cub": "python preproc/format_cub.py",
+    "demo": "python preproc/make_demo.py",
+}
 
 # Where each dataset's raw files come from (printed whenever a raw file is missing).
 DOWNLOAD_HINTS: Dict[str, str] = {

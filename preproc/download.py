@@ -497,10 +497,7 @@ def _fetch(url: str, dest: Path, part: Path, offset: int, size: Optional[int],
                     while True:
                         try:
                             block = response.read(chunk)
-                        except _NETWORK_ERRORS as exc:
-                            out.flush()
-                            raise _network_error(url, dest, exc, part) from None
-                        except OSError as exc:  # e.g. connection reset mid-stream
+                        except (*_NETWORK_ERRORS, OSError) as exc:  # OSError: e.g. connection reset mid-stream
                             out.flush()
                             raise _network_error(url, dest, exc, part) from None
                         if not block:

@@ -42,7 +42,6 @@ def annotation_file(load_path: os.PathLike | str, split: str) -> Path:
 
 
 def load_json(path: Path) -> dict:
-    require_file(path, "coco", "COCO annotation file")
     try:
         with open(path, "r", encoding="utf-8") as fh:
             data = json.load(fh)

@@ -201,7 +201,7 @@ def format_cub(
     'val_images', 'val_labels'}`` ("val" = the official test split); also writes them to
     ``save_path`` unless it is None."""
     files = raw_files(load_path)
-    for key, path in files.items():
+    for path in files.values():
         require_file(path, "cub", f"CUB-200-2011 {path.name}")
     image_ids, names = read_images(files["images"])
     is_train = read_split(files["split"], image_ids)

@@ -38,20 +38,12 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the ``preproc`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from preproc.common import save_npy_atomic  # noqa: E402
+from preproc.common import FORMAT_COMMANDS, save_npy_atomic  # noqa: E402
 
-DATASETS = ("pascal", "coco", "nuswide", "cub", "demo")
+DATASETS = tuple(FORMAT_COMMANDS)
 PHASES = ("train", "val")
 DEFAULT_SEED = 1200
 
-# The command that produces each dataset's formatted_*_labels.npy files.
-FORMAT_COMMANDS = {
-    "pascal": "python preproc/format_pascal.py",
-    "coco": "python preproc/format_coco.py",
-    "nuswide": "python preproc/format_nuswide.py",
-    "cub": "python preproc/format_cub.py",
-    "demo": "python preproc/make_demo.py",
-}
 
 
 class ObservedLabelsError(Exception):

@@ -9,7 +9,6 @@ pseudo-labels; the updates must reach the workers.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -11,11 +11,9 @@ import hashlib
 import http.server
 import io
 import socket
-import sys
 import tarfile
 import threading
 import zipfile
-from pathlib import Path
 
 import pytest
 

@@ -11,7 +11,6 @@ eye(C) and k of the C classes labelled on the diagonal (the others without posit
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -74,6 +74,9 @@ def test_every_loss_runs_and_writes_results(bird_root, tmp_path, loss):
     assert len(res["test_per_class_ap"]) == 20
     assert np.isclose(np.mean(res["test_per_class_ap"]), res["test_map"])
     assert set(res["test_thresholded"]) == {"0.5", "0.75"}
+    for t, values in res["test_thresholded"].items():
+        assert values == {k: res["epochs"][str(best)]["test"][f"{k}@{t}"] for k in
+                          ("macro_precision", "macro_recall", "macro_f1", "micro_precision", "micro_recall", "micro_f1")}
     assert res["recommended_threshold"] == (0.75 if loss.startswith("EM") else 0.5)
     assert res["environment"]["torch"] == torch.__version__
     # 58 training images: 46 train / 12 val after the 80/20 split

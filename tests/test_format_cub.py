@@ -16,7 +16,6 @@ attribute file and the top-level attributes.txt are not available:
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

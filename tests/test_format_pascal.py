@@ -15,7 +15,6 @@ Derived variants, built in tmp_path (never in the shared folder):
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET

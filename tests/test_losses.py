@@ -6,8 +6,6 @@ sum over the B x C matrix divided by B * C, masked entries included in the denom
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,8 +5,6 @@ average_precision_score per class, 0 for a class without positives but still in 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -6,8 +6,6 @@ idx_2 = everything (the `-0:` slice).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
