@@ -5,8 +5,8 @@ files, inconsistent counts), the download hints those errors print, an atomic ``
 writer and a ``main`` wrapper that turns expected errors into a message plus a non-zero
 exit code instead of a traceback.
 
-The atomic writer is also used by ``generate_observed_labels.py``, ``make_demo.py`` and the
-training code (results and checkpoints), so this module stays standard library + numpy only.
+The atomic writer is also used by ``generate_observed_labels.py`` and the training code (results
+and checkpoints), so this module stays standard library + numpy only.
 """
 
 from __future__ import annotations

@@ -38,15 +38,14 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the ``preproc`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from preproc.common import FORMAT_COMMANDS, save_npy_atomic  # noqa: E402
+from preproc.common import FORMAT_COMMANDS, PreprocError, run_main, save_npy_atomic  # noqa: E402
 
 DATASETS = tuple(FORMAT_COMMANDS)
 PHASES = ("train", "val")
 DEFAULT_SEED = 1200
 
 
-
-class ObservedLabelsError(Exception):
+class ObservedLabelsError(PreprocError):
     """An expected, user-fixable problem (missing or invalid formatted label file)."""
 
 
@@ -208,12 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--data-root", default="./data",
                         help="folder holding <dataset>/formatted_*_labels.npy (default: ./data)")
     args = parser.parse_args(argv)
-    try:
-        generate_for_dataset(args.dataset, args.num_pos, args.num_neg, args.seed, args.data_root)
-    except ObservedLabelsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(lambda: generate_for_dataset(args.dataset, args.num_pos, args.num_neg, args.seed,
+                                                 args.data_root))
 
 
 if __name__ == "__main__":
