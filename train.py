@@ -20,7 +20,7 @@ from config import Config
 from datasets import MultilabelDataset
 from losses import compute_loss
 from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics
-from preproc.common import write_atomic
+from fileio import write_atomic
 
 
 class NonFiniteLossError(RuntimeError):

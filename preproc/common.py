@@ -1,23 +1,22 @@
 """Shared helpers for the ``preproc/format_*.py`` scripts.
 
 Everything here is small on purpose: an error type for expected failures (missing raw
-files, inconsistent counts), the download hints those errors print, an atomic ``.npy``
+files, inconsistent counts), the download hints those errors print, the formatted-file
 writer and a ``main`` wrapper that turns expected errors into a message plus a non-zero
-exit code instead of a traceback.
-
-The atomic writer is also used by ``generate_observed_labels.py`` and the training code (results
-and checkpoints), so this module stays standard library + numpy only.
+exit code instead of a traceback. The atomic writers live in the top-level ``fileio.py``,
+shared with the training code; this module stays standard library + numpy only.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Sequence
 
 import numpy as np
+
+from fileio import save_npy_atomic, write_atomic  # noqa: F401  (the repo root is on sys.path; re-exported)
 
 __all__ = [
     "PreprocError",
@@ -107,35 +106,6 @@ def read_text_lines(path: os.PathLike | str, keep_blank: bool = False) -> list:
     if keep_blank:
         return lines
     return [ln for ln in lines if ln.strip()]
-
-
-def write_atomic(path: os.PathLike | str, write: Callable[[str], None]) -> Path:
-    """Create ``path`` through ``write(tmp_path)`` on a temporary file in the same folder, then
-    ``os.replace``: readers never see a partial file and an interrupted run leaves none behind.
-    The temporary file is created with "x" mode, so the result gets the usual umask permissions."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        open(tmp, "xb").close()
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def save_npy_atomic(path: os.PathLike | str, array: np.ndarray) -> Path:
-    """Write ``array`` to ``path`` (.npy) atomically (see ``write_atomic``)."""
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
-            np.save(fh, array, allow_pickle=False)
-
-    return write_atomic(path, write)
 
 
 def save_formatted(save_path: os.PathLike | str, arrays: Mapping[str, np.ndarray]) -> None:

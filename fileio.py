@@ -1,0 +1,96 @@
+"""Atomic file output, shared by the preprocessing scripts and the training code (standard library + numpy).
+
+Every file this project writes (formatted arrays, observed labels, results.json, checkpoints) goes through
+`write_atomic`: readers never see a partial file, an interrupted write leaves no file under the final name, and
+a leftover temporary of a killed process is recognisable (`.<name>.<pid>.<hex>.tmp`) and removed by
+`remove_stale_temporaries` at the next start in that folder.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+_TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+class OutputError(OSError):
+    """A file could not be written (no space, no permission, a file where a folder should be); one line."""
+
+
+def describe_os_error(path: os.PathLike | str, exc: OSError) -> str:
+    """One line naming `path` and what to do about `exc`."""
+    if exc.errno == errno.ENOSPC:
+        return f"cannot write {path}: no space left on the device; free some space and run again"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied (read-only or not writable); choose a writable folder"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) or isinstance(exc, (NotADirectoryError, FileExistsError)):
+        return f"cannot write {path}: a file is in the way of a folder on that path; choose another path"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+def write_atomic(path: os.PathLike | str, write: Callable[[str], None]) -> Path:
+    """Create ``path`` through ``write(tmp_path)`` on a temporary file in the same folder, then
+    ``os.replace``: readers never see a partial file and an interrupted write leaves none behind.
+    The temporary file is created with "x" mode, so the result gets the usual umask permissions.
+    An OSError (full disk, no permission, ...) becomes an OutputError with a one-line message."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        open(tmp, "xb").close()
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(exc.errno, describe_os_error(path, exc)) from exc
+        raise
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: os.PathLike | str) -> list[Path]:
+    """Delete temporaries that `write_atomic` left behind when its process was killed (kill -9, power loss).
+
+    Only files of our own naming pattern whose process no longer exists are removed; returns them.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TMP_PATTERN.match(entry.name)
+        if match and entry.is_file() and int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"])):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def save_npy_atomic(path: os.PathLike | str, array: np.ndarray) -> Path:
+    """Write ``array`` to ``path`` (.npy) atomically (see ``write_atomic``)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
+            np.save(fh, array, allow_pickle=False)
+
+    return write_atomic(path, write)
