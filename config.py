@@ -7,6 +7,7 @@ never mutated afterwards: functions take the fields they use.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from losses import LOSSES
@@ -55,6 +56,11 @@ class Config:
     val_frac: float = 0.2
     # project options (not in the original; defaults keep its behaviour)
     persistent_workers: bool = False
+    # speed options (README "Speed"): the cache is bit-identical; amp, channels_last and compile are not
+    image_cache: str = "off"  # "off", "ram" or "disk"
+    amp: str = "off"  # "off", "bf16" or "fp16"
+    channels_last: bool = False
+    compile: bool = False
     data_root: str = "data"
     results_dir: str = "results"
 
@@ -78,19 +84,37 @@ def build_config(dataset: str, **overrides) -> Config:
     return cfg
 
 
+def _flag(field: str) -> str:
+    """The CLI flag that sets a Config field (for error messages)."""
+    return {"num_epochs": "--epochs", "pytorch_seed": "-s/--pytorch-seed"}.get(field, "--" + field.replace("_", "-"))
+
+
 def _validate(cfg: Config) -> None:
+    """Every setting's range, checked before anything is loaded; the message names the flag."""
     if cfg.loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {list(LOSS_NAMES)}")
-    if cfg.batch_size < 1 or cfg.num_epochs < 1 or cfg.image_size < 1:
-        raise ValueError(f"batch size, epochs and image size must be positive, got "
-                         f"{cfg.batch_size}, {cfg.num_epochs}, {cfg.image_size}")
+    at_least_one = ("batch_size", "num_epochs", "image_size")
+    for field in at_least_one:
+        if getattr(cfg, field) < 1:
+            raise ValueError(f"{_flag(field)} must be >= 1, got {getattr(cfg, field)}")
     if cfg.num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
+        raise ValueError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    for field in ("alpha", "beta"):
+        value = getattr(cfg, field)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{_flag(field)} must be a finite number >= 0, got {value}")
+    if not 0.0 <= cfg.neg_proportion <= 1.0:  # also rejects NaN
+        raise ValueError(f"--neg-proportion must be in [0, 1], got {cfg.neg_proportion}")
     if cfg.loss == "EM_APL" and not 1 <= cfg.warmup_epoch < cfg.num_epochs:
         # k_c = floor(theta * U_c / (T - T_w)) needs T > T_w
-        raise ValueError(f"EM_APL needs 1 <= warmup_epoch < num_epochs, got warmup_epoch={cfg.warmup_epoch}, "
-                         f"num_epochs={cfg.num_epochs}")
-    if not 0.0 <= cfg.neg_proportion <= 1.0:
-        raise ValueError(f"neg_proportion must be in [0, 1], got {cfg.neg_proportion}")
+        raise ValueError(f"EM_APL needs 1 <= --warmup-epoch < --epochs, got --warmup-epoch {cfg.warmup_epoch} "
+                         f"and --epochs {cfg.num_epochs}")
+    if cfg.warmup_epoch < 1:
+        raise ValueError(f"--warmup-epoch must be >= 1, got {cfg.warmup_epoch}")
+    for field, choices in (("image_cache", ("off", "ram", "disk")), ("amp", ("off", "bf16", "fp16"))):
+        if getattr(cfg, field) not in choices:
+            raise ValueError(f"{_flag(field)} must be one of {list(choices)}, got {getattr(cfg, field)!r}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")

@@ -96,18 +96,30 @@ class MultilabelDataset(Dataset):
         self._obs.copy_(torch.from_numpy(np.asarray(labels_obs, dtype=np.float64)))
 
     def __getitem__(self, idx: int) -> dict:
+        """One sample. An unreadable image does not raise here (a DataLoader worker would wrap the message in
+        its traceback text): the sample carries the message in "error" ("" when fine) and a blank image, and
+        the training loop stops with `raise_sample_errors`."""
         path = self.image_root / str(self.image_paths[idx])
+        error = ""
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")
         except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
+            error, image = f"cannot read image {path}: {exc}", Image.new("RGB", (8, 8))
         return {
             "image": self.transform(image),
             "label_vec_obs": self._obs[idx].float(),  # float32, as the original's FloatTensor copy
             "label_vec_true": torch.from_numpy(self.labels_true[idx]).float(),
             "idx": idx,
+            "error": error,
         }
+
+
+def raise_sample_errors(batch: dict) -> None:
+    """Stop with the first unreadable image of a collated batch (see `MultilabelDataset.__getitem__`)."""
+    for error in batch.get("error", ()):  # cached batches have none: their images were read when caching
+        if error:
+            raise DataError(error)
 
 
 def _load_array(path: Path, command: str) -> np.ndarray:
@@ -115,8 +127,9 @@ def _load_array(path: Path, command: str) -> np.ndarray:
         raise DataError(f"missing {path}; create it with: {command}")
     try:
         return np.load(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot load {path} ({exc}); re-create it with: {command}") from exc
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty (zero-byte) file
+        reason = "the file is empty" if path.stat().st_size == 0 else str(exc)
+        raise DataError(f"cannot load {path} ({reason}); re-create it with: {command}") from exc
 
 
 def _check_labels(labels: np.ndarray, path: Path, num_classes: int, allowed: tuple[float, ...]) -> None:
@@ -130,8 +143,10 @@ def _check_labels(labels: np.ndarray, path: Path, num_classes: int, allowed: tup
 def load_formatted(data_root: str | Path, dataset: str, phase: str) -> dict[str, np.ndarray]:
     """Images, true labels (float64) and observed labels (float64) of an official split ('train' or 'val')."""
     info = DATASET_INFO[dataset]
-    format_command = FORMAT_COMMANDS[dataset]
     root = Path(data_root) / dataset
+    # the commands that (re)create the files, with the user's --data-root
+    path_flags = f"--save-path {root}" if dataset == "demo" else f"--load-path {root} --save-path {root}"
+    format_command = f"{FORMAT_COMMANDS[dataset]} {path_flags}"
     obs_command = f"python preproc/generate_observed_labels.py --dataset {dataset} --data-root {data_root}"
     paths = {k: root / f"formatted_{phase}_{k}.npy" for k in ("images", "labels", "labels_obs")}
     images = _load_array(paths["images"], format_command)

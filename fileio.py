@@ -1,22 +1,26 @@
-"""Atomic file output, shared by the preprocessing scripts and the training code (standard library + numpy).
+"""Atomic file output, shared by the preprocessing scripts and the training code (standard library only).
 
 Every file this project writes (formatted arrays, observed labels, results.json, checkpoints) goes through
 `write_atomic`: readers never see a partial file, an interrupted write leaves no file under the final name, and
-a leftover temporary of a killed process is recognisable (`.<name>.<pid>.<hex>.tmp`) and removed by
+a leftover temporary of a killed process is recognisable (`.<name>.<host>.<pid>.<hex>.tmp`) and removed by
 `remove_stale_temporaries` at the next start in that folder.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
+import socket
 import uuid
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
-_TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# `.<name>.<host>.<pid>.<random>.tmp`: the host (a hash of its name) and pid say whose it is, so a folder shared
+# between machines (a cluster's file system) never loses another machine's file being written.
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 class OutputError(OSError):
@@ -40,7 +44,7 @@ def write_atomic(path: os.PathLike | str, write: Callable[[str], None]) -> Path:
     The temporary file is created with "x" mode, so the result gets the usual umask permissions.
     An OSError (full disk, no permission, ...) becomes an OutputError with a one-line message."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         open(tmp, "xb").close()
@@ -57,12 +61,13 @@ def write_atomic(path: os.PathLike | str, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
+    except (PermissionError, OverflowError, ValueError):  # exists but is someone else's / not a valid pid
         return True
     return True
 
@@ -70,7 +75,8 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: os.PathLike | str) -> list[Path]:
     """Delete temporaries that `write_atomic` left behind when its process was killed (kill -9, power loss).
 
-    Only files of our own naming pattern whose process no longer exists are removed; returns them.
+    Only files of our own naming pattern, made on this machine by a process that no longer exists, are
+    removed; returns them.
     """
     removed = []
     folder = Path(folder)
@@ -78,19 +84,11 @@ def remove_stale_temporaries(folder: os.PathLike | str) -> list[Path]:
         return removed
     for entry in folder.iterdir():
         match = _TMP_PATTERN.match(entry.name)
-        if match and entry.is_file() and int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"])):
+        if (match and match["host"] == _HOST and int(match["pid"]) != os.getpid()
+                and not pid_alive(int(match["pid"])) and entry.is_file()):
             try:
                 entry.unlink()
                 removed.append(entry)
             except OSError:
                 pass
     return removed
-
-
-def save_npy_atomic(path: os.PathLike | str, array: np.ndarray) -> Path:
-    """Write ``array`` to ``path`` (.npy) atomically (see ``write_atomic``)."""
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
-            np.save(fh, array, allow_pickle=False)
-
-    return write_atomic(path, write)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--persistent-workers", action="store_true", default=None,
                    help="keep DataLoader workers alive across epochs (pseudo-labels still reach them)")
     m.add_argument("--data-root", help="folder holding <dataset>/formatted_*.npy (default: data)")
+    f = p.add_argument_group("speed (README 'Speed'; all off by default)")
+    f.add_argument("--image-cache", choices=("off", "ram", "disk"),
+                   help="decode and resize every image once (bit-identical results): 'ram', or 'disk' "
+                        "(<data-root>/<dataset>/cache/); default off")
+    f.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (autocast; loss in float32); "
+                   "changes results statistically only; default off")
+    f.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
+    f.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     m.add_argument("--results-dir", help="where run folders are created (default: results)")
     return p.parse_args(argv)
 
@@ -74,10 +84,27 @@ def resolve_device(gpu: str):
     return torch.device(f"cuda:{index}")
 
 
+def prepare_results_dir(results_dir: str) -> None:
+    """Create the results folder (or fail with one line now, before any work), remove temporaries that killed
+    runs left there, and mark runs whose process died without a word (kill -9, out of memory) as killed."""
+    from fileio import describe_os_error, remove_stale_temporaries, write_atomic
+    from train import mark_if_dead
+    root = Path(results_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--results-dir {results_dir}: {describe_os_error(root, exc).split(': ', 1)[1]}") from exc
+    for run in root.iterdir():
+        if run.is_dir():
+            remove_stale_temporaries(run)
+            mark_if_dead(run / "results.json")
+
+
 def make_run_dir(cfg: Config) -> Path:
     """results/<dataset>_<loss>_s<seed>_<time>[_<n>]: a new folder for every run, never an existing one."""
     base = Path(cfg.results_dir) / f"{cfg.dataset}_{cfg.loss}_s{cfg.pytorch_seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-    Path(cfg.results_dir).mkdir(parents=True, exist_ok=True)
     for n in range(1000):
         path = base if n == 0 else Path(f"{base}_{n}")
         try:
@@ -88,6 +115,14 @@ def make_run_dir(cfg: Config) -> Path:
     raise RuntimeError(f"could not create a new run folder next to {base}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a cluster's time limit): handled like Ctrl-C, so the run is recorded as interrupted."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated("terminated by SIGTERM")
+
+
 class _Tee:
     """Copies what is printed to the console into the run's console.log."""
 
@@ -95,12 +130,18 @@ class _Tee:
         self.stream, self.file = stream, open(path, "a", buffering=1)
 
     def write(self, text: str) -> int:
-        self.file.write(text)
+        try:
+            self.file.write(text)
+        except OSError:  # e.g. a full disk: the console still gets everything
+            pass
         return self.stream.write(text)
 
     def flush(self) -> None:
         self.stream.flush()
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError:
+            pass
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -137,6 +178,17 @@ def print_stats(datasets: dict) -> float:
     return float(chance)
 
 
+def check_observed_labels(cfg: Config, datasets: dict) -> None:
+    """Observed negatives (-1) in the training labels, checked once at load time: only a loss that reads
+    negative labels takes them."""
+    from losses import LOSSES
+    if (datasets["train"].labels_obs < 0).any() and not LOSSES[cfg.loss].negative_obs:
+        raise ValueError(f"-l {cfg.loss} takes observed labels in {{0, 1}}, but {cfg.data_root}/{cfg.dataset}/"
+                         f"formatted_train_labels_obs.npy holds observed negatives (-1); regenerate it with "
+                         f"python preproc/generate_observed_labels.py --dataset {cfg.dataset} --num-neg 0 "
+                         f"--data-root {cfg.data_root}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "dataset"}
@@ -149,22 +201,36 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from datasets import DataError, build_datasets
-    from models import WeightsError, build_model
-    from train import NonFiniteLossError, fit
+    from fileio import OutputError
+    from image_cache import make_loaders
+    from models import WeightsError, build_model, check_model_runs
+    from train import NonFiniteLossError, build_engine, fit
 
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.pytorch_seed)
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
-    try:
+    try:  # everything a user can get wrong is checked here, before a run folder exists
+        prepare_results_dir(cfg.results_dir)
         datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant,
                                   cfg.val_frac, cfg.split_seed)
+        check_observed_labels(cfg, datasets)
         model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
-    except (DataError, WeightsError, ValueError) as exc:
+        check_model_runs(model, cfg.arch, cfg.image_size, device, len(datasets["train"]) % cfg.batch_size)
+        engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile)
+        loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
+                               cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache")
+        run_dir = make_run_dir(cfg)
+    except (DataError, WeightsError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    run_dir = make_run_dir(cfg)
     sys.stdout = _Tee(sys.stdout, run_dir / "console.log")
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def report(message: str) -> None:  # the last word, on the console and in console.log
+        sys.stdout.file.write(message + "\n")
+        print(message, file=sys.stderr)
+
     try:
         print(f"run folder: {run_dir}")
         print(f"config: {cfg.to_dict()}")
@@ -176,18 +242,21 @@ def main(argv: list[str] | None = None) -> int:
                   "so -1 pushes those entries towards 1 (as the original does): generate them with --num-neg 0")
         results = {"config": cfg.to_dict(), "environment": environment(device), "chance_test_map": chance}
         try:
-            results = fit(model, datasets, cfg, device, run_dir, results)
-        except (NonFiniteLossError, DataError, ValueError) as exc:
-            # a DataLoader worker's error carries the worker's traceback: its last line is the message
-            message = str(exc).strip().splitlines()[-1] if "Original Traceback" in str(exc) else str(exc)
-            sys.stdout.file.write(f"error: {message}\n")  # into console.log too
-            print(f"error: {message}", file=sys.stderr)
+            results = fit(engine, loaders, datasets, cfg, run_dir, results)
+        except KeyboardInterrupt as exc:
+            finished = len(results.get("epochs", {}))
+            report(f"interrupted ({str(exc) or 'Ctrl-C'}) during epoch {finished + 1}: {finished} finished epoch(s) "
+                   f"kept in {run_dir / 'results.json'}, marked \"interrupted\"")
+            return 143 if isinstance(exc, Terminated) else 130
+        except (NonFiniteLossError, DataError, ValueError, OutputError) as exc:
+            report(f"error: {exc}")
             return 3
         print(f"best epoch {results['best_epoch']}: val mAP {results['val_map']:.2f}, "
               f"test mAP {results['test_map']:.2f} (chance {chance:.2f})")
         print(f"results: {run_dir / 'results.json'}")
         return 0
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         sys.stdout.flush()
         sys.stdout.file.close()
         sys.stdout = sys.stdout.stream

@@ -6,6 +6,7 @@ Linear(2048, C) with bias, fine-tuned end to end. Any torchvision classification
 """
 from __future__ import annotations
 
+import copy
 import urllib.error
 from pathlib import Path
 
@@ -50,14 +51,65 @@ def _imagenet_state_dict(arch: str) -> dict:
         raise WeightsError(f"torchvision has no IMAGENET1K_V1 weights for {arch!r}; pass --weights PATH "
                            f"or --weights random") from exc
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    was_cached = cache.is_file()
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
-    except (urllib.error.URLError, OSError, ConnectionError) as exc:
+    except (urllib.error.URLError, ConnectionError) as exc:
         raise WeightsError(
             f"could not download the ImageNet weights of {arch} ({exc}).\n"
             f"  Connect to the internet and rerun (torchvision caches the file), or download\n"
             f"    {weights.url}\n  to\n    {cache}\n"
             f"  or pass --weights PATH to a local state dict. Use --weights random only if you mean it.") from exc
+    except Exception as exc:  # a damaged cached file fails in torch.load with many exception types
+        if was_cached:
+            raise WeightsError(f"the cached ImageNet weights {cache} are damaged ({type(exc).__name__}); "
+                               f"delete that file and run again to download it afresh") from exc
+        if isinstance(exc, OSError):
+            raise WeightsError(f"could not save the ImageNet weights of {arch} to {cache} ({exc}); "
+                               f"free space there or set TORCH_HOME to a writable folder") from exc
+        raise
+
+
+def _load_state_dict_file(path: Path) -> dict:
+    """A state dict from `path` (torchvision's keys), or the backbone of one of our checkpoints (best.pt)."""
+    expected = (f"--weights {path}: expected a PyTorch state dict of tensors saved with torch.save "
+                f"(torchvision's keys) or a best.pt of this project")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # text, empty, .npy or pickled-model files fail with many exception types
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if not head:
+            reason = "the file is empty"
+        elif head.startswith(b"\x93NUMPY"):
+            reason = "it is a NumPy .npy file"
+        elif "Unsupported global" in str(exc):
+            reason = "it holds a pickled model object: save model.state_dict() instead"
+        else:
+            reason = f"not a file written by torch.save: {type(exc).__name__}"
+        raise WeightsError(f"{expected}; cannot read it ({reason})") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        # one of our checkpoints (best.pt): start from its backbone, with a fresh head
+        state = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{expected}; found {type(state).__name__} instead")
+    return state
+
+
+def _backbone(arch: str) -> nn.Module:
+    """torchvision's `arch` with random weights; only image classification models (their last Linear is the
+    ImageNet classifier), and never a pretrained sub-network (segmentation/detection builders default to one)."""
+    classifiers = torchvision.models.list_models(module=torchvision.models)
+    if arch not in classifiers:
+        raise ValueError(f"--arch {arch!r} is not a torchvision image classification model; use one of "
+                         f"resnet50, resnet18, mobilenet_v2, ... (torchvision.models.list_models())")
+    if arch in _AUX_HEADS:  # training-mode auxiliary classifiers would change the output type: leave them out
+        return torchvision.models.get_model(arch, weights=None, aux_logits=False, init_weights=True)
+    return torchvision.models.get_model(arch, weights=None)
+
+
+# Models whose builders add auxiliary ImageNet classifiers (their pretrained tensors are dropped with them).
+_AUX_HEADS = {"inception_v3": ("AuxLogits.",), "googlenet": ("aux1.", "aux2.")}
 
 
 def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> MultilabelClassifier:
@@ -66,11 +118,7 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> Multi
 
     Never falls back silently: a weights source that fails raises WeightsError.
     """
-    try:
-        backbone = torchvision.models.get_model(arch, weights=None)
-    except ValueError as exc:
-        raise ValueError(f"unknown --arch {arch!r}; use a torchvision classification model such as resnet50, "
-                         f"resnet18 or mobilenet_v2") from exc
+    backbone = _backbone(arch)
     if weights == "imagenet":
         state = _imagenet_state_dict(arch)
     elif weights == "random":
@@ -79,20 +127,46 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> Multi
         path = Path(weights)
         if not path.is_file():
             raise WeightsError(f"--weights {weights}: no such file (expected 'imagenet', 'random' or a state dict path)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            # one of our checkpoints (best.pt): start from its backbone, with a fresh head
-            state = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise WeightsError(f"--weights {weights}: expected a state dict of tensors for {arch} "
-                               f"(torchvision's keys) or a best.pt checkpoint of this project")
+        state = _load_state_dict_file(path)
 
     classifier_name, feat_dim = _strip_last_linear(backbone)
     if state is not None:
         # the ImageNet classifier is replaced by our head, so its weights are not needed
-        state = {k: v for k, v in state.items() if not k.startswith(classifier_name + ".")}
+        unused = (classifier_name + ".", *_AUX_HEADS.get(arch, ()))
+        state = {k: v for k, v in state.items() if not k.startswith(unused)}
         try:
             backbone.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise WeightsError(f"weights {weights!r} do not fit torchvision's {arch}: {exc}") from exc
+            first = str(exc).strip().splitlines()[0]
+            raise WeightsError(f"--weights {weights}: the tensors do not fit torchvision's {arch} ({first}); "
+                               f"pass weights saved from {arch}, or choose the matching --arch") from exc
     return MultilabelClassifier(backbone, feat_dim, num_classes)
+
+
+def check_model_runs(model: nn.Module, arch: str, image_size: int, device: torch.device,
+                     last_batch_size: int) -> None:
+    """Fail before training, with what to change, if `arch` cannot train on `image_size` px inputs (inception_v3
+    at 80 px, ViTs at any size but their own, ...) or if the last training batch of `last_batch_size` images
+    cannot train (BatchNorm needs more than one value per channel). Runs a copy of the model, under a forked
+    random state, so the run itself is unchanged."""
+    probe = copy.deepcopy(model).train()
+    devices = [device] if device.type == "cuda" else []
+    sizes = [2] + ([1] if last_batch_size == 1 else [])
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        for batch in sizes:
+            try:
+                probe(torch.zeros(batch, 3, image_size, image_size, device=device))
+            except (RuntimeError, ValueError, AssertionError, TypeError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if batch == 1:
+                    raise ValueError(
+                        f"the last training batch holds a single image and {arch}'s BatchNorm cannot train on it "
+                        f"at --image-size {image_size} ({first}); choose a --batch-size that does not leave one "
+                        f"image over, or a larger --image-size") from exc
+                try:
+                    height, width = torchvision.models.get_model_weights(arch).DEFAULT.meta["min_size"]
+                    trained_at = f" (torchvision gives {height}x{width} px as its minimum input)"
+                except (ValueError, AttributeError, KeyError):
+                    trained_at = ""
+                raise ValueError(f"--arch {arch} cannot train on --image-size {image_size} images ({first})"
+                                 f"{trained_at}; choose a larger --image-size or another --arch") from exc

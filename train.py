@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import os
+import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import Config
-from datasets import MultilabelDataset
+from datasets import MultilabelDataset, raise_sample_errors
+from image_cache import make_loaders, to_model_input
 from losses import compute_loss
 from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics
-from fileio import write_atomic
+from fileio import pid_alive, write_atomic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,66 +60,129 @@ def apl_update(obs: np.ndarray, preds: np.ndarray, unlabel_num: np.ndarray, neg_
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# how batches run on the device
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NONFINITE_CHECK_EVERY = 50  # training steps between read-backs of the device-side non-finite-loss check
+
+
+@dataclass
+class Engine:
+    """The model as the loop runs it: `model` (whose state is saved), `forward` (the same module, or its
+    torch.compile), the device, the autocast dtype (None = float32 throughout) and the memory format."""
+
+    model: torch.nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """float32 logits of a batch from either loader (the loss always runs in float32)."""
+        images = to_model_input(batch, self.device, self.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            return self.forward(images).float()
+
+
+def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off", channels_last: bool = False,
+                 compile_model: bool = False) -> Engine:
+    """Check that the device supports the speed options (ValueError naming the flag and the alternative)."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"--amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA GPU (its loss scaling is GPU-only here); on the CPU use "
+                         "--amp bf16 or leave --amp off")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         f"use --amp fp16 instead")
+    if compile_model:
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+            if not has_triton():
+                raise ValueError("--compile needs Triton for CUDA (pip install triton); or leave --compile off")
+        elif not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+            raise ValueError("--compile on the CPU needs a C++ compiler (e.g. apt-get install g++); "
+                             "or leave --compile off")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if compile_model else model
+    return Engine(model, forward, device, AMP_DTYPES[amp], channels_last)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # one pass over a loader
 
-def _forward_pass(model: torch.nn.Module, loader: DataLoader, device: torch.device, desc: str,
-                  step: Callable[[torch.Tensor, dict, int], float] | None = None) -> dict:
-    """Runs the model over `loader`; with `step` (training), `step(logits, batch, i)` returns the batch loss.
+def _forward_pass(engine: Engine, loader, desc: str,
+                  step: Callable[[torch.Tensor, dict], torch.Tensor] | None = None, epoch: int = 0) -> dict:
+    """Runs the model over `loader`; with `step` (training), `step(logits, batch)` returns the detached batch loss.
 
     Returns predictions, true and observed labels and dataset indices in loader order, and the mean loss.
+    Nothing waits for the device inside the loop: predictions and the loss sum stay on it (copied once at the
+    end), and a non-finite loss is noted there and read back every NONFINITE_CHECK_EVERY steps.
     """
+    device = engine.device
     preds, true, obs, idx = [], [], [], []
-    loss_sum, seen, start = 0.0, 0, time.time()
+    seen, start = 0, time.time()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # float64, as the Python float sum it replaces
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # 1-based batch of the first non-finite loss
+    first_bad_value = torch.zeros((), device=device)
     bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
     for i, batch in enumerate(bar):
-        images = batch["image"].to(device, non_blocking=True)
+        raise_sample_errors(batch)
+        size = len(batch["idx"])
         if step is None:
-            with torch.no_grad():
-                logits = model(images)
+            with torch.inference_mode():
+                preds.append(torch.sigmoid(engine.logits(batch)))
         else:
-            logits = model(images)
-            loss_sum += step(logits, batch, i) * len(images)
-        seen += len(images)
-        preds.append(torch.sigmoid(logits.detach()).cpu().numpy())
+            logits = engine.logits(batch)
+            loss = step(logits, batch)
+            loss_sum += loss.double() * size
+            new_bad = (first_bad < 0) & ~torch.isfinite(loss)
+            first_bad = torch.where(new_bad, i + 1, first_bad)
+            first_bad_value = torch.where(new_bad, loss, first_bad_value)
+            if (i + 1) % NONFINITE_CHECK_EVERY == 0 or i + 1 == len(loader):
+                if first_bad.item() >= 0:
+                    raise NonFiniteLossError(epoch, int(first_bad), float(first_bad_value))
+                bar.set_postfix({"loss": f"{loss_sum.item() / (seen + size):.4f}"}, refresh=False)
+            preds.append(torch.sigmoid(logits.detach()))
+        seen += size
         true.append(batch["label_vec_true"].numpy())
         obs.append(batch["label_vec_obs"].numpy())
         idx.append(batch["idx"].numpy())
-        postfix = {"img/s": f"{seen / max(time.time() - start, 1e-9):.1f}"}
-        if step is not None:
-            postfix["loss"] = f"{loss_sum / seen:.4f}"
-        bar.set_postfix(postfix)
-    return {"preds": np.concatenate(preds), "true": np.concatenate(true), "obs": np.concatenate(obs),
-            "idx": np.concatenate(idx), "loss": loss_sum / max(seen, 1), "seconds": time.time() - start,
+    return {"preds": torch.cat(preds).cpu().numpy(), "true": np.concatenate(true), "obs": np.concatenate(obs),
+            "idx": np.concatenate(idx), "loss": loss_sum.item() / max(seen, 1), "seconds": time.time() - start,
             "num_batches": len(loader)}
 
 
-def train_epoch(model, loader, optimizer, cfg: Config, device, epoch: int) -> dict:
-    model.train()
+def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                cfg: Config, epoch: int) -> dict:
+    engine.model.train()
 
-    def step(logits: torch.Tensor, batch: dict, i: int) -> float:
-        loss = compute_loss(cfg.loss, logits, batch["label_vec_obs"].to(device), batch["label_vec_true"].to(device),
-                            alpha=cfg.alpha, beta=cfg.beta)
-        value = loss.item()
-        if not np.isfinite(value):
-            raise NonFiniteLossError(epoch, i + 1, value)
+    def step(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        # labels were checked once at load time; torch.where filling gives the original's bits without a sync
+        loss = compute_loss(cfg.loss, logits, batch["label_vec_obs"].to(engine.device, non_blocking=True),
+                            batch["label_vec_true"].to(engine.device, non_blocking=True),
+                            checked=True, where=True, alpha=cfg.alpha, beta=cfg.beta)
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return value
+        scaler.scale(loss).backward()  # no scaling unless --amp fp16
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
 
-    return _forward_pass(model, loader, device, f"epoch {epoch} train", step)
-
-
-def evaluate(model, loader, device, desc: str) -> dict:
-    model.eval()
-    return _forward_pass(model, loader, device, desc)
+    return _forward_pass(engine, loader, f"epoch {epoch} train", step, epoch)
 
 
-def run_apl(model, loader: DataLoader, dataset: MultilabelDataset, unlabel_num: np.ndarray, cfg: Config,
-            device, epoch: int) -> int:
+def evaluate(engine: Engine, loader, desc: str) -> dict:
+    engine.model.eval()
+    return _forward_pass(engine, loader, desc)
+
+
+def run_apl(engine: Engine, loader, dataset: MultilabelDataset, unlabel_num: np.ndarray, cfg: Config,
+            epoch: int) -> int:
     """Pseudo-label after a training epoch, as the original: eval mode, predictions taken over the training
     loader itself (shuffled, train transform). Returns the number of new pseudo-labels."""
-    out = evaluate(model, loader, device, f"epoch {epoch} APL")
+    out = evaluate(engine, loader, f"epoch {epoch} APL")
     if out["num_batches"] <= 1:
         # The original's update sits in its "not the first batch" branch: a one-batch loader is iterated
         # (consuming the same random numbers) but never labels.
@@ -139,6 +206,22 @@ def save_json(path: Path, obj: dict) -> None:
     write_atomic(path, write)
 
 
+def mark_if_dead(path: Path) -> bool:
+    """A results.json left at "running" by a process of this host that no longer exists (kill -9, out of
+    memory, power loss) is marked "killed"; its finished epochs are kept. Returns whether it was marked."""
+    try:
+        results = json.loads(path.read_text())
+        pid, host = results["process"]["pid"], results["process"]["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if results.get("status") != "running" or host != socket.gethostname() or pid_alive(pid):
+        return False
+    results.update(status="killed", error=f"the process (pid {pid}) ended without a word (kill -9, out of memory, "
+                                          f"...) during epoch {len(results.get('epochs', {})) + 1}")
+    save_json(path, results)
+    return True
+
+
 def _eval_metrics(out: dict) -> dict:
     metrics = compute_metrics(out["preds"], out["true"], out["obs"])
     for t in THRESHOLDS:
@@ -150,24 +233,30 @@ def _eval_metrics(out: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 
-def fit(model: torch.nn.Module, datasets: dict[str, MultilabelDataset], cfg: Config, device: torch.device,
-        run_dir: Path, results: dict) -> dict:
+def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], cfg: Config, run_dir: Path,
+        results: dict) -> dict:
     """Train with early stopping; fill and save `results` (results.json) after every epoch; keep best.pt.
+    `loaders` come from `image_cache.make_loaders` (faithful DataLoaders or the cached loaders).
 
     A run that breaks (NaN loss, unreadable image, Ctrl-C, ...) keeps its finished epochs in results.json
     with status "failed" or "interrupted" and the error.
     """
-    results.update(epochs={}, best_epoch=None, status="running")
+    results.update(epochs={}, best_epoch=None, status="running", process={"pid": os.getpid(), "host": socket.gethostname()})
     save_json(run_dir / "results.json", results)
     try:
-        best_state, best_test = _train_with_early_stopping(model, datasets, cfg, device, run_dir, results)
+        best_state, best_test = _train_with_early_stopping(engine, loaders, datasets, cfg, run_dir, results)
     except BaseException as exc:
-        results.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                       error=f"{type(exc).__name__}: {exc}")
-        save_json(run_dir / "results.json", results)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        where = f"during epoch {len(results['epochs']) + 1}"
+        results.update(status="interrupted" if interrupted else "failed",
+                       error=f"{str(exc) or 'Ctrl-C'} {where}" if interrupted else f"{type(exc).__name__}: {exc}")
+        try:
+            save_json(run_dir / "results.json", results)
+        except OSError:  # e.g. the disk is full: the last complete results.json stays, the caller reports
+            pass
         raise
 
-    model.load_state_dict(best_state)
+    engine.model.load_state_dict(best_state)
     best = results["epochs"][str(results["best_epoch"])]
     results.update(
         status="finished",
@@ -182,30 +271,28 @@ def fit(model: torch.nn.Module, datasets: dict[str, MultilabelDataset], cfg: Con
     return results
 
 
-def _train_with_early_stopping(model, datasets, cfg: Config, device, run_dir: Path, results: dict):
+def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cfg: Config, run_dir: Path,
+                               results: dict):
     """epoch -> train -> (pseudo-label) -> val -> select (-> test); returns the best state and test pass."""
-    loaders = {phase: DataLoader(ds, batch_size=cfg.batch_size, shuffle=(phase == "train"),
-                                 num_workers=cfg.num_workers, drop_last=False, pin_memory=device.type == "cuda",
-                                 persistent_workers=cfg.persistent_workers and cfg.num_workers > 0)
-               for phase, ds in datasets.items()}
+    model = engine.model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    scaler = torch.amp.GradScaler(engine.device.type, enabled=cfg.amp == "fp16")
     unlabel_num = (datasets["train"].labels_obs == 0).sum(axis=0)  # U_c, counted once before training
 
     best_val_map, best_state, best_test = -np.inf, None, None
     for epoch in range(1, cfg.num_epochs + 1):
-        record: dict = {}
-        results["epochs"][str(epoch)] = record
+        record: dict = {}  # enters results["epochs"] only once the epoch is complete
         epoch_start = time.time()
-        out = train_epoch(model, loaders["train"], optimizer, cfg, device, epoch)
+        out = train_epoch(engine, loaders["train"], optimizer, scaler, cfg, epoch)
         record["train"] = {"loss": out["loss"], **compute_metrics(out["preds"], out["true"], out["obs"]),
                            "seconds": out["seconds"]}
 
         if cfg.loss == "EM_APL" and epoch >= cfg.warmup_epoch:
-            record["apl_new_pseudo_labels"] = run_apl(model, loaders["train"], datasets["train"], unlabel_num,
-                                                      cfg, device, epoch)
+            record["apl_new_pseudo_labels"] = run_apl(engine, loaders["train"], datasets["train"], unlabel_num,
+                                                      cfg, epoch)
             record["apl_total_pseudo_labels"] = int((datasets["train"].labels_obs < 0).sum())
 
-        out = evaluate(model, loaders["val"], device, f"epoch {epoch} val")
+        out = evaluate(engine, loaders["val"], f"epoch {epoch} val")
         record["val"] = _eval_metrics(out)
         val_map = record["val"]["map_clean"]
         improved = val_map > best_val_map  # strict: a tie stops the run, as the original
@@ -214,16 +301,18 @@ def _train_with_early_stopping(model, datasets, cfg: Config, device, run_dir: Pa
         if improved:
             best_val_map = val_map
             best_state = copy.deepcopy(model.state_dict())
-            results["best_epoch"] = epoch
-            best_test = evaluate(model, loaders["test"], device, f"epoch {epoch} test")
+            best_test = evaluate(engine, loaders["test"], f"epoch {epoch} test")
             record["test"] = _eval_metrics(best_test)
             line += f"  test mAP {record['test']['map_clean']:.2f}  *best*"
         record["seconds"] = time.time() - epoch_start
         print(line + f"  ({record['seconds']:.0f} s)", flush=True)
+        results["epochs"][str(epoch)] = record
+        if improved:
+            results["best_epoch"] = epoch
+        save_json(run_dir / "results.json", results)  # the small record first: a full disk still keeps it
         if improved:
             _save_checkpoint(run_dir / "best.pt", best_state, cfg, epoch)
-        save_json(run_dir / "results.json", results)
-        if not improved:
+        else:
             # the original leaves both loops here, so this epoch has no test pass
             print(f"*** early stop: val mAP {val_map:.2f} did not improve on {best_val_map:.2f} "
                   f"(epoch {results['best_epoch']}) ***", flush=True)

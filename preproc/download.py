@@ -1,24 +1,28 @@
 #!/usr/bin/env python
-"""Download and extract the raw datasets used in the experiments.
+"""Download, verify and extract the raw datasets used in the experiments.
 
 Usage::
 
     python preproc/download.py --dataset {pascal,coco,nuswide,cub}
                                [--data-root ./data] [--keep-archives]
-                               [--no-extract] [--timeout 60]
+                               [--no-extract] [--timeout 60] [--quiet]
 
-For every official archive of the chosen dataset the script
+After checking that ``<data-root>/<dataset>`` can be written, for every official archive of the
+chosen dataset the script
 
 1. downloads it to ``<data-root>/<dataset>/<archive>``.  The bytes first go to
    ``<archive>.part``; an interrupted download is resumed with an HTTP Range
    request when the command is run again (a server that ignores Range is
    handled by restarting from byte zero);
-2. checks the size and the md5 (and sha256, where known) against the values
-   in :data:`SOURCES`.  Only a file that passed these checks is renamed to its
-   final name, so a half-written or corrupt download never looks complete;
-3. extracts it into ``<data-root>/<dataset>/`` (tar, tar.gz/tgz and zip are
-   supported; members that would land outside that folder are refused) and
-   writes a marker ``.extracted_<archive>`` so that a later run skips it;
+2. checks the size and the md5 (torchvision's ``calculate_md5``; and sha256,
+   where known) against the values in :data:`SOURCES`.  Only a download that
+   passed is renamed to its final name; one that failed is deleted.  An archive
+   already under the final name (an earlier run, or saved there by hand) is
+   verified the same way and, if it fails, reported and left untouched;
+3. extracts it into ``<data-root>/<dataset>/`` with torchvision's
+   ``extract_archive``, after refusing archives with members that would land
+   outside that folder (torchvision extracts tar files without tarfile's safety
+   filter), and writes a marker ``.extracted_<archive>`` so that a later run skips it;
 4. deletes the archive unless ``--keep-archives`` is given.
 
 At the end it prints the next commands to run (``preproc/format_<d>.py``,
@@ -29,11 +33,10 @@ authors on request); for it the script only prints what to obtain and where to
 put it, and exits with status 0.
 
 Expected failures (no network, HTTP errors, checksum mismatch, unsafe or
-corrupt archive) are reported on stderr as a short explanation of what failed
-and what to do, with exit status 1 and no traceback.
-
-Only the standard library is needed; ``tqdm`` is used for progress bars when
-it is installed.
+corrupt archive, a data root that cannot be written) are reported on stderr as
+a short explanation of what failed and what to do, with exit status 1 and no
+traceback.  Besides the standard library it needs ``tqdm`` and torchvision
+(imported only when verifying or extracting: it loads torch).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ import shutil
 import socket
 import sys
 import tarfile
-import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -54,10 +56,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Optional, Sequence
 
-try:  # optional progress bar
-    from tqdm import tqdm as _tqdm  # type: ignore
-except Exception:  # pragma: no cover - depends on the environment
-    _tqdm = None
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fileio import describe_os_error  # noqa: E402
+from preproc.common import PreprocError, check_output_folder, run_main  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
 
 
 DEFAULT_TIMEOUT = 60.0  # seconds, for connecting and for each read
@@ -174,12 +178,12 @@ formatted_val_images.npy, formatted_val_labels.npy), copy them into
 # --------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------
-class DownloadError(Exception):
+class DownloadError(PreprocError):
     """An expected failure; its message says what happened and what to do."""
 
 
 class ChecksumError(DownloadError):
-    """The downloaded bytes do not match the expected size or digest."""
+    """The bytes do not match the expected size or digest."""
 
 
 class UnsafeArchiveError(DownloadError):
@@ -189,48 +193,22 @@ class UnsafeArchiveError(DownloadError):
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-def _fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024.0 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024.0
-    return f"{value:.1f} TiB"  # pragma: no cover
+def verify(path: Path, md5: Optional[str], size: Optional[int], sha256: Optional[str]) -> Optional[str]:
+    """None when ``path`` matches every known value (size, md5, sha256), else what differs."""
+    from torchvision.datasets.utils import calculate_md5  # here: importing it loads torch (seconds)
 
-
-def _hash_file(path: Path, algorithms: Sequence[str], chunk: int = 1 << 20) -> Dict[str, str]:
-    hashers = {name: hashlib.new(name) for name in algorithms}
-    if not hashers:
-        return {}
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            for h in hashers.values():
-                h.update(block)
-    return {name: h.hexdigest() for name, h in hashers.items()}
-
-
-def _check_file(path: Path, md5: Optional[str], size: Optional[int],
-                sha256: Optional[str]) -> Optional[str]:
-    """Return None when ``path`` matches everything known, else a description."""
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
         return f"size is {actual_size} bytes, expected {size} bytes"
-    wanted = {}
-    if md5:
-        wanted["md5"] = md5.lower()
+    if md5 and (got := calculate_md5(path)) != md5.lower():
+        return f"md5 is {got}, expected {md5.lower()}"
     if sha256:
-        wanted["sha256"] = sha256.lower()
-    if not wanted:
-        return None
-    got = _hash_file(path, list(wanted))
-    for name, expected in wanted.items():
-        if got[name] != expected:
-            return f"{name} is {got[name]}, expected {expected}"
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256.lower():
+            return f"sha256 is {digest.hexdigest()}, expected {sha256.lower()}"
     return None
 
 
@@ -259,14 +237,14 @@ def _network_error(url: str, dest: Path, exc: BaseException, partial: Optional[P
         f"  reason: {_describe_network_error(exc)}",
     ]
     if partial is not None and partial.exists() and partial.stat().st_size > 0:
-        lines.append(f"  {_fmt_bytes(partial.stat().st_size)} were kept in {partial}; "
+        lines.append(f"  {partial.stat().st_size} bytes were kept in {partial}; "
                      "running the same command again resumes from there.")
     lines += [
         "  what to do: check your internet connection and proxy settings "
         "(http_proxy / https_proxy are honoured) and run the same command again;",
-        f"  or download the file by hand (e.g. `wget -c {url}`), save it as",
+        f"  or download the file by hand (e.g. `wget -c {url} -O {dest}`), so that it is",
         f"    {dest}",
-        "  and run the same command again: it will verify (and resume if incomplete) and extract it.",
+        "  and run the same command again: it will verify and extract it.",
     ]
     return DownloadError("\n".join(lines))
 
@@ -275,80 +253,18 @@ _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionE
                    socket.timeout, TimeoutError)
 
 
-class _Progress:
-    """tqdm when available, otherwise a line every few seconds."""
-
-    def __init__(self, label: str, total: Optional[int], initial: int, quiet: bool = False):
-        self.label = label
-        self.total = total
-        self.done = initial
-        self.quiet = quiet
-        self.bar = None
-        self.last_print = 0.0
-        self.start = time.monotonic()
-        self.start_done = initial
-        if quiet:
-            return
-        if _tqdm is not None:
-            self.bar = _tqdm(total=total, initial=initial, unit="B", unit_scale=True,
-                             unit_divisor=1024, desc=label, leave=True)
-        else:
-            self._print(force=True)
-
-    def _print(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_print < 5.0:
-            return
-        self.last_print = now
-        elapsed = max(now - self.start, 1e-6)
-        rate = (self.done - self.start_done) / elapsed
-        pct = f" ({100.0 * self.done / self.total:5.1f}%)" if self.total else ""
-        print(f"  {self.label}: {_fmt_bytes(self.done)} / {_fmt_bytes(self.total)}{pct}"
-              f"  {_fmt_bytes(rate)}/s", flush=True)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.update(n)
-        else:
-            self._print()
-
-    def close(self) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            self._print(force=True)
-
-
 def _parse_content_range(value: Optional[str]):
     """Parse 'bytes a-b/N' or 'bytes */N' into (a, b, N); parts may be None."""
-    if not value:
-        return None, None, None
-    value = value.strip()
+    value = (value or "").strip()
     if not value.lower().startswith("bytes"):
         return None, None, None
-    rest = value[5:].strip()
-    span, _, total = rest.partition("/")
+    span, _, total = value[5:].strip().partition("/")
     total_n = int(total) if total.strip().isdigit() else None
-    if span.strip() == "*":
-        return None, None, total_n
     start, _, end = span.partition("-")
     try:
         return int(start), int(end), total_n
-    except ValueError:
+    except ValueError:  # also 'bytes */N'
         return None, None, total_n
-
-
-def _move_aside(path: Path) -> Path:
-    """Rename a bad ``<file>.part`` to ``<file>.corrupt`` (replacing an older one)."""
-    name = path.name[:-len(".part")] if path.name.endswith(".part") else path.name
-    bad = path.with_name(name + ".corrupt")
-    os.replace(path, bad)
-    return bad
 
 
 # --------------------------------------------------------------------------
@@ -360,61 +276,54 @@ def download(url: str, dest, md5: Optional[str] = None, size: Optional[int] = No
     """Download ``url`` to ``dest`` with resume, and verify size / checksums.
 
     The data is written to ``<dest>.part`` and renamed to ``dest`` only after
-    every known check passed.  A ``.part`` file left by an earlier attempt is
-    resumed with a Range request.  If ``dest`` already exists and matches, no
-    request is made.  Raises :class:`DownloadError` (or its subclass
-    :class:`ChecksumError`) with a message meant for the user.
+    every known check passed; a ``.part`` that fails them is deleted.  A ``.part``
+    left by an earlier attempt is resumed with a Range request.  If ``dest``
+    already exists it is verified without any request; when it does not match, a
+    :class:`ChecksumError` says so and the file is left exactly as it is (it may
+    be the user's own download).  Expected failures raise :class:`DownloadError`
+    with a message meant for the user.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    checked = [name for name, value in (("size", size), ("md5", md5), ("sha256", sha256)) if value is not None]
 
-    # 1. an existing final file
+    # 1. an existing final file: verified, never renamed or deleted
     if dest.exists():
-        if size is not None and dest.stat().st_size < size and not part.exists():
-            # most likely an incomplete manual download: continue it
+        if not quiet:
+            print(f"{dest} already exists; verifying it ..." if checked else
+                  f"{dest} already exists (no checksum known, assuming it is complete).", flush=True)
+        problem = verify(dest, md5, size, sha256)
+        if problem is None:
             if not quiet:
-                print(f"{dest} is smaller than expected; resuming it.")
-            os.replace(dest, part)
-        else:
-            if not quiet:
-                if md5 or sha256 or size is not None:
-                    print(f"{dest} already exists; verifying it ...", flush=True)
-                else:
-                    print(f"{dest} already exists (no checksum known, assuming it is complete).")
-            problem = _check_file(dest, md5, size, sha256)
-            if problem is None:
-                if not quiet:
-                    print(f"{dest.name}: already downloaded, OK.")
-                return dest
-            raise ChecksumError(
-                f"the existing file {dest} does not match the expected archive: {problem}.\n"
-                f"  what to do: delete it (or move it away) and run the same command again to "
-                f"download it from {url}.")
+                print(f"{dest.name}: already downloaded, OK.")
+            return dest
+        raise ChecksumError(
+            f"{dest} is not the expected archive: its {problem}.\n"
+            "  The file was left as it is.  what to do: if it is an incomplete download, complete it\n"
+            f"  (e.g. `wget -c {url} -O {dest}`); otherwise delete it (or move it away) and run the\n"
+            f"  same command again to download it afresh from {url}")
 
-    # 2. a complete .part file needs no request at all
+    # 2. download into .part, resuming what an earlier attempt left (unless that is already complete)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset > size:
         part.unlink()
         offset = 0
-
     if not (size is not None and offset == size and offset > 0):
         _fetch(url, dest, part, offset, size, chunk, timeout, quiet)
 
     # 3. verify, then publish under the final name
-    problem = _check_file(part, md5, size, sha256)
+    problem = verify(part, md5, size, sha256)
     if problem is not None:
-        bad = _move_aside(part)
+        part.unlink()
         raise ChecksumError(
-            f"the download of {url} is corrupt: {problem}.\n"
-            f"  nothing was saved as {dest}; the bad bytes were moved to {bad}.\n"
-            "  what to do: delete that file and run the same command again to download it afresh.\n"
-            "  If the mismatch persists, the file on the server may have changed or a proxy may\n"
-            "  alter it: try another network, or download it by hand and compare its checksum.")
+            f"the download of {url} is corrupt: its {problem}.\n"
+            f"  nothing was saved as {dest} and the bad download was deleted.\n"
+            "  what to do: run the same command again to download it afresh.  If the mismatch persists,\n"
+            "  the file on the server may have changed or a proxy may alter it: try another network,\n"
+            "  or download it by hand and compare its checksum.")
     os.replace(part, dest)
     if not quiet:
-        checked = [name for name, value in (("size", size), ("md5", md5), ("sha256", sha256))
-                   if value is not None]
         status = f"verified ({', '.join(checked)})" if checked else "no checksum known to verify"
         print(f"{dest.name}: downloaded, {status}.")
     return dest
@@ -424,8 +333,7 @@ def _open(url: str, offset: int, timeout: float):
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset > 0:
         headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
-    return urllib.request.urlopen(request, timeout=timeout)
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
 def _fetch(url: str, dest: Path, part: Path, offset: int, size: Optional[int],
@@ -438,7 +346,7 @@ def _fetch(url: str, dest: Path, part: Path, offset: int, size: Optional[int],
             if exc.code == 416 and offset > 0:
                 _, _, total = _parse_content_range(exc.headers.get("Content-Range") if exc.headers else None)
                 exc.close()
-                if (size is not None and offset == size) or (size is None and total == offset):
+                if offset == (size if size is not None else total):
                     if not quiet:
                         print(f"{dest.name}: the partial download is already complete.")
                     return
@@ -455,6 +363,7 @@ def _fetch(url: str, dest: Path, part: Path, offset: int, size: Optional[int],
             status = getattr(response, "status", None) or response.getcode()
             length_header = response.headers.get("Content-Length")
             length = int(length_header) if length_header and length_header.isdigit() else None
+            mode, total = "wb", length
             if offset > 0 and status == 206:
                 start, _end, total = _parse_content_range(response.headers.get("Content-Range"))
                 if start != offset:
@@ -466,12 +375,10 @@ def _fetch(url: str, dest: Path, part: Path, offset: int, size: Optional[int],
                 if total is None and length is not None:
                     total = offset + length
                 mode = "ab"
-            else:
-                if offset > 0 and not quiet:
+            elif offset > 0:
+                if not quiet:
                     print(f"{dest.name}: the server ignored the resume request; restarting from zero.")
                 offset = 0
-                total = length
-                mode = "wb"
 
             if size is not None and total is not None and total != size:
                 raise ChecksumError(
@@ -480,17 +387,16 @@ def _fetch(url: str, dest: Path, part: Path, offset: int, size: Optional[int],
                     "  what to do: the file on the server may have changed, or a proxy/captive portal\n"
                     "  answered instead of the server; check the URL in a browser, or download the\n"
                     f"  file by hand to {dest} and run the same command again to verify it.")
-
-            if total is not None:
+            if total is not None and not quiet:
                 free = shutil.disk_usage(part.parent).free
-                if free < total - offset and not quiet:
+                if free < total - offset:
                     print(f"warning: {total - offset} bytes are needed but only {free} are free "
                           f"on the disk holding {part.parent}.", file=sys.stderr)
-
             if not quiet:
-                what = "resuming" if mode == "ab" else "downloading"
-                print(f"{what} {url}\n  -> {dest}", flush=True)
-            progress = _Progress(dest.name, total, offset, quiet)
+                print(f"{'resuming' if mode == 'ab' else 'downloading'} {url}\n  -> {dest}", flush=True)
+
+            progress = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=dest.name, disable=quiet)
             received = 0
             try:
                 with open(part, mode) as out:
@@ -506,18 +412,15 @@ def _fetch(url: str, dest: Path, part: Path, offset: int, size: Optional[int],
                             out.write(block)
                         except OSError as exc:
                             raise DownloadError(
-                                f"could not write to {part}: {exc}.\n"
-                                "  what to do: free some disk space (or choose another --data-root) "
-                                "and run the same command again; the download resumes.") from None
+                                f"{describe_os_error(part, exc)}.\n"
+                                "  The download resumes from there when you run the same command again.") from None
                         received += len(block)
                         progress.update(len(block))
             finally:
                 progress.close()
 
             if length is not None and received < length:
-                raise _network_error(
-                    url, dest,
-                    http.client.IncompleteRead(b"", length - received), part)
+                raise _network_error(url, dest, http.client.IncompleteRead(b"", length - received), part)
             return
     raise DownloadError(  # pragma: no cover - only after two failed resumes
         f"could not resume the download of {url}.\n"
@@ -527,80 +430,66 @@ def _fetch(url: str, dest: Path, part: Path, offset: int, size: Optional[int],
 # --------------------------------------------------------------------------
 # extraction
 # --------------------------------------------------------------------------
-def _check_member_name(name: str, dest: Path, archive: Path) -> None:
+def _inside(root: Path, name: str) -> bool:
+    """Whether the archive member path ``name`` stays inside the (resolved) folder ``root``."""
     norm = name.replace("\\", "/")
-    pure = PurePosixPath(norm)
-    unsafe = (
-        norm.startswith("/")
-        or (len(norm) > 1 and norm[1] == ":")  # windows drive, e.g. C:
-        or any(p == ".." for p in pure.parts)
-    )
-    if not unsafe:
-        target = (dest / norm).resolve()
-        root = dest.resolve()
-        unsafe = not (target == root or root in target.parents)
-    if unsafe:
-        raise UnsafeArchiveError(
-            f"refusing to extract {archive}: member {name!r} would be written outside {dest}.\n"
-            "  The archive is not the expected official file (or it was tampered with); nothing was\n"
-            "  extracted.  what to do: delete it and download it again from the official source.")
+    if norm.startswith("/") or norm[1:2] == ":" or ".." in PurePosixPath(norm).parts:
+        return False
+    target = (root / norm).resolve()
+    return target == root or root in target.parents
+
+
+def _check_members(archive: Path, dest: Path, kind: str) -> None:
+    """Refuse, before anything is written, members whose name or link target would land outside
+    ``dest`` (absolute, ``..``, drive letters) and device files.  torchvision extracts tar files
+    without tarfile's ``filter="data"``, so this check is ours."""
+    paths = []
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as zf:
+            paths = zf.namelist()
+    else:
+        with tarfile.open(archive, "r:*") as tf:
+            for m in tf.getmembers():
+                if m.isdev():
+                    raise UnsafeArchiveError(f"refusing to extract {archive}: member {m.name!r} is a device file.")
+                paths.append(m.name)
+                if m.issym():
+                    paths.append(m.linkname if m.linkname.startswith("/")
+                                 else str(PurePosixPath(m.name).parent / m.linkname))
+                elif m.islnk():
+                    paths.append(m.linkname)
+    root = dest.resolve()
+    for name in paths:
+        if not _inside(root, name):
+            raise UnsafeArchiveError(
+                f"refusing to extract {archive}: member {name!r} would be written outside {dest}.\n"
+                "  The archive is not the expected official file (or it was tampered with); nothing was\n"
+                "  extracted.  what to do: delete it and download it again from the official source.")
 
 
 def extract(archive, dest) -> None:
-    """Extract a tar / tar.gz / tgz / zip ``archive`` into the folder ``dest``.
+    """Extract a tar / tar.gz / tgz / zip ``archive`` into the folder ``dest`` (torchvision's
+    ``extract_archive``), after checking every member (see ``_check_members``)."""
+    from torchvision.datasets.utils import extract_archive  # here: importing it loads torch (seconds)
 
-    Every member is checked before anything is written: absolute paths,
-    ``..`` components, links pointing outside ``dest`` and device files raise
-    :class:`UnsafeArchiveError`.
-    """
-    archive = Path(archive)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    lower = archive.name.lower()
-    if lower.endswith(".zip"):
-        kind = "zip" if zipfile.is_zipfile(archive) else None
-    elif lower.endswith((".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz")):
-        kind = "tar" if tarfile.is_tarfile(archive) else None
-    else:  # unknown suffix: sniff the content
-        kind = "zip" if zipfile.is_zipfile(archive) else ("tar" if tarfile.is_tarfile(archive) else None)
+    archive, dest = Path(archive), Path(dest)
+    kind = "zip" if zipfile.is_zipfile(archive) else ("tar" if tarfile.is_tarfile(archive) else None)
+    if kind is None:
+        raise DownloadError(
+            f"{archive} is neither a tar nor a zip archive.\n"
+            "  what to do: delete it and run the same command again; if it happens again, open the\n"
+            "  URL in a browser: the server may be returning an error page.")
     try:
-        if kind == "zip":
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    _check_member_name(info.filename, dest, archive)
-                zf.extractall(dest)
-            return
-        if kind == "tar":
-            with tarfile.open(archive, "r:*") as tf:
-                members = tf.getmembers()
-                for m in members:
-                    _check_member_name(m.name, dest, archive)
-                    if m.isdev():
-                        raise UnsafeArchiveError(
-                            f"refusing to extract {archive}: member {m.name!r} is a device file.")
-                    if m.issym():
-                        link_target = str(PurePosixPath(m.name).parent / m.linkname)
-                        if m.linkname.startswith("/"):
-                            link_target = m.linkname
-                        _check_member_name(link_target, dest, archive)
-                    elif m.islnk():
-                        _check_member_name(m.linkname, dest, archive)
-                if hasattr(tarfile, "data_filter"):
-                    tf.extractall(dest, members=members, filter="data")
-                else:  # pragma: no cover - Python < 3.11.4
-                    tf.extractall(dest, members=members)
-            return
-    except UnsafeArchiveError:
-        raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        _check_members(archive, dest, kind)
+        dest.mkdir(parents=True, exist_ok=True)
+        extract_archive(archive, dest)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # disk full, no permission, ...
+            raise DownloadError(describe_os_error(exc.filename or dest, exc)) from None
         raise DownloadError(
             f"could not extract {archive}: {exc}.\n"
             "  what to do: the archive is probably truncated or corrupt; delete it and run the\n"
-            "  same command again (or free disk space if the disk is full).") from None
-    raise DownloadError(
-        f"{archive} is neither a tar nor a zip archive.\n"
-        "  what to do: delete it and run the same command again; if it happens again, open the\n"
-        "  URL in a browser: the server may be returning an error page.")
+            "  same command again.") from None
 
 
 # --------------------------------------------------------------------------
@@ -617,6 +506,16 @@ def next_commands(dataset: str, data_root: Optional[str] = None) -> List[str]:
     return [fmt, gen]
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Download, verify and extract the official dataset archives.")
@@ -627,13 +526,13 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="keep the downloaded archives after a successful extraction")
     parser.add_argument("--no-extract", action="store_true",
                         help="only download and verify the archives")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT,
                         help=f"network timeout in seconds (default: {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser.parse_args(argv)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> None:
     dataset = args.dataset
     root = Path(args.data_root) / dataset
 
@@ -641,31 +540,31 @@ def _run(args: argparse.Namespace) -> int:
         fmt, gen = next_commands(dataset, args.data_root)
         print(NUSWIDE_INSTRUCTIONS.format(page=NUSWIDE_PAGE, root=root.as_posix(),
                                           format_cmd=fmt, observed_cmd=gen))
-        return 0
+        return
 
-    archives = SOURCES.get(dataset, [])
-    if not archives:
-        raise DownloadError(f"no download source is configured for {dataset!r}.")
-
-    for item in archives:
+    check_output_folder(root, "--data-root")
+    for item in SOURCES[dataset]:
         archive_path = root / item.filename
         marker = root / f".extracted_{item.filename}"
         if marker.exists():
             print(f"{item.filename}: already extracted into {root} "
                   f"(delete {marker} to extract it again); skipping.")
             continue
-        download(item.url, archive_path, md5=item.md5, size=item.size, sha256=item.sha256,
-                 timeout=args.timeout, quiet=args.quiet)
-        if args.no_extract:
-            continue
-        print(f"extracting {archive_path} -> {root} ...", flush=True)
-        extract(archive_path, root)
-        marker.write_text(f"{item.url}\n")
-        if not args.keep_archives:
-            archive_path.unlink()
-            print(f"{item.filename}: extracted; archive deleted (use --keep-archives to keep it).")
-        else:
-            print(f"{item.filename}: extracted; archive kept at {archive_path}.")
+        try:
+            download(item.url, archive_path, md5=item.md5, size=item.size, sha256=item.sha256,
+                     timeout=args.timeout, quiet=args.quiet)
+            if args.no_extract:
+                continue
+            print(f"extracting {archive_path} -> {root} ...", flush=True)
+            extract(archive_path, root)
+            marker.write_text(f"{item.url}\n")
+            if not args.keep_archives:
+                archive_path.unlink()
+                print(f"{item.filename}: extracted; archive deleted (use --keep-archives to keep it).")
+            else:
+                print(f"{item.filename}: extracted; archive kept at {archive_path}.")
+        except OSError as exc:  # a file in the way, no permission, a full disk, ...
+            raise DownloadError(describe_os_error(exc.filename or root, exc)) from None
 
     if args.no_extract:
         print(f"\nArchives downloaded to {root} (not extracted). To extract them, run again without --no-extract.")
@@ -674,16 +573,12 @@ def _run(args: argparse.Namespace) -> int:
     print("Next steps:")
     for command in next_commands(dataset, args.data_root):
         print(f"  {command}")
-    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     try:
-        return _run(args)
-    except DownloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return run_main(lambda: _run(args))
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume the download.", file=sys.stderr)
         return 130

@@ -19,7 +19,6 @@ Usage (from the repo root)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the ``preproc`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from preproc.common import PreprocError, require_file, run_main, save_formatted  # noqa: E402
+from preproc.common import PreprocError, format_main, require_file, save_formatted  # noqa: E402
 
 NUM_CLASSES = 80
 # (split name used in file names, output phase)
@@ -45,7 +44,7 @@ def load_json(path: Path) -> dict:
     try:
         with open(path, "r", encoding="utf-8") as fh:
             data = json.load(fh)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PreprocError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise PreprocError(f"{path}: expected a JSON object, found {type(data).__name__}")
@@ -151,13 +150,8 @@ def format_coco(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Format MS-COCO 2014 for SPML training.")
-    parser.add_argument("--load-path", default="./data/coco",
-                        help="folder holding annotations/instances_*2014.json (default: ./data/coco)")
-    parser.add_argument("--save-path", default="./data/coco",
-                        help="where formatted_*.npy go (default: ./data/coco)")
-    args = parser.parse_args(argv)
-    return run_main(lambda: format_coco(args.load_path, args.save_path))
+    return format_main("coco", format_coco, "Format MS-COCO 2014 for SPML training.",
+                       "folder holding annotations/instances_*2014.json", argv)
 
 
 if __name__ == "__main__":

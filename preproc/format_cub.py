@@ -27,7 +27,6 @@ Usage (from the repo root)::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -39,9 +38,11 @@ if __package__ in (None, ""):  # run as a script: make the ``preproc`` package i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from preproc.common import (  # noqa: E402
     PreprocError,
+    format_main,
+    parse_int,
+    read_fields,
     read_text_lines,
     require_file,
-    run_main,
     save_formatted,
 )
 
@@ -59,24 +60,12 @@ def raw_files(load_path: os.PathLike | str) -> Dict[str, Path]:
     }
 
 
-def _parse_id(text: str, path: Path, lineno: int, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise PreprocError(f"{path}, line {lineno}: expected an integer {what}, found {text!r}") from None
-
-
 def read_images(path: Path) -> tuple:
     ids: List[int] = []
     names: List[str] = []
-    for lineno, line in enumerate(read_text_lines(path, keep_blank=True), start=1):
-        if not line.strip():
-            continue
-        parts = line.strip().split(None, 1)
-        if len(parts) != 2:
-            raise PreprocError(f"{path}, line {lineno}: expected '<image id> <file name>', found {line!r}")
-        ids.append(_parse_id(parts[0], path, lineno, "image id"))
-        names.append(parts[1].strip())
+    for lineno, (image_id, name) in read_fields(path, "<image id> <file name>", 2, maxsplit=1):
+        ids.append(parse_int(image_id, path, lineno, "image id"))
+        names.append(name)
     if len(ids) != NUM_IMAGES:
         raise PreprocError(
             f"{path}: expected {NUM_IMAGES} images (CUB-200-2011), found {len(ids)} lines"
@@ -91,14 +80,9 @@ def read_images(path: Path) -> tuple:
 def read_split(path: Path, image_ids: List[int]) -> np.ndarray:
     """Boolean ``is_train`` per image, aligned with images.txt order."""
     split: Dict[int, int] = {}
-    for lineno, line in enumerate(read_text_lines(path, keep_blank=True), start=1):
-        tokens = line.split()
-        if not tokens:
-            continue
-        if len(tokens) < 2:
-            raise PreprocError(f"{path}, line {lineno}: expected '<image id> <is_train>', found {line!r}")
-        image_id = _parse_id(tokens[0], path, lineno, "image id")
-        flag = _parse_id(tokens[1], path, lineno, "is_train flag")
+    for lineno, fields in read_fields(path, "<image id> <is_train>", 2, extra_ok=True):
+        image_id = parse_int(fields[0], path, lineno, "image id")
+        flag = parse_int(fields[1], path, lineno, "is_train flag")
         if flag not in (0, 1):
             raise PreprocError(f"{path}, line {lineno}: expected is_train 0 or 1, found {flag}")
         if image_id in split:
@@ -226,13 +210,8 @@ def format_cub(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Format CUB-200-2011 attributes for SPML training.")
-    parser.add_argument("--load-path", default="./data/cub",
-                        help="folder holding CUB_200_2011/ and attributes.txt (default: ./data/cub)")
-    parser.add_argument("--save-path", default="./data/cub",
-                        help="where formatted_*.npy go (default: ./data/cub)")
-    args = parser.parse_args(argv)
-    return run_main(lambda: format_cub(args.load_path, args.save_path))
+    return format_main("cub", format_cub, "Format CUB-200-2011 attributes for SPML training.",
+                       "folder holding CUB_200_2011/ and attributes.txt", argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Usage (from the repo root)::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -38,9 +37,9 @@ if __package__ in (None, ""):  # run as a script: make the ``preproc`` package i
 from preproc.common import (  # noqa: E402
     PreprocError,
     check_unique,
+    format_main,
     read_text_lines,
     require_file,
-    run_main,
     save_formatted,
 )
 
@@ -148,16 +147,9 @@ def format_nuswide(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Format the official NUS-WIDE release (81 concepts) for SPML training."
-    )
-    parser.add_argument("--load-path", default="./data/nuswide",
-                        help="folder holding Concepts81.txt, ImageList/, Groundtruth/ "
-                             "(default: ./data/nuswide)")
-    parser.add_argument("--save-path", default="./data/nuswide",
-                        help="where formatted_*.npy go (default: ./data/nuswide)")
-    args = parser.parse_args(argv)
-    return run_main(lambda: format_nuswide(args.load_path, args.save_path))
+    return format_main("nuswide", format_nuswide,
+                       "Format the official NUS-WIDE release (81 concepts) for SPML training.",
+                       "folder holding Concepts81.txt, ImageList/, Groundtruth/", argv)
 
 
 if __name__ == "__main__":

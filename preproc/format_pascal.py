@@ -14,7 +14,6 @@ Usage (from the repo root)::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -24,13 +23,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the ``preproc`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from preproc.common import (  # noqa: E402
-    PreprocError,
-    read_text_lines,
-    require_file,
-    run_main,
-    save_formatted,
-)
+from preproc.common import PreprocError, format_main, read_fields, require_file, save_formatted  # noqa: E402
 
 CATEGORIES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -47,16 +40,7 @@ def class_file(load_path: os.PathLike | str, cls: str, phase: str) -> Path:
 def read_class_file(path: Path) -> Dict[str, int]:
     """``{image_id: label}`` from one ``<class>_<phase>.txt`` (whitespace separated)."""
     out: Dict[str, int] = {}
-    for lineno, line in enumerate(read_text_lines(path, keep_blank=True), start=1):
-        tokens = line.split()
-        if not tokens:
-            continue
-        if len(tokens) != 2:
-            raise PreprocError(
-                f"{path}, line {lineno}: expected '<image id> <label>' (2 fields), "
-                f"found {len(tokens)} fields: {line!r}"
-            )
-        image_id, label_text = tokens
+    for lineno, (image_id, label_text) in read_fields(path, "<image id> <label>", 2):
         try:
             label = int(label_text)
         except ValueError:
@@ -129,13 +113,8 @@ def format_pascal(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Format PASCAL VOC 2012 for SPML training.")
-    parser.add_argument("--load-path", default="./data/pascal",
-                        help="folder holding VOCdevkit/VOC2012 (default: ./data/pascal)")
-    parser.add_argument("--save-path", default="./data/pascal",
-                        help="where formatted_*.npy go (default: ./data/pascal)")
-    args = parser.parse_args(argv)
-    return run_main(lambda: format_pascal(args.load_path, args.save_path))
+    return format_main("pascal", format_pascal, "Format PASCAL VOC 2012 for SPML training.",
+                       "folder holding VOCdevkit/VOC2012", argv)
 
 
 if __name__ == "__main__":

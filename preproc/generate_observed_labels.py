@@ -38,7 +38,13 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the ``preproc`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from preproc.common import FORMAT_COMMANDS, PreprocError, run_main, save_npy_atomic  # noqa: E402
+from preproc.common import (  # noqa: E402
+    FORMAT_COMMANDS,
+    PreprocError,
+    check_output_folder,
+    run_main,
+    save_arrays,
+)
 
 DATASETS = tuple(FORMAT_COMMANDS)
 PHASES = ("train", "val")
@@ -49,10 +55,15 @@ class ObservedLabelsError(PreprocError):
     """An expected, user-fixable problem (missing or invalid formatted label file)."""
 
 
-def _check_counts(num_pos: int, num_neg: int) -> None:
+def _check_args(num_pos: int, num_neg: int, seed: int) -> None:
+    for name, value in (("num_pos", num_pos), ("num_neg", num_neg), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer; got {value!r}")
     for name, value in (("num_pos", num_pos), ("num_neg", num_neg)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < -1:
+        if value < -1:
             raise ValueError(f"{name} must be an integer >= 0, or -1 for 'all'; got {value!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be between 0 and 2**32 - 1 (numpy's RandomState); got {seed}")
 
 
 def validate_labels(labels: np.ndarray, name: str = "labels") -> None:
@@ -89,9 +100,25 @@ def generate_observed(
     positive stay all-zero (a UserWarning reports how many). The input is not modified.
     """
     labels = np.asarray(labels)
-    _check_counts(num_pos, num_neg)
+    _check_args(num_pos, num_neg, seed)
     validate_labels(labels)
+    num_empty = _count_empty_rows(labels)
+    if num_empty:
+        warnings.warn(
+            f"{num_empty} of {labels.shape[0]} rows have no positive label; "
+            f"their observed rows stay all-zero",
+            UserWarning,
+            stacklevel=2,
+        )
+    return _sample(labels, num_pos, num_neg, seed)
 
+
+def _count_empty_rows(labels: np.ndarray) -> int:
+    return int((~(labels == 1).any(axis=1)).sum())
+
+
+def _sample(labels: np.ndarray, num_pos: int, num_neg: int, seed: int) -> np.ndarray:
+    """The sampling itself, on labels and counts that were already validated."""
     signed = labels.copy()
     signed[signed == 0] = -1  # recode to -1/+1 as the reference does
 
@@ -108,15 +135,6 @@ def generate_observed(
         rng.shuffle(neg_idx)  # always called: it consumes draws even when num_neg == 0
         keep_neg = neg_idx if num_neg == -1 else neg_idx[:num_neg]
         obs[i, keep_neg] = -1
-
-    num_empty = int((~(labels == 1).any(axis=1)).sum())
-    if num_empty:
-        warnings.warn(
-            f"{num_empty} of {labels.shape[0]} rows have no positive label; "
-            f"their observed rows stay all-zero",
-            UserWarning,
-            stacklevel=2,
-        )
     return obs
 
 
@@ -158,37 +176,34 @@ def generate_for_dataset(
     data_root: os.PathLike | str = "./data",
 ) -> dict:
     """Write ``formatted_{train,val}_labels_obs.npy`` for ``dataset`` under ``data_root``.
-    Returns ``{phase: observed array}``. Both label files are checked before anything is
-    written."""
+    Returns ``{phase: observed array}``. Both label files and the folder are checked (once) before
+    anything is sampled, and the two files are written together or not at all."""
     if dataset not in DATASETS:
         raise ObservedLabelsError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     try:
-        _check_counts(num_pos, num_neg)
+        _check_args(num_pos, num_neg, seed)
     except ValueError as exc:
         raise ObservedLabelsError(str(exc)) from exc
     folder = Path(data_root) / dataset
     labels = {
         phase: _load_labels(folder / f"formatted_{phase}_labels.npy", dataset) for phase in PHASES
     }
-    result = {}
+    check_output_folder(folder, "--data-root")
+    result = {phase: _sample(labels[phase], num_pos, num_neg, seed) for phase in PHASES}
     for phase in PHASES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # reported below with the file name
-            obs = generate_observed(labels[phase], num_pos=num_pos, num_neg=num_neg, seed=seed)
-        num_empty = int((~(labels[phase] == 1).any(axis=1)).sum())
+        num_empty = _count_empty_rows(labels[phase])
         if num_empty:
             print(
-                f"warning: {num_empty} of {obs.shape[0]} rows of formatted_{phase}_labels.npy "
+                f"warning: {num_empty} of {labels[phase].shape[0]} rows of formatted_{phase}_labels.npy "
                 f"have no positive label; their observed rows stay all-zero",
                 file=sys.stderr,
             )
-        out = folder / f"formatted_{phase}_labels_obs.npy"
-        save_npy_atomic(out, obs)
+    written = save_arrays(folder, {f"formatted_{phase}_labels_obs.npy": result[phase] for phase in PHASES})
+    for out, obs in zip(written, result.values()):
         print(
             f"wrote {out}  shape={obs.shape} dtype={obs.dtype} "
             f"(+1: {int((obs == 1).sum())}, -1: {int((obs == -1).sum())})"
         )
-        result[phase] = obs
     return result
 
 

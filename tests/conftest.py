@@ -1,7 +1,6 @@
-"""Shared test setup: the repository root on sys.path and the real data of ../shared/realdata."""
+"""Shared test setup: the repository root on sys.path and the real test data shipped in tests/data."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -9,8 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Real public data for the tests (see its SOURCES.md); SPML_REALDATA points elsewhere if needed.
-REALDATA = Path(os.environ.get("SPML_REALDATA") or ROOT.parent / "shared" / "realdata")
+# Small real public data inside the checkout (tests/data/SOURCES.md says where each file comes from and what
+# was trimmed or downscaled). Nothing outside the repository is read.
+REALDATA = Path(__file__).resolve().parent / "data"
 if not (REALDATA / "SOURCES.md").is_file():
-    raise RuntimeError(f"real test data not found at {REALDATA}: the tests need the project's shared/realdata "
-                       f"beside the checkout, or SPML_REALDATA set to its path")
+    raise RuntimeError(f"test data missing: {REALDATA} should be part of the checkout (tests/data/SOURCES.md)")

@@ -1,7 +1,7 @@
 """Tests for asymmetric pseudo-labelling: train.apl_update, train.run_apl and the propagation of the observed
 matrix to DataLoader workers (datasets.MultilabelDataset.set_observed).
 
-Reference: /work/shared/docs/reference-behaviour.md §6c and §11.2-5: per class, the
+Reference: docs/original.md §6c and §11.2-5: per class, the
 k_c = floor(theta * U_c / (T - T_w)) lowest-probability entries among those still exactly 0 become -p;
 positives and earlier pseudo-labels are never touched; no positive pseudo-labels; a one-batch loader never
 pseudo-labels; the updates must reach the workers.
@@ -9,23 +9,19 @@ pseudo-labels; the updates must reach the workers.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader
-from torchvision import transforms
 
 from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
 import config  # noqa: E402
 import train  # noqa: E402
-from datasets import MultilabelDataset  # noqa: E402
+from helpers import TinyNet, tiny_dataset  # noqa: E402
 
-IMG = 6  # tiny square images
+CPU = torch.device("cpu")
 
 
 def k_expected(theta: float, u: int, num_epochs: int, warmup: int) -> int:
@@ -149,7 +145,7 @@ def test_repeated_rounds_never_exceed_theta_u(num_epochs, warmup, theta):
 
 
 def test_zero_probability_entry_stays_unknown():
-    # -0.0 == 0, so an entry chosen with p exactly 0 remains "unknown" (faithful edge case, spec §6c.4)
+    # -0.0 == 0, so an entry chosen with p exactly 0 remains "unknown" (faithful edge case, docs/original.md §6c.4)
     obs = np.zeros((4, 1))
     preds = np.array([[0.0], [0.2], [0.4], [0.6]])
     new = train.apl_update(obs, preds, np.array([4]), 1.0, 4, 2)  # k = 2
@@ -159,30 +155,7 @@ def test_zero_probability_entry_stays_unknown():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# datasets of tiny PNGs
-
-
-def make_images(root: Path, n: int) -> np.ndarray:
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(123)
-    names = []
-    for i in range(n):
-        arr = rng.randint(0, 256, size=(IMG, IMG, 3)).astype(np.uint8)
-        name = f"img_{i:03d}.png"
-        Image.fromarray(arr).save(root / name)
-        names.append(name)
-    return np.array(names)
-
-
-def make_dataset(tmp_path: Path, n: int, c: int, seed: int = 0) -> MultilabelDataset:
-    names = make_images(tmp_path / "images", n)
-    rng = np.random.RandomState(seed)
-    true = (rng.rand(n, c) < 0.4).astype(np.float64)
-    pos = rng.randint(c, size=n)
-    true[np.arange(n), pos] = 1
-    obs = np.zeros((n, c))
-    obs[np.arange(n), pos] = 1
-    return MultilabelDataset(names, obs, true, tmp_path / "images", transforms.ToTensor())
+# the observed matrix reaches DataLoader workers (datasets of tiny PNGs from tests/helpers.py)
 
 
 @pytest.mark.parametrize("persistent,context", [(True, None), (False, None), (True, "spawn")])
@@ -190,7 +163,7 @@ def test_set_observed_reaches_dataloader_workers(tmp_path, persistent, context):
     # context None = the platform default (fork on Linux); "spawn" pickles the dataset into the workers,
     # as the forkserver default of newer Pythons does, so the shared-memory matrix must survive pickling
     n, c = 10, 3
-    ds = make_dataset(tmp_path, n, c)
+    ds = tiny_dataset(tmp_path, n, c)
     loader = DataLoader(ds, batch_size=3, shuffle=True, num_workers=2, persistent_workers=persistent,
                         multiprocessing_context=context)
 
@@ -226,22 +199,13 @@ def test_set_observed_reaches_dataloader_workers(tmp_path, persistent, context):
 
 
 def test_set_observed_rejects_wrong_shape(tmp_path):
-    ds = make_dataset(tmp_path, 4, 3)
+    ds = tiny_dataset(tmp_path, 4, 3)
     with pytest.raises(ValueError):
         ds.set_observed(np.zeros((4, 2)))
 
 
 # ------------------------------------------------------------------------------------------------------------
 # run_apl end to end
-
-
-class TinyNet(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3 * IMG * IMG, c)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
 
 
 def _cfg(**kw):
@@ -251,7 +215,7 @@ def _cfg(**kw):
 def test_run_apl_end_to_end(tmp_path):
     n, c = 21, 3
     torch.manual_seed(0)
-    ds = make_dataset(tmp_path, n, c, seed=3)
+    ds = tiny_dataset(tmp_path, n, c, seed=3)
     model = TinyNet(c)
     cfg = _cfg(num_epochs=6, warmup_epoch=3, neg_proportion=0.9, batch_size=8)  # 3 rounds, 3 batches
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0)
@@ -265,7 +229,7 @@ def test_run_apl_end_to_end(tmp_path):
         preds = torch.sigmoid(model(images)).numpy().astype(np.float64)
     model.train()
 
-    added = train.run_apl(model, loader, ds, unlabel_num, cfg, torch.device("cpu"), epoch=3)
+    added = train.run_apl(train.build_engine(model, CPU), loader, ds, unlabel_num, cfg, epoch=3)
 
     after = ds.labels_obs
     k = np.array([k_expected(0.9, u, 6, 3) for u in unlabel_num])
@@ -281,7 +245,7 @@ def test_run_apl_end_to_end(tmp_path):
 
     # a second round adds k_c more per class and keeps the first round's values
     first = after.copy()
-    added2 = train.run_apl(model, loader, ds, unlabel_num, cfg, torch.device("cpu"), epoch=4)
+    added2 = train.run_apl(train.build_engine(model, CPU), loader, ds, unlabel_num, cfg, epoch=4)
     assert added2 == k.sum()
     np.testing.assert_array_equal((ds.labels_obs < 0).sum(axis=0), 2 * k)
     np.testing.assert_array_equal(ds.labels_obs[first < 0], first[first < 0])
@@ -289,13 +253,13 @@ def test_run_apl_end_to_end(tmp_path):
 
 def test_run_apl_skipped_with_one_batch_loader(tmp_path):
     n, c = 12, 3
-    ds = make_dataset(tmp_path, n, c)
+    ds = tiny_dataset(tmp_path, n, c)
     cfg = _cfg(num_epochs=6, warmup_epoch=3, batch_size=16)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0)
     assert len(loader) == 1
     before = ds.labels_obs.copy()
     unlabel_num = (before == 0).sum(axis=0)
     assert k_expected(0.9, unlabel_num.min(), 6, 3) > 0  # APL would label something if it ran
-    added = train.run_apl(TinyNet(c), loader, ds, unlabel_num, cfg, torch.device("cpu"), epoch=3)
+    added = train.run_apl(train.build_engine(TinyNet(c), CPU), loader, ds, unlabel_num, cfg, epoch=3)
     assert added == 0
     np.testing.assert_array_equal(ds.labels_obs, before)

@@ -6,31 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REALDATA
-from datasets import DataError, build_datasets, generate_split, get_transforms, load_formatted
-
-VOC_JPEGS = REALDATA / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages"
-
-
-def write_pascal_root(tmp_path, n_train=10, n_val=4, num_classes=20):
-    """A pascal-shaped data root over the 5 real VOC2012 JPEGs (reused cyclically), random 0/1 labels with
-    one single positive observed per row (the first positive: the sampling itself is tested elsewhere)."""
-    root = tmp_path / "data"
-    out = root / "pascal"
-    jpeg_dir = out / "VOCdevkit" / "VOC2012" / "JPEGImages"
-    jpeg_dir.parent.mkdir(parents=True)
-    jpeg_dir.symlink_to(VOC_JPEGS)
-    names = sorted(p.name for p in VOC_JPEGS.iterdir())
-    rng = np.random.RandomState(0)
-    for phase, n in (("train", n_train), ("val", n_val)):
-        labels = (rng.rand(n, num_classes) < 0.2).astype(np.float64)
-        labels[np.arange(n), rng.randint(num_classes, size=n)] = 1.0
-        obs = np.zeros_like(labels)
-        obs[np.arange(n), labels.argmax(1)] = 1.0
-        np.save(out / f"formatted_{phase}_images.npy", np.array([names[i % len(names)] for i in range(n)]))
-        np.save(out / f"formatted_{phase}_labels.npy", labels)
-        np.save(out / f"formatted_{phase}_labels_obs.npy", obs)
-    return root
+from datasets import DataError, build_datasets, generate_split, get_transforms, load_formatted, raise_sample_errors
+from helpers import VOC_JPEGS, write_pascal_root
 
 
 def test_sets_follow_the_original(tmp_path):
@@ -116,8 +93,14 @@ def test_unreadable_image_names_the_file(tmp_path):
     np.save(root / "pascal" / "formatted_train_images.npy", images)
     sets = build_datasets(root, "pascal", image_size=8)
     ds = next(d for d in (sets["train"], sets["val"]) if "missing.jpg" in d.image_paths)
-    with pytest.raises(DataError, match="cannot read image .*missing.jpg"):
-        ds[list(ds.image_paths).index("missing.jpg")]
+    # the sample carries the message (a worker would bury a raised one in traceback text) ...
+    sample = ds[list(ds.image_paths).index("missing.jpg")]
+    assert "cannot read image" in sample["error"] and "missing.jpg" in sample["error"]
+    assert ds[0 if ds.image_paths[0] != "missing.jpg" else 1]["error"] == ""
+    # ... and the loop stops on it with exactly that message
+    batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+    with pytest.raises(DataError, match=r"^cannot read image .*missing\.jpg"):
+        raise_sample_errors(batch)
 
 
 def test_unreadable_image_in_a_worker_stops_the_run_cleanly(tmp_path, capsys):

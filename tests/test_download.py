@@ -219,14 +219,13 @@ def test_server_ignoring_range_restarts_from_zero(server, tmp_path, voc_tar):
     assert not part.exists()
 
 
-def test_progress_without_tqdm(server, tmp_path, monkeypatch, capsys, voc_tar):
+def test_quiet_prints_nothing(server, tmp_path, capsys, voc_tar):
     server.files["/voc.tar"] = voc_tar
-    monkeypatch.setattr(dl, "_tqdm", None)
     dest = dl.download(server.url("/voc.tar"), tmp_path / "voc.tar", size=len(voc_tar), timeout=5,
-                       chunk=4096)
+                       chunk=4096, quiet=True)
     assert dest.read_bytes() == voc_tar
-    out = capsys.readouterr().out
-    assert f"{100.0:5.1f}%" in out  # final progress line
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
 
 
 def test_416_with_complete_part_is_treated_as_complete(server, tmp_path, voc_tar):
@@ -323,13 +322,122 @@ def test_dns_failure_message(tmp_path, monkeypatch, capsys):
     assert "could not be resolved" in err and "offline" in err
 
 
-def test_manual_partial_download_at_final_path_is_resumed(server, tmp_path, voc_tar):
+@pytest.mark.parametrize("kind", ["incomplete", "wrong md5"])
+def test_users_bad_archive_is_reported_and_left_untouched(server, tmp_path, monkeypatch, capsys, voc_tar, kind):
+    # a file the user saved under the final name is never renamed, resumed into or deleted
     server.files["/voc.tar"] = voc_tar
-    dest = tmp_path / "voc.tar"
-    dest.write_bytes(voc_tar[:30000])  # user saved an incomplete file under the final name
-    dl.download(server.url("/voc.tar"), dest, md5=_md5(voc_tar), size=len(voc_tar), timeout=5, quiet=True)
-    assert server.requests[0][1]["Range"] == "bytes=30000-"
-    assert dest.read_bytes() == voc_tar
+    _use(monkeypatch, "pascal", [dl.Archive(server.url("/voc.tar"), "voc.tar", _md5(voc_tar), len(voc_tar))])
+    root = tmp_path / "data" / "pascal"
+    root.mkdir(parents=True)
+    mine = voc_tar[:30000] if kind == "incomplete" else voc_tar[:-1] + b"x"
+    (root / "voc.tar").write_bytes(mine)
+    assert _run(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert str(root / "voc.tar") in err and "left as it is" in err and "delete it" in err
+    assert (f"expected {len(voc_tar)} bytes" if kind == "incomplete" else f"expected {_md5(voc_tar)}") in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in root.iterdir()) == ["voc.tar"]  # no .part, no .corrupt, no marker
+    assert (root / "voc.tar").read_bytes() == mine
+    assert server.requests == []  # nothing downloaded over it
+
+
+def test_data_root_is_a_file(tmp_path, monkeypatch, capsys):
+    _use(monkeypatch, "pascal", [dl.Archive("http://127.0.0.1:9/voc.tar", "voc.tar", None, None)])
+    (tmp_path / "data").write_text("not a folder")
+    assert _run(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot write to ")
+    assert f"{tmp_path / 'data'} is a file" in err and "--data-root" in err
+
+
+def test_data_root_not_writable(tmp_path, monkeypatch, capsys):
+    # simulated (the tests may run as root, for whom chmod does not make a folder read-only)
+    _use(monkeypatch, "pascal", [dl.Archive("http://127.0.0.1:9/voc.tar", "voc.tar", None, None)])
+    monkeypatch.setattr(dl.os, "access", lambda *args, **kwargs: False)
+    assert _run(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not writable" in err and "--data-root" in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_disk_full_during_extraction(server, tmp_path, monkeypatch, capsys, voc_tar):
+    import errno
+
+    import torchvision.datasets.utils as tv_utils
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data" / "pascal" / "x"))
+
+    server.files["/voc.tar"] = voc_tar
+    _use(monkeypatch, "pascal", [dl.Archive(server.url("/voc.tar"), "voc.tar", _md5(voc_tar), len(voc_tar))])
+    monkeypatch.setattr(tv_utils, "extract_archive", full)
+    assert _run(tmp_path, "--quiet") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left" in err and "Traceback" not in err
+    root = tmp_path / "data" / "pascal"
+    assert (root / "voc.tar").read_bytes() == voc_tar  # kept: the next run extracts it without downloading
+    assert not (root / ".extracted_voc.tar").exists()
+
+
+def test_disk_full_while_downloading_keeps_the_part(server, tmp_path, monkeypatch, capsys, voc_tar):
+    import builtins
+    import errno
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, block):  # the disk fills up after 8192 bytes
+            room = 8192 - self.fh.tell()
+            self.fh.write(block[:room])
+            if len(block) > room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            self.fh.flush()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        fh = builtins.open(path, mode, *args, **kwargs)
+        return FullDisk(fh) if str(path).endswith(".part") else fh
+
+    server.files["/voc.tar"] = voc_tar
+    _use(monkeypatch, "pascal", [dl.Archive(server.url("/voc.tar"), "voc.tar", _md5(voc_tar), len(voc_tar))])
+    monkeypatch.setattr(dl, "open", fake_open, raising=False)
+    assert _run(tmp_path, "--quiet", "--no-extract") == 1
+    err = capsys.readouterr().err
+    part = tmp_path / "data" / "pascal" / "voc.tar.part"
+    assert err.startswith(f"error: cannot write {part}: no space left") and "resumes" in err
+    assert part.stat().st_size == 8192  # kept for the next run
+    monkeypatch.undo()
+    _use(monkeypatch, "pascal", [dl.Archive(server.url("/voc.tar"), "voc.tar", _md5(voc_tar), len(voc_tar))])
+    assert _run(tmp_path, "--quiet", "--no-extract") == 0
+    assert server.requests[-1][1]["Range"] == "bytes=8192-"
+    assert (tmp_path / "data" / "pascal" / "voc.tar").read_bytes() == voc_tar
+
+
+def test_data_root_a_file_as_a_script(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "data").write_text("x")
+    res = subprocess.run([sys.executable, "preproc/download.py", "--dataset", "cub", "--data-root",
+                          str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr == (f"error: cannot write to {tmp_path / 'data' / 'cub'}: {tmp_path / 'data'} is a file, "
+                          "not a folder; choose another --data-root (or move that file away)\n")
+
+
+def test_bad_timeout_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _run(tmp_path, "--timeout", "0")
+    assert exc.value.code == 2
+    assert "expected a positive number of seconds" in capsys.readouterr().err
 
 
 def test_http_404_gives_clear_message(server, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,7 @@
 """Tests for train.fit: early stopping on scripted val mAP, best-weight restoration, results.json / best.pt,
 APL wiring, and the non-finite-loss failure path.
 
-Reference: /work/shared/docs/reference-behaviour.md §8 (stop at the first epoch whose clean-val mAP does not
+Reference: docs/original.md §8 (stop at the first epoch whose clean-val mAP does not
 strictly improve, skip that epoch's test pass, keep the best-val weights, report test mAP at the best epoch)
 and §11.1 (ties count as not improved).
 
@@ -16,51 +16,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch import nn
-from torchvision import transforms
 
 from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
 import config  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
-from datasets import MultilabelDataset  # noqa: E402
+from image_cache import make_loaders  # noqa: E402
+from helpers import TinyNet, tiny_dataset  # noqa: E402
 
 C = 10
-IMG = 6
 CPU = torch.device("cpu")
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3 * IMG * IMG, C)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-
-
-def make_dataset(root: Path, n: int, seed: int) -> MultilabelDataset:
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    names = []
-    for i in range(n):
-        Image.fromarray(rng.randint(0, 256, size=(IMG, IMG, 3)).astype(np.uint8)).save(root / f"{i}.png")
-        names.append(f"{i}.png")
-    true = (rng.rand(n, C) < 0.3).astype(np.float64)
-    pos = rng.randint(C, size=n)
-    true[np.arange(n), pos] = 1
-    obs = np.zeros((n, C))
-    obs[np.arange(n), pos] = 1
-    return MultilabelDataset(np.array(names), obs, true, root, transforms.ToTensor())
 
 
 def make_datasets(tmp_path: Path, n_train: int = 8) -> dict:
     # the val/test datasets exist for fit's loaders; the fake evaluate ignores them
-    return {"train": make_dataset(tmp_path / "train", n_train, 0),
-            "val": make_dataset(tmp_path / "val", 4, 1),
-            "test": make_dataset(tmp_path / "test", 4, 2)}
+    return {"train": tiny_dataset(tmp_path / "train", n_train, C, seed=0),
+            "val": tiny_dataset(tmp_path / "val", 4, C, seed=1),
+            "test": tiny_dataset(tmp_path / "test", 4, C, seed=2)}
 
 
 def scripted_output(k: int) -> dict:
@@ -81,13 +54,13 @@ class FakeEvaluate:
         self.snapshots: dict[tuple[int, str], dict] = {}
         self.real = train.evaluate
 
-    def __call__(self, model, loader, device, desc):
+    def __call__(self, engine, loader, desc):
         words = desc.split()
         epoch, phase = int(words[1]), words[-1]
         if phase not in ("val", "test"):
-            return self.real(model, loader, device, desc)
+            return self.real(engine, loader, desc)
         self.calls.append((epoch, phase))
-        self.snapshots[(epoch, phase)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.snapshots[(epoch, phase)] = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
         script = self.val_k if phase == "val" else self.test_k
         return scripted_output(script[epoch - 1])
 
@@ -104,12 +77,13 @@ def run_fit(tmp_path, monkeypatch, val_k, test_k, num_epochs, loss="EM", **cfg_k
     monkeypatch.setattr(train, "evaluate", fake)
     cfg = config.build_config("demo", loss=loss, num_epochs=num_epochs, num_workers=0, batch_size=4, lr=1e-2,
                               **cfg_kw)
-    model = TinyNet()
+    model = TinyNet(C)
     datasets = make_datasets(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     results: dict = {}
-    out = train.fit(model, datasets, cfg, CPU, run_dir, results)
+    loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, False, CPU)
+    out = train.fit(train.build_engine(model, CPU), loaders, datasets, cfg, run_dir, results)
     return fake, model, datasets, cfg, run_dir, out
 
 

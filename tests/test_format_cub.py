@@ -2,7 +2,7 @@
 
 Real files used byte for byte: CUB_200_2011/images.txt and train_test_split.txt.
 
-Derived (built in a temporary folder, never in the shared one), because the per-image
+Derived (built in a temporary folder, never in tests/data), because the per-image
 attribute file and the top-level attributes.txt are not available:
 * ``attributes/image_attribute_labels.txt``: per-image ``is_present`` = 1 where the real
   class-level table ``class_attribute_labels_continuous.txt`` says >= 50 % of the images of
@@ -188,3 +188,12 @@ def test_bad_attribute_line_is_an_error(cub_tree, tmp_path, bad_line, message):
     text = text.replace(old, f"\n{bad_line}\n")
     with pytest.raises(PreprocError, match=message):
         fcub.format_cub(variant(tmp_path, cub_tree, labels=text), None)
+
+
+def test_save_path_a_file_is_one_line(tmp_path, capsys):
+    # checked before the raw files are read (they do not exist here)
+    (tmp_path / "out").write_text("x")
+    rc = fcub.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"error: cannot write to {tmp_path / 'out'}: ") and err.count("\n") == 1
+    assert (tmp_path / "out").read_text() == "x"

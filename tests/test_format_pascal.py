@@ -1,12 +1,12 @@
 """Tests for preproc/format_pascal.py on class lists derived from real VOC XML annotations.
 
-The real data (see /work/shared/realdata/SOURCES.md) has VOC XMLs but no per-class
+The real data (see tests/data/SOURCES.md) has VOC XMLs but no per-class
 ``<cls>_<split>.txt`` files, so the test derives them the way the VOC devkit does:
 1 = the class is present with at least one non-difficult instance, 0 = only difficult
 instances, -1 = absent; lines are written as ``'%s %2d'`` (so positives and difficults have
 two spaces before the label, as in the official files).
 
-Derived variants, built in tmp_path (never in the shared folder):
+Derived variants, built in tmp_path (never in tests/data):
 * ``2099_000005``: the VOC2007 000005.xml annotation keeping only its two *difficult*
   chairs, so its only class is difficult-only -> 0 everywhere -> the image is dropped;
 * ``2099_000001``: the VOC2007 000001.xml annotation with its dog marked difficult,
@@ -15,6 +15,8 @@ Derived variants, built in tmp_path (never in the shared folder):
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -186,6 +188,82 @@ def test_missing_raw_file_names_path_and_source(tmp_path, capsys):
     assert "VOCtrainval_11-May-2012.tar" in err
     assert "python preproc/download.py --dataset pascal" in err
     assert not (tmp_path / "out").exists()
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_save_path_blocked_by_a_file_is_checked_first(tmp_path, capsys, where):
+    # checked before the raw files are read: the raw path does not even exist here
+    blocker = tmp_path / "formatted.npy"
+    blocker.write_text("a file")
+    save = blocker if where == "file" else blocker / "out"
+    rc = fp.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(save)])
+    err = _one_error_line(capsys.readouterr().err)
+    assert rc == 1
+    assert f"cannot write to {save}: {blocker} is a file, not a folder" in err and "--save-path" in err
+    assert blocker.read_text() == "a file"
+
+
+def test_save_path_not_writable(tmp_path, monkeypatch, capsys):
+    # simulated: the tests may run as root, for whom chmod does not make a folder read-only
+    load = tmp_path / "raw"
+    write_class_lists(load, {"train": TRAIN_IDS, "val": VAL_IDS})
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    rc = fp.main(["--load-path", str(load), "--save-path", str(tmp_path / "out")])
+    err = _one_error_line(capsys.readouterr().err)
+    assert rc == 1 and "not writable" in err and "choose a writable --save-path" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("code,message", [(errno.ENOSPC, "no space left"), (errno.EACCES, "permission denied")])
+def test_write_error_leaves_the_previous_files(tmp_path, monkeypatch, capsys, code, message):
+    # a failure while writing the third file: one line, and the four earlier files stay as they were
+    load = tmp_path / "raw"
+    write_class_lists(load, {"train": TRAIN_IDS, "val": VAL_IDS})
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {f"formatted_{k}.npy": f"old {k}".encode() for k in ("train_images", "train_labels", "val_images", "val_labels")}
+    for name, data in old.items():
+        (out / name).write_bytes(data)
+    real_save, calls = np.save, []
+
+    def failing_save(fh, array, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(code, os.strerror(code))
+        real_save(fh, array, **kwargs)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    rc = fp.main(["--load-path", str(load), "--save-path", str(out)])
+    err = _one_error_line(capsys.readouterr().err)
+    assert rc == 1 and message in err and str(out / "formatted_val_images.npy") in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # no new file, no temporary left
+
+
+def test_unreadable_raw_file_is_one_line(tmp_path, monkeypatch, capsys):
+    load = tmp_path / "raw"
+    write_class_lists(load, {"train": TRAIN_IDS, "val": VAL_IDS})
+
+    def denied(self):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    rc = fp.main(["--load-path", str(load), "--save-path", str(tmp_path / "out")])
+    err = _one_error_line(capsys.readouterr().err)
+    assert rc == 1 and "cannot read" in err and "aeroplane_train.txt: Permission denied" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_path_a_file_as_a_script(tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("x")
+    res = subprocess.run([sys.executable, "preproc/format_pascal.py", "--save-path", str(blocker)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.startswith("error: cannot write to") and "Traceback" not in res.stderr
 
 
 def test_class_files_listing_different_images_warn_and_use_the_union(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Tests for losses.py: values worked out entry by entry with `math`, gradients via autograd, and errors.
 
-Reference: /work/shared/docs/reference-behaviour.md §6 (per-entry formulas, eps = 1e-5 inside the log,
+Reference: docs/original.md §6 (per-entry formulas, eps = 1e-5 inside the log,
 sum over the B x C matrix divided by B * C, masked entries included in the denominator).
 """
 from __future__ import annotations
@@ -300,24 +300,100 @@ def test_iun_true_negative_overrides_an_observed_positive():
     assert loss("iun", logits, obs, true) == pytest.approx(expected, rel=1e-10)
 
 
-def test_float64_labels_keep_a_float32_loss_bit_identical_to_masked_assignment():
-    # The original fills a float32 zero matrix by masked assignment and returns (L / (B*C)).sum();
-    # an independent re-computation in that form must agree to the bit, whatever the labels' dtype.
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(7, 5, generator=gen)
-    obs = torch.zeros(7, 5, dtype=torch.float64)
-    obs[torch.arange(7), torch.randint(0, 5, (7,), generator=gen)] = 1.0
-    obs[0, (obs[0] == 0).nonzero()[0]] = -0.3
-    p = torch.sigmoid(logits)
-    ref = torch.zeros_like(p)
-    o = obs.float()
-    ref[o == 1] = -torch.log(p[o == 1] + EPS)
-    ref[o == 0] = -0.1 * (p[o == 0] * -torch.log(p[o == 0] + EPS) + (1 - p[o == 0]) * -torch.log(1 - p[o == 0] + EPS))
-    q, pp = -o[o < 0], p[o < 0]
-    ref[o < 0] = 0.2 * (q * -torch.log(pp + EPS) + (1 - q) * -torch.log(1 - pp + EPS))
-    out = compute_loss("EM_APL", logits, obs, obs.clamp(min=0), alpha=0.1, beta=0.2)
-    assert out.dtype == torch.float32
-    assert out.item() == (ref / 35).sum().item()
+# ----------------------------------------------------------------------------------------------------------------
+# bit-identity with the original, values AND gradients (torch.equal, no tolerance)
+
+def _original_style(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor,
+                    alpha: float = 0.1, beta: float = 0.2) -> torch.Tensor:
+    """The original's computation, written independently of losses.py from docs/original.md §6: preds =
+    sigmoid(logits) once; a float32 zero matrix filled by masked assignment, indexing preds[mask] afresh at
+    every use; divided elementwise by a tensor of B*C and summed. Labels are float32, as the original's."""
+    preds = torch.sigmoid(logits)
+    obs, true = obs.float(), true.float()
+    mtx = torch.zeros_like(preds)
+
+    def nlog(x):
+        return -torch.log(x + 1e-5)
+
+    if name in ("bce", "an", "iun", "EM", "EM_APL"):
+        mtx[obs == 1] = nlog(preds[obs == 1])
+    if name in ("bce", "an"):
+        mtx[obs == 0] = nlog(1.0 - preds[obs == 0])
+    if name == "iun":
+        mtx[true == 0] = nlog(1.0 - preds[true == 0])
+    if name in ("EM", "EM_APL"):
+        mtx[obs == 0] = -alpha * (preds[obs == 0] * nlog(preds[obs == 0]) +
+                                  (1 - preds[obs == 0]) * nlog(1 - preds[obs == 0]))
+    if name == "EM_APL":
+        soft = -obs[obs < 0]
+        mtx[obs < 0] = beta * (soft * nlog(preds[obs < 0]) + (1 - soft) * nlog(1 - preds[obs < 0]))
+    denom = (mtx.shape[0] * mtx.shape[1]) * torch.ones_like(mtx)
+    return (mtx / denom).sum()
+
+
+def _batch(seed: int, b: int = 16, c: int = 80, pseudo: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(b, c, generator=gen)
+    true = (torch.rand(b, c, generator=gen) < 0.2).double()
+    true[torch.arange(b), torch.randint(0, c, (b,), generator=gen)] = 1.0
+    obs = torch.zeros(b, c, dtype=torch.float64)  # float64, as the dataset stores it
+    for row in range(b):
+        positives = true[row].nonzero().flatten()
+        obs[row, positives[torch.randint(0, len(positives), (1,), generator=gen)]] = 1.0
+    if pseudo:  # APL's soft negatives -q on about a third of the unknowns
+        chosen = (obs == 0) & (torch.rand(b, c, generator=gen) < 0.3)
+        obs[chosen] = -torch.rand(int(chosen.sum()), generator=gen, dtype=torch.float64)
+    return logits, obs, true
+
+
+@pytest.mark.parametrize("where", [False, True], ids=["masked", "where"])
+@pytest.mark.parametrize("name", ["bce", "iun", "an", "EM", "EM_APL"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_values_and_gradients_are_bit_identical_to_the_original(name, seed, where):
+    # both ways of filling the matrix: the original's masked assignment, and the sync-free torch.where
+    # version that training uses
+    logits, obs, true = _batch(seed, pseudo=name == "EM_APL")
+    if name == "bce":
+        obs = true.clone()  # bce trains on the full labels
+    if seed == 4:  # saturated predictions: p rounds to exactly 0 or 1, only eps keeps the logs finite
+        logits = logits * 40
+    ours_in = logits.clone().requires_grad_(True)
+    ours = compute_loss(name, ours_in, obs, true, alpha=0.1, beta=0.2, where=where, checked=where)
+    ours.backward()
+    ref_in = logits.clone().requires_grad_(True)
+    ref = _original_style(name, ref_in, obs, true)
+    ref.backward()
+    assert ours.dtype == torch.float32 and torch.equal(ours, ref)
+    assert torch.equal(ours_in.grad, ref_in.grad)
+    assert ours_in.grad.abs().sum() > 0
+
+
+def test_reusing_one_indexed_copy_changes_the_gradients():
+    # Why the losses index preds[mask] at every use: the version that indexes once and reuses the copy has the
+    # same values but sums the gradient contributions in another order. This checks that the batches above
+    # are sensitive enough to tell the two apart (otherwise the bit-identity test above could not fail).
+    logits, obs, _ = _batch(0)
+    diffs = 0
+    for variant in ("reuse", "original"):
+        x = logits.clone().requires_grad_(True)
+        p = torch.sigmoid(x)
+        mtx = torch.zeros_like(p)
+        mtx[obs == 1] = -torch.log(p[obs == 1] + 1e-5)
+        if variant == "reuse":
+            pu = p[obs == 0]
+            mtx[obs == 0] = -0.1 * (pu * -torch.log(pu + 1e-5) + (1 - pu) * -torch.log(1 - pu + 1e-5))
+        else:
+            mtx[obs == 0] = -0.1 * (p[obs == 0] * -torch.log(p[obs == 0] + 1e-5) +
+                                    (1 - p[obs == 0]) * -torch.log(1 - p[obs == 0] + 1e-5))
+        (mtx / (mtx.numel() * torch.ones_like(mtx))).sum().backward()
+        if variant == "reuse":
+            reuse_grad = x.grad
+        else:
+            diffs = int((x.grad != reuse_grad).sum())
+    assert diffs > 0
+    x = logits.clone().requires_grad_(True)
+    compute_loss("EM", x, obs, obs.clamp(min=0), alpha=0.1).backward()
+    assert int((x.grad != reuse_grad).sum()) == diffs  # ours is the original's, not the reused copy's
 
 
 @pytest.mark.parametrize("bad", [1.5, -1.5, 2.0])

@@ -1,6 +1,6 @@
 """Tests for metrics.py: hand-computed AP / top-k values, scikit-learn as an independent oracle.
 
-Reference: /work/shared/docs/reference-behaviour.md §8 (labels binarised as == 1, AP = sklearn's
+Reference: docs/original.md §8 (labels binarised as == 1, AP = sklearn's
 average_precision_score per class, 0 for a class without positives but still in the mean, map x 100).
 """
 from __future__ import annotations

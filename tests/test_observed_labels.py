@@ -12,6 +12,8 @@ j > i, then swap x[i], x[j]. It therefore does not call ``RandomState.shuffle``.
 from __future__ import annotations
 
 import ast
+import errno
+import os
 import subprocess
 import sys
 
@@ -273,3 +275,43 @@ def test_cli_rejects_bad_counts(tmp_path, capsys):
     root = make_root(tmp_path, "pascal", lab, lab)
     assert gol.main(["--dataset", "pascal", "--data-root", str(root), "--num-pos", "-2"]) == 1
     assert "num_pos must be an integer >= 0, or -1" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_seed_numpy_cannot_use(tmp_path, capsys):
+    lab = random_labels(10, 5, 0.5, seed=1)
+    root = make_root(tmp_path, "pascal", lab, lab)
+    assert gol.main(["--dataset", "pascal", "--data-root", str(root), "--seed", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: seed must be between 0 and 2**32 - 1") and "Traceback" not in err
+
+
+def test_cli_data_root_not_writable(tmp_path, monkeypatch, capsys):
+    # simulated: the tests may run as root, for whom chmod does not make a folder read-only
+    lab = random_labels(10, 5, 0.5, seed=1)
+    root = make_root(tmp_path, "pascal", lab, lab)
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    assert gol.main(["--dataset", "pascal", "--data-root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write to {root / 'pascal'}") and err.count("\n") == 1
+    assert "not writable" in err and "--data-root" in err
+    assert not list((root / "pascal").glob("*obs*"))
+
+
+def test_cli_disk_full_writes_neither_file(tmp_path, monkeypatch, capsys):
+    lab = random_labels(10, 5, 0.5, seed=1)
+    root = make_root(tmp_path, "pascal", lab, lab)
+    real_save, calls = np.save, []
+
+    def failing_save(fh, array, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the val file, after the train file is complete
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(fh, array, **kwargs)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    assert gol.main(["--dataset", "pascal", "--data-root", str(root)]) == 1
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # after the warnings about rows without a positive
+    assert last.startswith("error: cannot write") and "no space left" in last and "Traceback" not in err
+    assert sorted(p.name for p in (root / "pascal").iterdir()) == ["formatted_train_labels.npy",
+                                                                   "formatted_val_labels.npy"]

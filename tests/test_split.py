@@ -1,6 +1,6 @@
 """Tests for datasets.generate_split, the original's 80/20 train/val split of the official train set.
 
-Reference: /work/shared/docs/reference-behaviour.md §4.1 and §11.15: n_val = round(0.2 N), perm =
+Reference: docs/original.md §4.1 and §11.15: n_val = round(0.2 N), perm =
 RandomState(1200).permutation(N), idx_1 = sorted(first N - n_val), idx_2 = sorted(last n_val); frac = 0 gives
 idx_2 = everything (the `-0:` slice).
 """

@@ -1,0 +1,68 @@
+"""Small builders shared by several test files (import with `from helpers import ...`; pytest puts tests/ on
+sys.path, as for conftest)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+from conftest import REALDATA
+from datasets import MultilabelDataset
+
+VOC_JPEGS = REALDATA / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+
+IMG = 6  # side of the tiny square images
+
+
+def tiny_dataset(root: Path, n: int, num_classes: int, seed: int = 0,
+                 positive_rate: float = 0.3) -> MultilabelDataset:
+    """n random IMG x IMG RGB PNGs written to `root` ("0.png", "1.png", ...) with random labels: each entry
+    positive with probability `positive_rate`, plus one positive per row at a random class, which is also the
+    row's single observed positive. Deterministic in `seed`; transform ToTensor (no augmentation)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    names = []
+    for i in range(n):
+        Image.fromarray(rng.randint(0, 256, size=(IMG, IMG, 3)).astype(np.uint8)).save(root / f"{i}.png")
+        names.append(f"{i}.png")
+    true = (rng.rand(n, num_classes) < positive_rate).astype(np.float64)
+    pos = rng.randint(num_classes, size=n)
+    true[np.arange(n), pos] = 1
+    obs = np.zeros((n, num_classes))
+    obs[np.arange(n), pos] = 1
+    return MultilabelDataset(np.array(names), obs, true, root, transforms.ToTensor())
+
+
+class TinyNet(nn.Module):
+    """A linear classifier on the flattened IMG x IMG images of tiny_dataset."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * IMG * IMG, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def write_pascal_root(tmp_path, n_train=10, n_val=4, num_classes=20):
+    """A pascal-shaped data root over the 5 real VOC2012 JPEGs (reused cyclically), random 0/1 labels with
+    one single positive observed per row (the first positive: the sampling itself is tested elsewhere)."""
+    root = tmp_path / "data"
+    out = root / "pascal"
+    jpeg_dir = out / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    jpeg_dir.parent.mkdir(parents=True)
+    jpeg_dir.symlink_to(VOC_JPEGS)
+    names = sorted(p.name for p in VOC_JPEGS.iterdir())
+    rng = np.random.RandomState(0)
+    for phase, n in (("train", n_train), ("val", n_val)):
+        labels = (rng.rand(n, num_classes) < 0.2).astype(np.float64)
+        labels[np.arange(n), rng.randint(num_classes, size=n)] = 1.0
+        obs = np.zeros_like(labels)
+        obs[np.arange(n), labels.argmax(1)] = 1.0
+        np.save(out / f"formatted_{phase}_images.npy", np.array([names[i % len(names)] for i in range(n)]))
+        np.save(out / f"formatted_{phase}_labels.npy", labels)
+        np.save(out / f"formatted_{phase}_labels_obs.npy", obs)
+    return root
