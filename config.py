@@ -61,6 +61,7 @@ class Config:
     amp: str = "off"  # "off", "bf16" or "fp16"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False
     data_root: str = "data"
     results_dir: str = "results"
 

@@ -190,8 +190,8 @@ class CachedLoader:
     """
 
     def __init__(self, dataset: MultilabelDataset, images: np.ndarray, batch_size: int, shuffle: bool, flip: bool,
-                 num_workers: int = 0, persistent_workers: bool = False) -> None:
-        self.dataset, self.images, self.flip = dataset, images, flip
+                 num_workers: int = 0, persistent_workers: bool = False, pin_memory: bool = False) -> None:
+        self.dataset, self.images, self.flip, self.pin_memory = dataset, images, flip, pin_memory
         self.num_workers, self.persistent = num_workers, persistent_workers and num_workers > 0
         sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
         self.batch_sampler = BatchSampler(sampler, batch_size, drop_last=False)
@@ -210,7 +210,8 @@ class CachedLoader:
             flips = torch.tensor([bool(torch.rand(1, generator=generator) < 0.5) if self.flip else False
                                   for _ in indices])
             rows = np.asarray(indices)
-            yield {"image": torch.from_numpy(self.images[rows]), "flip": flips,
+            images = torch.from_numpy(self.images[rows])
+            yield {"image": images.pin_memory() if self.pin_memory else images, "flip": flips,
                    "label_vec_obs": torch.from_numpy(self.dataset.labels_obs[rows]).float(),
                    "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows]).float(),
                    "idx": torch.from_numpy(rows)}
@@ -221,8 +222,8 @@ _NORMALISE: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
 def to_model_input(batch: dict, device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """The model's input for a batch of either loader: the faithful one's float images are copied to `device`;
-    a cached batch (uint8 NHWC + flips) is flipped, converted and normalised there, with ToTensor's and
-    Normalize's arithmetic (x / 255, then (x - mean) / std), so the values equal the faithful path's."""
+    a cached batch (uint8 NHWC + flips) is flipped, laid out and converted there, then normalised with ToTensor's
+    and Normalize's arithmetic (x / 255, then (x - mean) / std), so the values equal the faithful path's."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if "flip" not in batch:
         return batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -232,10 +233,12 @@ def to_model_input(batch: dict, device: torch.device, channels_last: bool = Fals
                               as_tensor(IMAGENET_STD).view(1, 3, 1, 1))
     scale, mean, std = _NORMALISE[device]
     x = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC -> NCHW (a channels-last view)
-    flips = batch["flip"].to(device, non_blocking=True).view(-1, 1, 1, 1)
-    x = torch.where(flips, x.flip(3), x)
-    x = x.float().div(scale).sub(mean).div(std)
-    return x.contiguous(memory_format=memory_format)
+    x = x.contiguous(memory_format=memory_format)  # lay out while still 1 byte per value
+    flipped = batch["flip"].nonzero().flatten()  # decided on the host: no device sync
+    if len(flipped):
+        flipped = flipped.to(device, non_blocking=True)
+        x = x.index_put((flipped,), x[flipped].flip(3))  # out of place: the batch itself stays as it was
+    return x.float().div_(scale).sub_(mean).div_(std)  # .float() keeps the memory format
 
 
 def make_loaders(datasets: dict[str, MultilabelDataset], batch_size: int, num_workers: int, persistent_workers: bool,
@@ -250,5 +253,6 @@ def make_loaders(datasets: dict[str, MultilabelDataset], batch_size: int, num_wo
     build_workers = num_workers if num_workers > 0 else min(8, os.cpu_count() or 1)
     return {phase: CachedLoader(ds, build_cache(ds, image_size, image_cache, phase, cache_dir, build_workers),
                                 batch_size, shuffle=(phase == "train"), flip=(phase == "train"),
-                                num_workers=num_workers, persistent_workers=persistent_workers)
+                                num_workers=num_workers, persistent_workers=persistent_workers,
+                                pin_memory=device.type == "cuda")
             for phase, ds in datasets.items()}

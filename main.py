@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from config import DATASET_SETTINGS, LOSS_NAMES, Config, build_config
+from preproc.common import one_line
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "changes results statistically only; default off")
     f.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
     f.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    f.add_argument("--cudnn-benchmark", action="store_true", default=None,
+                   help="let cuDNN pick its fastest convolution algorithms (a nondeterministic choice)")
     m.add_argument("--results-dir", help="where run folders are created (default: results)")
     return p.parse_args(argv)
 
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args.dataset, **overrides)
         device = resolve_device(cfg.gpu)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
     import torch
@@ -216,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         check_observed_labels(cfg, datasets)
         model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
         check_model_runs(model, cfg.arch, cfg.image_size, device, len(datasets["train"]) % cfg.batch_size)
-        engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile)
+        engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark)
         loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
                                cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache")
         run_dir = make_run_dir(cfg)
     except (DataError, WeightsError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
     sys.stdout = _Tee(sys.stdout, run_dir / "console.log")
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"kept in {run_dir / 'results.json'}, marked \"interrupted\"")
             return 143 if isinstance(exc, Terminated) else 130
         except (NonFiniteLossError, DataError, ValueError, OutputError) as exc:
-            report(f"error: {exc}")
+            report(f"error: {one_line(exc)}")
             return 3
         print(f"best epoch {results['best_epoch']}: val mAP {results['val_map']:.2f}, "
               f"test mAP {results['test_map']:.2f} (chance {chance:.2f})")

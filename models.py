@@ -56,10 +56,9 @@ def _imagenet_state_dict(arch: str) -> dict:
         return weights.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, ConnectionError) as exc:
         raise WeightsError(
-            f"could not download the ImageNet weights of {arch} ({exc}).\n"
-            f"  Connect to the internet and rerun (torchvision caches the file), or download\n"
-            f"    {weights.url}\n  to\n    {cache}\n"
-            f"  or pass --weights PATH to a local state dict. Use --weights random only if you mean it.") from exc
+            f"could not download the ImageNet weights of {arch} ({exc}): connect to the internet and rerun "
+            f"(torchvision caches the file), or download {weights.url} to {cache}, or pass --weights PATH to a "
+            f"local state dict (--weights random only if you mean it)") from exc
     except Exception as exc:  # a damaged cached file fails in torch.load with many exception types
         if was_cached:
             raise WeightsError(f"the cached ImageNet weights {cache} are damaged ({type(exc).__name__}); "

@@ -86,7 +86,7 @@ class Engine:
 
 
 def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off", channels_last: bool = False,
-                 compile_model: bool = False) -> Engine:
+                 compile_model: bool = False, cudnn_benchmark: bool = False) -> Engine:
     """Check that the device supports the speed options (ValueError naming the flag and the alternative)."""
     if amp not in AMP_DTYPES:
         raise ValueError(f"--amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
@@ -96,6 +96,9 @@ def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off",
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                          f"use --amp fp16 instead")
+    if amp == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
+        print("warning: this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): --amp bf16 runs many "
+              "times slower than float32 here; leave --amp off on this machine")
     if compile_model:
         if device.type == "cuda":
             from torch.utils._triton import has_triton
@@ -104,10 +107,20 @@ def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off",
         elif not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
             raise ValueError("--compile on the CPU needs a C++ compiler (e.g. apt-get install g++); "
                              "or leave --compile off")
+    if cudnn_benchmark:  # let cuDNN time its algorithms for the fixed input size (nondeterministic choice)
+        torch.backends.cudnn.benchmark = True
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compile_model else model
     return Engine(model, forward, device, AMP_DTYPES[amp], channels_last)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: do not warn
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "check_output_folder",
     "save_arrays",
     "save_formatted",
+    "one_line",
     "run_main",
     "format_main",
     "check_unique",
@@ -87,7 +88,7 @@ def missing_file_message(path: os.PathLike | str, dataset: str, what: str = "raw
         lines.append(hint + ",")
     lines.append(f"or run: python preproc/download.py --dataset {dataset}")
     lines.append(f"(see data/{dataset}/README.md for the expected layout)")
-    return "\n  ".join(lines)
+    return " ".join(lines)
 
 
 def require_file(path: os.PathLike | str, dataset: str, what: str = "raw file") -> Path:
@@ -192,6 +193,11 @@ def save_formatted(save_path: os.PathLike | str, arrays: Mapping[str, np.ndarray
         print(f"wrote {out}  shape={arrays[key].shape} dtype={arrays[key].dtype}")
 
 
+def one_line(message: object) -> str:
+    """`message` on one line (a user error is reported in one line, whatever produced it)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
 def run_main(func: Callable[[], object]) -> int:
     """Run ``func``; expected errors (PreprocError, and an OSError such as an unreadable file) print
     ``error: ...`` to stderr and give exit code 1. Anything else is a bug and propagates with its
@@ -199,7 +205,7 @@ def run_main(func: Callable[[], object]) -> int:
     try:
         func()
     except PreprocError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:  # fileio.OutputError included: its strerror is the one-line message
         where = f"{exc.filename}: " if exc.filename else ""

@@ -200,12 +200,3 @@ def test_invalid_json_is_an_error(tmp_path):
     (raw / "annotations" / "instances_val2014.json").write_text('{"categories": [')
     with pytest.raises(PreprocError, match=r"instances_val2014.json: not valid JSON"):
         fc.format_coco(raw, None)
-
-
-def test_save_path_a_file_is_one_line(tmp_path, capsys):
-    # checked before the raw files are read (they do not exist here)
-    (tmp_path / "out").write_text("x")
-    rc = fc.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 1 and err.startswith(f"error: cannot write to {tmp_path / 'out'}: ") and err.count("\n") == 1
-    assert (tmp_path / "out").read_text() == "x"

@@ -188,12 +188,3 @@ def test_bad_attribute_line_is_an_error(cub_tree, tmp_path, bad_line, message):
     text = text.replace(old, f"\n{bad_line}\n")
     with pytest.raises(PreprocError, match=message):
         fcub.format_cub(variant(tmp_path, cub_tree, labels=text), None)
-
-
-def test_save_path_a_file_is_one_line(tmp_path, capsys):
-    # checked before the raw files are read (they do not exist here)
-    (tmp_path / "out").write_text("x")
-    rc = fcub.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 1 and err.startswith(f"error: cannot write to {tmp_path / 'out'}: ") and err.count("\n") == 1
-    assert (tmp_path / "out").read_text() == "x"

@@ -139,12 +139,3 @@ def test_missing_files_name_path_and_source(tmp_path, capsys):
     with pytest.raises(PreprocError) as exc:
         fn.format_nuswide(raw, None)
     assert str(missing) in str(exc.value)
-
-
-def test_save_path_a_file_is_one_line(tmp_path, capsys):
-    # checked before the raw files are read (they do not exist here)
-    (tmp_path / "out").write_text("x")
-    rc = fn.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 1 and err.startswith(f"error: cannot write to {tmp_path / 'out'}: ") and err.count("\n") == 1
-    assert (tmp_path / "out").read_text() == "x"

@@ -195,13 +195,16 @@ def _one_error_line(err: str) -> str:
     return err
 
 
+@pytest.mark.parametrize("script", ["pascal", "coco", "cub", "nuswide"])
 @pytest.mark.parametrize("where", ["file", "below a file"])
-def test_save_path_blocked_by_a_file_is_checked_first(tmp_path, capsys, where):
-    # checked before the raw files are read: the raw path does not even exist here
+def test_save_path_blocked_by_a_file_is_checked_first(tmp_path, capsys, where, script):
+    # every format script (one shared main): checked before the raw files are read, which do not even exist here
+    import importlib
     blocker = tmp_path / "formatted.npy"
     blocker.write_text("a file")
     save = blocker if where == "file" else blocker / "out"
-    rc = fp.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(save)])
+    module = importlib.import_module(f"preproc.format_{script}")
+    rc = module.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(save)])
     err = _one_error_line(capsys.readouterr().err)
     assert rc == 1
     assert f"cannot write to {save}: {blocker} is a file, not a folder" in err and "--save-path" in err
