@@ -10,9 +10,16 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from losses import LOSSES
+from losses import LOSSES, check_hyperparameters
 
-LOSS_NAMES = tuple(LOSSES)  # every registered loss: bce, iun, an, EM, EM_APL
+LOSS_NAMES = tuple(LOSSES)  # every registered loss
+# Settings that only some losses read: each loss's own hyperparameters (losses.py), and APL's schedule.
+APL_SETTINGS = ("neg_proportion", "warmup_epoch")
+
+
+def _loss_default(field: str) -> float:
+    """The default of a baseline loss's hyperparameter, as its function in losses.py declares it."""
+    return next(fn.defaults[field] for fn in LOSSES.values() if field in getattr(fn, "defaults", {}))
 
 # Shared by every real dataset (the original's fixed settings).
 _REAL = dict(arch="resnet50", weights="imagenet", image_size=448, num_epochs=10, num_workers=8)
@@ -50,6 +57,15 @@ class Config:
     image_size: int = 448
     num_epochs: int = 10
     num_workers: int = 8
+    # hyperparameters of the baselines of the paper's table (losses.py; not in Zhou et al.'s code)
+    ls_eps: float = _loss_default("ls_eps")
+    nls_eps: float = _loss_default("nls_eps")
+    reg_lambda: float = _loss_default("reg_lambda")
+    entmin_lambda: float = _loss_default("entmin_lambda")
+    focal_gamma: float = _loss_default("focal_gamma")
+    asl_gamma_neg: float = _loss_default("asl_gamma_neg")
+    asl_gamma_pos: float = _loss_default("asl_gamma_pos")
+    asl_clip: float = _loss_default("asl_clip")
     # fixed in the original
     seed: int = 1200  # numpy global seed
     split_seed: int = 1200
@@ -72,6 +88,16 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def loss_hyperparameters(self) -> dict:
+        """The hyperparameters the chosen loss takes, with their values (passed to it, and kept in results.json)."""
+        return {k: getattr(self, k) for k in LOSSES[self.loss].hyperparameters}
+
+    def unused_settings(self, given: set[str]) -> list[str]:
+        """Those of the `given` fields (set on the command line) that the chosen loss does not read."""
+        per_loss = {k for fn in LOSSES.values() for k in fn.hyperparameters} | set(APL_SETTINGS)
+        used = set(LOSSES[self.loss].hyperparameters) | (set(APL_SETTINGS) if self.loss == "EM_APL" else set())
+        return sorted(k for k in given if k in per_loss and k not in used)
 
 
 def build_config(dataset: str, **overrides) -> Config:
@@ -102,10 +128,7 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"--num-workers must be >= 0, got {cfg.num_workers}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
-    for field in ("alpha", "beta"):
-        value = getattr(cfg, field)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{_flag(field)} must be a finite number >= 0, got {value}")
+    check_hyperparameters(cfg.loss, cfg.to_dict())  # the chosen loss's own (alpha, beta, gammas, eps, ...)
     if not 0.0 <= cfg.neg_proportion <= 1.0:  # also rejects NaN
         raise ValueError(f"--neg-proportion must be in [0, 1], got {cfg.neg_proportion}")
     if cfg.loss == "EM_APL" and not 1 <= cfg.warmup_epoch < cfg.num_epochs:

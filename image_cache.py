@@ -32,7 +32,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, DataError, MultilabelDataset
-from fileio import write_atomic
+from fileio import remove_stale_temporaries, write_atomic
 
 CACHE_MODES = ("off", "ram", "disk")
 HEADER_BYTES = 4096
@@ -46,20 +46,23 @@ class _Decoded(Dataset):
     """Image i decoded and resized exactly as the faithful transform's first step, as a uint8 HWC array."""
 
     def __init__(self, image_root: Path, image_paths: np.ndarray, image_size: int) -> None:
-        self.image_root, self.image_paths = image_root, image_paths
+        self.image_root, self.image_paths, self.image_size = image_root, image_paths, image_size
         self.resize = transforms.Resize((image_size, image_size))  # the faithful path's own Resize
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        """(i, image, error): an unreadable image gives a blank one and the message, which `_fill` raises in the
+        main process (raised in a worker, it would come back buried in traceback text)."""
         path = self.image_root / str(self.image_paths[i])
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")
         except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
-        return i, torch.from_numpy(np.asarray(self.resize(image), dtype=np.uint8).copy())
+            blank = torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8)
+            return i, blank, f"cannot read image {path}: {exc}"
+        return i, torch.from_numpy(np.asarray(self.resize(image), dtype=np.uint8).copy()), ""
 
 
 def _fill(out: np.ndarray, dataset: MultilabelDataset, image_size: int, num_workers: int, desc: str) -> None:
@@ -67,16 +70,27 @@ def _fill(out: np.ndarray, dataset: MultilabelDataset, image_size: int, num_work
     its own random generator, so building draws nothing from the run's random streams."""
     loader = DataLoader(_Decoded(dataset.image_root, dataset.image_paths, image_size), batch_size=32,
                         num_workers=num_workers, generator=torch.Generator())
-    for idx, images in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+    for idx, images, errors in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+        for error in errors:
+            if error:
+                raise DataError(error)
         out[idx.numpy()] = images.numpy()
 
 
 def _key(dataset: MultilabelDataset, image_size: int) -> dict:
-    """What a cache was built from; any difference means it is stale."""
+    """What a cache was built from; any difference means it is stale: the image list, and the files' total size
+    and latest modification time (images replaced under the same names), the size and the decoding libraries."""
     names = "\n".join(str(p) for p in dataset.image_paths).encode()
+    total_bytes, latest = 0, 0
+    for name in dataset.image_paths:
+        try:
+            stat = (dataset.image_root / str(name)).stat()
+            total_bytes, latest = total_bytes + stat.st_size, max(latest, stat.st_mtime_ns)
+        except OSError:
+            pass  # reported when the image is read
     return {"format": FORMAT, "image_size": image_size, "num_images": len(dataset),
-            "images_sha256": hashlib.sha256(names).hexdigest(), "pil": PIL.__version__,
-            "torchvision": torchvision.__version__}
+            "images_sha256": hashlib.sha256(names).hexdigest(), "images_bytes": total_bytes,
+            "images_mtime_ns": latest, "pil": PIL.__version__, "torchvision": torchvision.__version__}
 
 
 def cache_bytes(num_images: int, image_size: int) -> int:
@@ -129,6 +143,8 @@ def _disk_cache(dataset: MultilabelDataset, image_size: int, path: Path, num_wor
     key = _key(dataset, image_size)
     reason = _stale_reason(path, key)
     if reason is not None:
+        for leftover in remove_stale_temporaries(path.parent):  # of a build that was killed (kill -9)
+            print(f"removed {leftover}, left by an interrupted cache build")
         size = cache_bytes(len(dataset), image_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         if reason != "none yet":
@@ -147,6 +163,8 @@ def _disk_cache(dataset: MultilabelDataset, image_size: int, path: Path, num_wor
             _fill(out, dataset, image_size, num_workers, f"cache {path.name}")
             out.flush()
             del out
+            with open(tmp, "rb+") as f:  # on the disk before it gets its final name (power loss)
+                os.fsync(f.fileno())
         write_atomic(path, write)
         print(f"  built in {time.time() - start:.0f} s")
     return np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES,
@@ -210,11 +228,11 @@ class CachedLoader:
             flips = torch.tensor([bool(torch.rand(1, generator=generator) < 0.5) if self.flip else False
                                   for _ in indices])
             rows = np.asarray(indices)
-            images = torch.from_numpy(self.images[rows])
-            yield {"image": images.pin_memory() if self.pin_memory else images, "flip": flips,
-                   "label_vec_obs": torch.from_numpy(self.dataset.labels_obs[rows]).float(),
-                   "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows]).float(),
-                   "idx": torch.from_numpy(rows)}
+            batch = {"image": torch.from_numpy(self.images[rows]), "flip": flips,
+                     "label_vec_obs": torch.from_numpy(self.dataset.labels_obs[rows]).float(),
+                     "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows]).float(),
+                     "idx": torch.from_numpy(rows)}
+            yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
 
 _NORMALISE: dict[torch.device, tuple[torch.Tensor, ...]] = {}

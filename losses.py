@@ -10,7 +10,10 @@ with soft target q (written by APL).
 With p = sigmoid(logits) and eps = 1e-5 (always added inside the log, never clamped):
     neg_log(x) = -log(x + eps)
     H(p)       = p * neg_log(p) + (1 - p) * neg_log(1 - p)           (entropy)
-To add a loss: write one function with the docstring formula and decorate it with @register("name").
+To add a loss: write one function with the docstring formula and decorate it with @register("name", ranges=...).
+Its hyperparameters are keyword-only parameters named as the Config fields (flag "--" + name with "_" -> "-");
+those with a default may be left out of `compute_loss`; `ranges` gives each one's valid interval, which
+`check_hyperparameters` checks (the CLI calls it before a run starts).
 
 Values and gradients equal the original's bit for bit, in both ways of filling (tests/test_losses.py checks
 them with torch.equal against an independent copy of the original's code): see `Entries`.
@@ -18,7 +21,9 @@ them with torch.equal against an independent copy of the original's code): see `
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -26,12 +31,58 @@ EPS = 1e-5
 LOSSES: dict[str, Callable[..., None]] = {}
 
 
-def register(name: str, negative_obs: bool = False) -> Callable:
-    """Add a loss under `name`; its keyword-only parameters are the hyperparameters it takes. `negative_obs`:
-    the loss reads negative observed labels (-q); the others refuse them, and main.py checks that at load time."""
+@dataclass(frozen=True)
+class Range:
+    """A real interval for a hyperparameter; closed unless an end is marked open, and always open at +-inf
+    (so inf and nan are never valid). str() gives the usual notation, e.g. "[0, 1)"."""
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        lo_ok = x > self.lo if (self.lo_open or math.isinf(self.lo)) else x >= self.lo
+        hi_ok = x < self.hi if (self.hi_open or math.isinf(self.hi)) else x <= self.hi
+        return bool(lo_ok and hi_ok)
+
+    def __str__(self) -> str:
+        def num(v: float) -> str:
+            return ("-inf" if v < 0 else "inf") if math.isinf(v) else f"{v:g}"
+        left = "(" if (self.lo_open or math.isinf(self.lo)) else "["
+        right = ")" if (self.hi_open or math.isinf(self.hi)) else "]"
+        return f"{left}{num(self.lo)}, {num(self.hi)}{right}"
+
+
+NON_NEGATIVE = Range(0.0, math.inf)
+# Every hyperparameter of every registered loss, with its valid range (filled by `register`; one range per name).
+HYPERPARAMETER_RANGES: dict[str, Range] = {}
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a hyperparameter (Config field): "--" + name with "_" -> "-"."""
+    return "--" + field.replace("_", "-")
+
+
+def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None) -> Callable:
+    """Add a loss under `name`; its keyword-only parameters are the hyperparameters it takes (those with a default
+    are optional). `negative_obs`: the loss reads negative observed labels (-q); the others refuse them, and
+    main.py checks that at load time. `ranges`: the valid `Range` of every hyperparameter (all must have one)."""
+    ranges = dict(ranges or {})
+
     def add(fn: Callable) -> Callable:
-        fn.hyperparameters = tuple(k for k, v in inspect.signature(fn).parameters.items()
-                                   if v.kind is inspect.Parameter.KEYWORD_ONLY)
+        params = [v for v in inspect.signature(fn).parameters.values() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+        fn.hyperparameters = tuple(v.name for v in params)
+        fn.required = tuple(v.name for v in params if v.default is inspect.Parameter.empty)
+        fn.defaults = {v.name: v.default for v in params if v.default is not inspect.Parameter.empty}
+        if set(ranges) != set(fn.hyperparameters):
+            raise TypeError(f"loss {name!r}: ranges {sorted(ranges)} must cover exactly its hyperparameters "
+                            f"{sorted(fn.hyperparameters)}")
+        for k, r in ranges.items():
+            if HYPERPARAMETER_RANGES.setdefault(k, r) != r:
+                raise TypeError(f"loss {name!r}: {k} has range {r}, another loss gives it {HYPERPARAMETER_RANGES[k]}")
+            if k in fn.defaults and fn.defaults[k] not in r:
+                raise TypeError(f"loss {name!r}: default {k} = {fn.defaults[k]} is outside {r}")
+        fn.ranges = ranges
         fn.negative_obs = negative_obs
         LOSSES[name] = fn
         return fn
@@ -98,7 +149,7 @@ def assume_negative(e: Entries, obs: torch.Tensor, true: torch.Tensor) -> None:
     e.set(obs == 0, neg_log(1 - e.p(obs == 0)))
 
 
-@register("EM")
+@register("EM", ranges={"alpha": NON_NEGATIVE})
 def entropy_maximisation(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, alpha: float) -> None:
     """Entropy maximisation: obs = 1 -> neg_log(p); obs = 0 -> -alpha * H(p).
 
@@ -111,7 +162,7 @@ def entropy_maximisation(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, a
     e.set(u, -alpha * (e.p(u) * neg_log(e.p(u)) + (1 - e.p(u)) * neg_log(1 - e.p(u))))
 
 
-@register("EM_APL", negative_obs=True)
+@register("EM_APL", negative_obs=True, ranges={"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE})
 def entropy_maximisation_apl(e: Entries, obs: torch.Tensor, true: torch.Tensor, *,
                              alpha: float, beta: float) -> None:
     """EM plus asymmetric pseudo-labels: obs = 1 -> neg_log(p); obs = 0 -> -alpha * H(p);
@@ -128,6 +179,152 @@ def entropy_maximisation_apl(e: Entries, obs: torch.Tensor, true: torch.Tensor, 
     e.set(pseudo, beta * (q * neg_log(e.p(pseudo)) + (1 - q) * neg_log(1 - e.p(pseudo))))
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Comparison methods of the paper's table (docs/baselines.md). Zhou et al.'s code has none of them: each docstring
+# names its source, and "reconstruction" where the paper's configuration could not be read. All take obs in {0, 1}.
+
+EPS_RANGE = Range(-1.0, 1.0)  # label-smoothing rates; negative ones (N-LS) put the targets outside [0, 1]
+
+
+@register("dw")
+def down_weighted(e: Entries, obs: torch.Tensor, true: torch.Tensor) -> None:
+    """DW (down-weighted assume negative): obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p) / (C - 1).
+
+    Source: Cole et al. 2021, "Multi-label learning from single positive labels", `loss_wan` (the same
+    division by the Python float C - 1).
+    """
+    e.set(obs == 1, neg_log(e.p(obs == 1)))
+    e.set(obs == 0, neg_log(1.0 - e.p(obs == 0)) / float(obs.shape[1] - 1))
+
+
+def _label_smoothing(e: Entries, obs: torch.Tensor, eps: float) -> None:
+    """obs = 1 -> (1 - eps) neg_log(p) + eps neg_log(1 - p); obs = 0 -> (1 - eps) neg_log(1 - p) + eps neg_log(p)."""
+    e.set(obs == 1, (1.0 - eps) * neg_log(e.p(obs == 1)) + eps * neg_log(1.0 - e.p(obs == 1)))
+    e.set(obs == 0, (1.0 - eps) * neg_log(1.0 - e.p(obs == 0)) + eps * neg_log(e.p(obs == 0)))
+
+
+@register("ls", ranges={"ls_eps": EPS_RANGE})
+def label_smoothing(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, ls_eps: float = 0.1) -> None:
+    """LS (assume negative with label smoothing), eps = ls_eps:
+    obs = 1 -> (1 - eps) neg_log(p) + eps neg_log(1 - p);  obs = 0 -> (1 - eps) neg_log(1 - p) + eps neg_log(p).
+
+    Source: Cole et al. 2021, `loss_an_ls` (their `ls_coef` = 0.1, our default).
+    """
+    _label_smoothing(e, obs, ls_eps)
+
+
+@register("nls", ranges={"nls_eps": EPS_RANGE})
+def negative_label_smoothing(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, nls_eps: float = -0.1) -> None:
+    """N-LS (negative label smoothing): the LS formula with a negative eps = nls_eps:
+    obs = 1 -> (1 - eps) neg_log(p) + eps neg_log(1 - p);  obs = 0 -> (1 - eps) neg_log(1 - p) + eps neg_log(p).
+
+    Source: Wei et al., ICML 2022, "To smooth or not? When label smoothing meets noisy labels" (generalized label
+    smoothing with rate r < 0, which for one sigmoid output is this formula with eps = r / 2). Zhou et al.'s rate
+    is unknown: the default -0.1 (r = -0.2) is our reconstruction.
+    """
+    _label_smoothing(e, obs, nls_eps)
+
+
+@register("l1r", ranges={"reg_lambda": NON_NEGATIVE})
+def l1_regularised(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, reg_lambda: float = 0.1) -> None:
+    """L1R: obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p) + lambda * |p|   (lambda = reg_lambda).
+
+    Reconstruction (the paper's definition could not be read): AN plus an L1 penalty on the unknown entries'
+    predictions (not on the weights); |p| = p for a sigmoid output. Like every term it is divided by B * C.
+    Source: the L1R row of Zhou et al. 2022's table (no public code); the formula is ours.
+    """
+    e.set(obs == 1, neg_log(e.p(obs == 1)))
+    u = obs == 0
+    e.set(u, neg_log(1.0 - e.p(u)) + reg_lambda * e.p(u).abs())
+
+
+@register("l2r", ranges={"reg_lambda": NON_NEGATIVE})
+def l2_regularised(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, reg_lambda: float = 0.1) -> None:
+    """L2R: obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p) + lambda * p^2   (lambda = reg_lambda).
+
+    Reconstruction (the paper's definition could not be read): AN plus an L2 penalty on the unknown entries'
+    predictions (not on the weights). Like every term it is divided by B * C.
+    Source: the L2R row of Zhou et al. 2022's table (no public code); the formula is ours.
+    """
+    e.set(obs == 1, neg_log(e.p(obs == 1)))
+    u = obs == 0
+    e.set(u, neg_log(1.0 - e.p(u)) + reg_lambda * e.p(u) ** 2)
+
+
+@register("entmin", ranges={"entmin_lambda": NON_NEGATIVE})
+def entropy_minimisation(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, entmin_lambda: float = 0.1) -> None:
+    """EntMin: obs = 1 -> neg_log(p); obs = 0 -> +lambda * H(p)   (lambda = entmin_lambda).
+
+    Reconstruction: entropy minimisation on the unknown entries, the sign flip of EM; no negative term, so nothing
+    stops all predictions going to 1 (the paper's EntMin row collapses).
+    Source: Grandvalet & Bengio, NeurIPS 2004, "Semi-supervised learning by entropy minimization"; the EntMin row
+    of Zhou et al. 2022's table (no public code).
+    """
+    e.set(obs == 1, neg_log(e.p(obs == 1)))
+    u = obs == 0
+    e.set(u, entmin_lambda * (e.p(u) * neg_log(e.p(u)) + (1 - e.p(u)) * neg_log(1 - e.p(u))))
+
+
+@register("focal", ranges={"focal_gamma": NON_NEGATIVE})
+def focal(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, focal_gamma: float = 2.0) -> None:
+    """Focal loss on AN targets: obs = 1 -> (1 - p)^gamma neg_log(p); obs = 0 -> p^gamma neg_log(1 - p).
+
+    The focusing weight is differentiated (as in the focal loss); no alpha balancing. gamma = focal_gamma,
+    default 2 (Lin et al.'s). For 0 < gamma < 1 the weight's derivative is infinite where p rounds to exactly
+    0 or 1, which makes the gradient nan; use gamma = 0 or >= 1 with saturating logits.
+    Source: Lin et al., ICCV 2017, "Focal loss for dense object detection"; unknowns taken as negatives.
+    """
+    pos = obs == 1
+    e.set(pos, (1 - e.p(pos)) ** focal_gamma * neg_log(e.p(pos)))
+    u = obs == 0
+    e.set(u, e.p(u) ** focal_gamma * neg_log(1 - e.p(u)))
+
+
+@register("asl", ranges={"asl_gamma_neg": NON_NEGATIVE, "asl_gamma_pos": NON_NEGATIVE,
+                         "asl_clip": Range(0.0, 1.0, hi_open=True)})
+def asymmetric(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, asl_gamma_neg: float = 4.0,
+               asl_gamma_pos: float = 0.0, asl_clip: float = 0.05) -> None:
+    """ASL on AN targets, with p_m = max(p - clip, 0):
+    obs = 1 -> w_pos * neg_log(p),      w_pos = (1 - p)^gamma_pos;
+    obs = 0 -> w_neg * neg_log(1 - p_m), w_neg = p_m^gamma_neg;
+    the weights w are constants for autograd (computed under torch.no_grad, as the official code with
+    `disable_torch_grad_focal_loss=True`, its default and the setting of its training scripts); below the clip
+    an unknown entry has no gradient. Defaults gamma_neg = 4, gamma_pos = 0, clip = 0.05 (the official ones for
+    multi-label training). eps is added inside the log (neg_log) rather than the official clamp(min=1e-8).
+    Source: Ridnik et al., ICCV 2021, "Asymmetric loss for multi-label classification" (`AsymmetricLoss`);
+    unknowns taken as negatives.
+    """
+    pos = obs == 1
+    with torch.no_grad():
+        w_pos = (1 - e.p(pos)) ** asl_gamma_pos
+    e.set(pos, w_pos * neg_log(e.p(pos)))
+    u = obs == 0
+    with torch.no_grad():
+        w_neg = (e.p(u) - asl_clip).clamp(min=0) ** asl_gamma_neg
+    e.set(u, w_neg * neg_log(1 - (e.p(u) - asl_clip).clamp(min=0)))
+
+
+def check_hyperparameters(name: str, values: Mapping[str, object]) -> None:
+    """Raise ValueError, naming the flag, if a hyperparameter of loss `name` in `values` lies outside its range.
+
+    `values` may hold any fields (e.g. the whole Config): only those the loss takes are checked, and a missing
+    or None one is left to its default (its absence for a required one is compute_loss's TypeError).
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
+    fn = LOSSES[name]
+    for k in fn.hyperparameters:
+        v = values.get(k)
+        if v is None:
+            continue
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{flag(k)} must be a number in {fn.ranges[k]} for loss {name}, got {v!r}") from None
+        if isinstance(v, bool) or x not in fn.ranges[k]:
+            raise ValueError(f"{flag(k)} must be in {fn.ranges[k]} for loss {name}, got {v!r}")
+
+
 def check_observed(name: str, obs: torch.Tensor) -> None:
     """The original's asserts on a batch's labels: obs in [-1, 1], and >= 0 unless the loss reads negatives.
     Each check reads the labels back to the host; the training loop runs them once at load time instead."""
@@ -140,7 +337,8 @@ def check_observed(name: str, obs: torch.Tensor) -> None:
 
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
                  checked: bool = False, where: bool = False, **hparams: float) -> torch.Tensor:
-    """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored.
+    """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored; one it
+    takes that is absent or None gets its default (TypeError if it has none, e.g. EM's alpha).
 
     `checked=True`: the labels were validated already (`check_observed`), skip the checks. `where=True`: fill
     by torch.where (see `Entries`). With both, nothing here waits for the device: the same bits, no sync.
@@ -151,7 +349,8 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
         raise ValueError(f"logits, obs and true must be (B, C) of one shape, got {tuple(logits.shape)}, "
                          f"{tuple(obs.shape)}, {tuple(true.shape)}")
     fn = LOSSES[name]
-    missing = [k for k in fn.hyperparameters if k not in hparams]
+    given = {k: hparams[k] for k in fn.hyperparameters if hparams.get(k) is not None}
+    missing = [k for k in fn.required if k not in given]
     if missing:
         raise TypeError(f"loss {name!r} needs hyperparameter(s) {missing}")
     if not checked:
@@ -159,7 +358,7 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     entries = Entries(logits, where)
-    fn(entries, obs, true, **{k: hparams[k] for k in fn.hyperparameters})
+    fn(entries, obs, true, **given)
     # divide by a tensor holding B * C, then sum, as the original: on CUDA, dividing by a Python number
     # multiplies by its reciprocal instead, which differs in the last bit
     denominator = entries.loss.numel() * torch.ones_like(entries.loss)

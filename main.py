@@ -47,6 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--beta", type=float, help="APL weight on the pseudo-labelled entries")
     g.add_argument("--neg-proportion", type=float, help="APL: share theta of the unknowns pseudo-labelled in all")
     g.add_argument("--warmup-epoch", type=int, help="APL: first epoch (1-based) after which pseudo-labels are added")
+    b = p.add_argument_group("hyperparameters of the baselines (default: losses.py; README 'The paper's table')")
+    b.add_argument("--ls-eps", type=float, help="ls: label-smoothing eps in [-1, 1] (default 0.1, Cole et al.)")
+    b.add_argument("--nls-eps", type=float, help="nls: negative label-smoothing eps in [-1, 1] (default -0.1)")
+    b.add_argument("--reg-lambda", type=float, help="l1r, l2r: weight of the penalty on unknowns (default 0.1)")
+    b.add_argument("--entmin-lambda", type=float, help="entmin: weight of the entropy on unknowns (default 0.1)")
+    b.add_argument("--focal-gamma", type=float, help="focal: focusing parameter >= 0 (default 2)")
+    b.add_argument("--asl-gamma-neg", type=float, help="asl: negative focusing >= 0 (default 4)")
+    b.add_argument("--asl-gamma-pos", type=float, help="asl: positive focusing >= 0 (default 0)")
+    b.add_argument("--asl-clip", type=float, help="asl: probability margin in [0, 1) (default 0.05)")
     m = p.add_argument_group("model and data")
     m.add_argument("--arch", help="torchvision backbone (original: resnet50)")
     m.add_argument("--weights", help="'imagenet' (torchvision IMAGENET1K_V1), 'random', or a state-dict path")
@@ -201,37 +210,59 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    ignored = cfg.unused_settings({k for k, v in overrides.items() if v is not None})
+    for field in ignored:  # reported, not silently dropped
+        print(f"warning: --{field.replace('_', '-')} is ignored: -l {cfg.loss} does not use it")
 
     import torch
     from datasets import DataError, build_datasets
-    from fileio import OutputError
     from image_cache import make_loaders
     from models import WeightsError, build_model, check_model_runs
-    from train import NonFiniteLossError, build_engine, fit
+    from train import build_engine
 
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.pytorch_seed)
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
-    try:  # everything a user can get wrong is checked here, before a run folder exists
-        prepare_results_dir(cfg.results_dir)
-        datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant,
-                                  cfg.val_frac, cfg.split_seed)
-        check_observed_labels(cfg, datasets)
-        model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
-        check_model_runs(model, cfg.arch, cfg.image_size, device, len(datasets["train"]) % cfg.batch_size)
-        engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark)
-        loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
-                               cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache")
-        run_dir = make_run_dir(cfg)
-    except (DataError, WeightsError, ValueError, OSError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # from here on, kill = Ctrl-C
+    try:
+        try:  # everything a user can get wrong is checked here, before a run folder exists
+            prepare_results_dir(cfg.results_dir)
+            datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant,
+                                      cfg.val_frac, cfg.split_seed)
+            check_observed_labels(cfg, datasets)
+            model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
+            # the size of the last training batch (every batch, with --batch-size 1)
+            check_model_runs(model, cfg.arch, cfg.image_size, device,
+                             len(datasets["train"]) % cfg.batch_size or cfg.batch_size)
+            engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark)
+            loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
+                                   cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache")
+            run_dir = make_run_dir(cfg)
+        except (DataError, WeightsError, ValueError, OSError) as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:
+            print(f"interrupted ({str(exc) or 'Ctrl-C'}) before training started: no run folder was made",
+                  file=sys.stderr)
+            return 143 if isinstance(exc, Terminated) else 130
+        return _train_in(run_dir, cfg, device, datasets, engine, loaders, ignored)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
-    sys.stdout = _Tee(sys.stdout, run_dir / "console.log")
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+
+def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loaders: dict, ignored: list[str]) -> int:
+    """The run itself, its console copied into console.log; returns the exit code."""
+    from datasets import DataError
+    from fileio import OutputError
+    from train import NonFiniteLossError, fit
+
+    sys.stdout = tee = _Tee(sys.stdout, run_dir / "console.log")
 
     def report(message: str) -> None:  # the last word, on the console and in console.log
-        sys.stdout.file.write(message + "\n")
+        try:
+            tee.file.write(message + "\n")
+        except OSError:  # a full disk: the console still gets it
+            pass
         print(message, file=sys.stderr)
 
     try:
@@ -243,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.loss == "EM_APL" and (datasets["train"].labels_obs == -1).any():
             print("warning: the observed labels hold negatives (-1); EM_APL reads -q as a pseudo-label with target q, "
                   "so -1 pushes those entries towards 1 (as the original does): generate them with --num-neg 0")
-        results = {"config": cfg.to_dict(), "environment": environment(device), "chance_test_map": chance}
+        results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
+                   "ignored_flags": [f"--{k.replace('_', '-')}" for k in ignored],
+                   "environment": environment(device), "chance_test_map": chance}
         try:
             results = fit(engine, loaders, datasets, cfg, run_dir, results)
         except KeyboardInterrupt as exc:
@@ -259,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results: {run_dir / 'results.json'}")
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-        sys.stdout.flush()
-        sys.stdout.file.close()
-        sys.stdout = sys.stdout.stream
+        sys.stdout = tee.stream
+        try:
+            tee.file.close()  # flushes; may fail on a full disk
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -155,6 +155,10 @@ def check_model_runs(model: nn.Module, arch: str, image_size: int, device: torch
         for batch in sizes:
             try:
                 probe(torch.zeros(batch, 3, image_size, image_size, device=device))
+            except torch.OutOfMemoryError as exc:  # not a shape problem: the GPU is full (or shared)
+                raise ValueError(f"the GPU ran out of memory on a batch of {batch} images of {arch} at --image-size "
+                                 f"{image_size}: free the GPU (other processes?) or choose a smaller --image-size "
+                                 f"or --arch") from exc
             except (RuntimeError, ValueError, AssertionError, TypeError) as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 if batch == 1:

@@ -176,7 +176,7 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         # labels were checked once at load time; torch.where filling gives the original's bits without a sync
         loss = compute_loss(cfg.loss, logits, batch["label_vec_obs"].to(engine.device, non_blocking=True),
                             batch["label_vec_true"].to(engine.device, non_blocking=True),
-                            checked=True, where=True, alpha=cfg.alpha, beta=cfg.beta)
+                            checked=True, where=True, **cfg.loss_hyperparameters())
         optimizer.zero_grad()
         scaler.scale(loss).backward()  # no scaling unless --amp fp16
         scaler.step(optimizer)

@@ -51,7 +51,8 @@ FILES = [f"formatted_{phase}_{kind}.npy" for phase in ("train", "val")
 MARKER = ".demo-complete"  # written last: a folder without it (or with another version's) is never used
 FORMAT_VERSION = 2  # 1: the generator before the completion marker
 README = "README.md"  # the repository ships data/demo/README.md: always kept
-KNOWN_NAMES = frozenset([*FILES, "images", "classes.txt", MARKER, README])
+# "cache": --image-cache disk's folder (derived from the images; dropped when the demo is regenerated)
+KNOWN_NAMES = frozenset([*FILES, "images", "classes.txt", MARKER, README, "cache"])
 _IMAGE_NAME = re.compile(r"^\d+\.png$")
 
 

@@ -120,9 +120,11 @@ def test_an_input_size_the_architecture_cannot_take(tmp_path, capsys, arch, size
     assert run_folders(tmp_path) == []
 
 
-def test_a_last_batch_of_one_image_that_batchnorm_cannot_train(tmp_path, capsys):
-    # 10 official train rows -> 8 train images; batch 7 leaves 1, and resnet18 at 32 px ends in 1 x 1 maps
-    assert run(tmp_path, "--batch-size", "7") == 2
+@pytest.mark.parametrize("batch_size", ["7", "1"])
+def test_a_last_batch_of_one_image_that_batchnorm_cannot_train(tmp_path, capsys, batch_size):
+    # 10 official train rows -> 8 train images; batch 7 leaves 1 (batch 1: every batch), and resnet18 at 32 px
+    # ends in 1 x 1 maps
+    assert run(tmp_path, "--batch-size", batch_size) == 2
     err = one_line_error(capsys)
     assert "single image" in err and "--batch-size" in err and "BatchNorm" in err
     assert run_folders(tmp_path) == []
@@ -236,6 +238,27 @@ def test_a_full_disk_keeps_the_finished_epoch_and_says_no_space(tmp_path, capsys
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "failed" and list(results["epochs"]) == ["1"]  # written before the checkpoint
     assert sorted(p.name for p in folder.iterdir()) == ["console.log", "results.json"]  # no temporaries left
+
+
+def test_a_full_disk_that_also_refuses_console_log(tmp_path, capsys, monkeypatch):
+    class FullFile:  # console.log on a full disk: every write, flush and close fails
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        flush = close = lambda self: FullFile.write(self, "")
+
+    real_init = main._Tee.__init__
+
+    def tee_init(self, stream, path):
+        real_init(self, stream, path)
+        self.file.close()
+        self.file = FullFile()
+    monkeypatch.setattr(main._Tee, "__init__", tee_init)
+    monkeypatch.setattr(train.torch, "save", lambda obj, path: FullFile().write(""))
+    stdout = sys.stdout
+    assert run(tmp_path, "--epochs", "2", "-l", "an") == 3
+    assert sys.stdout is stdout  # restored
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no space left" in err and "Traceback" not in err
 
 
 def test_leftovers_of_a_killed_run_are_cleaned_and_the_run_marked_killed(tmp_path, capsys):

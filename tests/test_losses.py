@@ -260,7 +260,7 @@ def test_pseudo_label_gradient_is_beta_p_minus_q_only(q):
 
 def test_unknown_loss_name():
     with pytest.raises(ValueError, match="unknown loss"):
-        compute_loss("focal", t(LOGITS), t(OBS), t(TRUE))
+        compute_loss("no_such_loss", t(LOGITS), t(OBS), t(TRUE))
 
 
 def test_shape_mismatch():

@@ -137,6 +137,45 @@ def test_a_valid_disk_cache_is_reused_and_a_stale_one_rebuilt(bird_root, tmp_pat
     assert "built from other pil" in out
 
 
+def test_an_unreadable_image_stops_the_build_with_its_name(bird_root, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "data"
+    # a copy (the symlinked image folder is copied, tests/data stays untouched)
+    shutil.copytree(bird_root / "pascal", root / "pascal", ignore=shutil.ignore_patterns("cache"), symlinks=False)
+    ds = build_datasets(root, "pascal", 40)["train"]
+    victim = root / "pascal" / "VOCdevkit" / "VOC2012" / "JPEGImages" / str(ds.image_paths[5])
+    victim.write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=rf"^cannot read image .*{victim.name}") as info:
+        build_cache(ds, 40, "ram", "x", tmp_path, num_workers=2)
+    assert "Traceback" not in str(info.value)
+
+
+def test_replaced_images_make_the_cache_stale(bird_root, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(bird_root / "pascal", root / "pascal", ignore=shutil.ignore_patterns("cache"), symlinks=False)
+    ds = build_datasets(root, "pascal", 40)["train"]
+    build_cache(ds, 40, "disk", "train", tmp_path, num_workers=0)
+    image = root / "pascal" / "VOCdevkit" / "VOC2012" / "JPEGImages" / str(ds.image_paths[0])
+    image.write_bytes(image.read_bytes())  # same name and bytes, newer file
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    build_cache(ds, 40, "disk", "train", tmp_path, num_workers=0)
+    assert "images_mtime_ns" in capsys.readouterr().out
+
+
+def test_leftover_of_a_killed_build_is_removed(bird_root, tmp_path, capsys):
+    import subprocess
+    import sys
+    import fileio
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f".train_40px.cache.{fileio._HOST}.{dead.pid}.0123abcd.tmp"
+    leftover.write_bytes(b"\0" * 1000)
+    build_cache(_datasets(bird_root)["train"], 40, "disk", "train", tmp_path, num_workers=0)
+    assert not leftover.exists() and "interrupted cache build" in capsys.readouterr().out
+
+
 def test_no_room_for_the_cache_stops_before_writing(bird_root, tmp_path, monkeypatch):
     ds = _datasets(bird_root)["train"]
     monkeypatch.setattr(image_cache.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())

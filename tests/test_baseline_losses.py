@@ -1,0 +1,425 @@
+"""Tests for the comparison losses of losses.py (docs/baselines.md): dw, ls, nls, l1r, l2r, entmin, focal, asl.
+
+Values are worked out entry by entry with `math`, independently of losses.py; gradients analytically. `dw` and
+`ls` are compared bit for bit with Cole et al.'s `loss_wan` / `loss_an_ls`, written here from the formulas in
+docs/baselines.md in their masked-assignment style. Every loss: 'masked' and 'where' filling give the same bits.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
+
+from losses import LOSSES, check_hyperparameters, compute_loss  # noqa: E402
+
+EPS = 1e-5
+
+# A 2 x 3 example: one observed positive per row, the rest unknown.
+LOGITS = [[0.5, -1.0, 2.0],
+          [-0.3, 1.5, 0.0]]
+OBS = [[1.0, 0.0, 0.0],
+       [0.0, 1.0, 0.0]]
+TRUE = [[1.0, 1.0, 0.0],
+        [0.0, 1.0, 1.0]]
+N = 6  # B * C
+POS = [(0, 0), (1, 1)]
+UNK = [(0, 1), (0, 2), (1, 0), (1, 2)]
+
+NEW = ["dw", "ls", "nls", "l1r", "l2r", "entmin", "focal", "asl"]
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def nl(x: float) -> float:
+    return -math.log(x + EPS)
+
+
+def ent(p: float) -> float:
+    return p * nl(p) + (1 - p) * nl(1 - p)
+
+
+def t(rows, requires_grad: bool = False) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64, requires_grad=requires_grad)
+
+
+def loss(name, logits=LOGITS, obs=OBS, true=TRUE, **hp) -> float:
+    return compute_loss(name, t(logits), t(obs), t(true), **hp).item()
+
+
+def grad_of(name, logits=LOGITS, obs=OBS, true=TRUE, **hp) -> torch.Tensor:
+    x = t(logits, requires_grad=True)
+    compute_loss(name, x, t(obs), t(true), **hp).backward()
+    return x.grad
+
+
+P = [[sig(x) for x in row] for row in LOGITS]
+
+
+def hand_total(pos_term, unk_term, logits=LOGITS) -> float:
+    p = [[sig(x) for x in row] for row in logits]
+    return (sum(pos_term(p[i][j]) for i, j in POS) + sum(unk_term(p[i][j]) for i, j in UNK)) / N
+
+
+# ------------------------------------------------------------------------------------------------------------
+# values by hand
+
+
+def test_dw_hand_values():
+    # C = 3: the unknown entries are divided by C - 1 = 2
+    expected = hand_total(nl, lambda p: nl(1 - p) / 2)
+    assert loss("dw") == pytest.approx(expected, rel=1e-12)
+    # and it is not AN (which would not divide)
+    assert loss("an") != pytest.approx(expected, rel=1e-3)
+
+
+def test_dw_divides_by_c_minus_1():
+    # one row, C = 5, all logits 0: (neg_log(0.5) + 4 * neg_log(0.5) / 4) / 5 = 2 * neg_log(0.5) / 5
+    got = loss("dw", [[0.0] * 5], [[1.0, 0, 0, 0, 0]], [[1.0, 0, 0, 0, 0]])
+    assert got == pytest.approx(2 * nl(0.5) / 5, rel=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3, -0.2])
+def test_ls_hand_values(eps):
+    expected = hand_total(lambda p: (1 - eps) * nl(p) + eps * nl(1 - p),
+                          lambda p: (1 - eps) * nl(1 - p) + eps * nl(p))
+    assert loss("ls", ls_eps=eps) == pytest.approx(expected, rel=1e-12)
+    assert loss("nls", nls_eps=eps) == pytest.approx(expected, rel=1e-12)
+
+
+def test_ls_and_nls_defaults():
+    ls_expected = hand_total(lambda p: 0.9 * nl(p) + 0.1 * nl(1 - p), lambda p: 0.9 * nl(1 - p) + 0.1 * nl(p))
+    nls_expected = hand_total(lambda p: 1.1 * nl(p) - 0.1 * nl(1 - p), lambda p: 1.1 * nl(1 - p) - 0.1 * nl(p))
+    assert loss("ls") == pytest.approx(ls_expected, rel=1e-12)
+    assert loss("nls") == pytest.approx(nls_expected, rel=1e-12)
+    assert ls_expected != pytest.approx(nls_expected, rel=1e-3)
+    # a hyperparameter given as None takes the default too; other losses' hyperparameters are ignored
+    assert loss("nls", nls_eps=None, ls_eps=0.4, alpha=0.3) == pytest.approx(nls_expected, rel=1e-12)
+
+
+def test_negative_ls_pushes_harder_than_an_on_a_confident_positive():
+    # d/dg of LS at an observed positive: -(1 - eps) p (1 - p) / (p + eps') + eps p (1 - p) / (1 - p + eps')
+    x = 2.0
+    p = sig(x)
+    for eps in (0.1, -0.1):
+        g = grad_of("ls", [[x]], [[1.0]], [[1.0]], ls_eps=eps)[0, 0].item()
+        assert g == pytest.approx(-(1 - eps) * p * (1 - p) / (p + EPS) + eps * p * (1 - p) / (1 - p + EPS),
+                                  rel=1e-10)
+    g_nls = grad_of("nls", [[x]], [[1.0]], [[1.0]])[0, 0].item()
+    g_an = grad_of("an", [[x]], [[1.0]], [[1.0]])[0, 0].item()
+    assert g_nls < g_an < 0
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.5])
+def test_l1r_and_l2r_hand_values(lam):
+    assert loss("l1r", reg_lambda=lam) == pytest.approx(hand_total(nl, lambda p: nl(1 - p) + lam * abs(p)),
+                                                        rel=1e-12)
+    assert loss("l2r", reg_lambda=lam) == pytest.approx(hand_total(nl, lambda p: nl(1 - p) + lam * p * p),
+                                                        rel=1e-12)
+    # lambda = 0 is AN
+    assert loss("l1r", reg_lambda=0.0) == pytest.approx(loss("an"), rel=1e-12)
+    assert loss("l2r", reg_lambda=0.0) == pytest.approx(loss("an"), rel=1e-12)
+
+
+def test_l1r_l2r_defaults_and_gradients():
+    lam = 0.1
+    assert loss("l1r") == pytest.approx(hand_total(nl, lambda p: nl(1 - p) + lam * p), rel=1e-12)
+    assert loss("l2r") == pytest.approx(hand_total(nl, lambda p: nl(1 - p) + lam * p * p), rel=1e-12)
+    g1, g2 = grad_of("l1r"), grad_of("l2r")
+    for i, j in UNK:
+        p = P[i][j]
+        an = p * (1 - p) / (1 - p + EPS)
+        assert g1[i, j].item() == pytest.approx((an + lam * p * (1 - p)) / N, rel=1e-10)
+        assert g2[i, j].item() == pytest.approx((an + lam * 2 * p * p * (1 - p)) / N, rel=1e-10)
+    for i, j in POS:  # the penalty is on the unknown entries only
+        p = P[i][j]
+        assert g1[i, j].item() == pytest.approx(-p * (1 - p) / (p + EPS) / N, rel=1e-10)
+        assert g2[i, j].item() == pytest.approx(-p * (1 - p) / (p + EPS) / N, rel=1e-10)
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_entmin_hand_values(lam):
+    assert loss("entmin", entmin_lambda=lam) == pytest.approx(hand_total(nl, lambda p: lam * ent(p)), rel=1e-12)
+    # the sign flip of EM: EM(alpha) on the unknown entries is -alpha * H
+    em, entmin = loss("EM", alpha=lam), loss("entmin", entmin_lambda=lam)
+    pos = sum(nl(P[i][j]) for i, j in POS) / N
+    assert entmin - pos == pytest.approx(-(em - pos), rel=1e-12)
+
+
+def test_entmin_default_and_gradient_pushes_away_from_half():
+    lam = 0.1
+    assert loss("entmin") == pytest.approx(hand_total(nl, lambda p: lam * ent(p)), rel=1e-12)
+    g = grad_of("entmin")
+    for i, j in UNK:
+        x, p = LOGITS[i][j], P[i][j]
+        # d/dg H(sigmoid(g)) = -g p (1 - p) (eps ignored): gradient descent moves g away from 0
+        assert g[i, j].item() == pytest.approx(-lam * x * p * (1 - p) / N, rel=1e-3)
+    assert abs(g[1, 2].item()) < 1e-12  # logit 0 (p = 0.5): a stationary point of H
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 3.5])
+def test_focal_hand_values(gamma):
+    expected = hand_total(lambda p: (1 - p) ** gamma * nl(p), lambda p: p ** gamma * nl(1 - p))
+    assert loss("focal", focal_gamma=gamma) == pytest.approx(expected, rel=1e-12)
+    if gamma == 0.0:
+        assert loss("focal", focal_gamma=0.0) == pytest.approx(loss("an"), rel=1e-12)
+
+
+def test_focal_default_and_gradient_differentiates_the_weight():
+    g_ = 2.0
+    assert loss("focal") == pytest.approx(hand_total(lambda p: (1 - p) ** 2 * nl(p), lambda p: p ** 2 * nl(1 - p)),
+                                          rel=1e-12)
+    g = grad_of("focal")
+    for i, j in UNK:
+        p = P[i][j]
+        dp = p * (1 - p)
+        full = g_ * p ** (g_ - 1) * dp * nl(1 - p) + p ** g_ * dp / (1 - p + EPS)
+        assert g[i, j].item() == pytest.approx(full / N, rel=1e-10)
+    for i, j in POS:
+        p = P[i][j]
+        dp = p * (1 - p)
+        full = -g_ * (1 - p) ** (g_ - 1) * dp * nl(p) - (1 - p) ** g_ * dp / (p + EPS)
+        assert g[i, j].item() == pytest.approx(full / N, rel=1e-10)
+
+
+# ASL: logits chosen so that one unknown entry is below the clip (p = sigmoid(-4) = 0.018 < 0.05)
+ASL_LOGITS = [[0.5, -4.0, 2.0],
+              [-0.3, 1.5, 0.0]]
+
+
+def asl_hand(gneg, gpos, clip):
+    def pm(p):
+        return max(p - clip, 0.0)
+    return hand_total(lambda p: (1 - p) ** gpos * nl(p), lambda p: pm(p) ** gneg * nl(1 - pm(p)), ASL_LOGITS)
+
+
+@pytest.mark.parametrize("gneg,gpos,clip", [(4.0, 0.0, 0.05), (2.0, 1.0, 0.1), (0.0, 0.0, 0.0), (3.0, 2.0, 0.0)])
+def test_asl_hand_values(gneg, gpos, clip):
+    got = loss("asl", ASL_LOGITS, asl_gamma_neg=gneg, asl_gamma_pos=gpos, asl_clip=clip)
+    assert got == pytest.approx(asl_hand(gneg, gpos, clip), rel=1e-12)
+    if (gneg, gpos, clip) == (0.0, 0.0, 0.0):
+        assert got == pytest.approx(loss("an", ASL_LOGITS), rel=1e-12)
+
+
+def test_asl_defaults():
+    assert loss("asl", ASL_LOGITS) == pytest.approx(asl_hand(4.0, 0.0, 0.05), rel=1e-12)
+    assert loss("asl", ASL_LOGITS) != pytest.approx(asl_hand(4.0, 0.0, 0.0), rel=1e-6)  # the clip matters
+
+
+@pytest.mark.parametrize("gneg,gpos,clip", [(4.0, 0.0, 0.05), (2.0, 1.0, 0.1), (3.0, 2.0, 0.0)])
+def test_asl_focusing_weight_has_no_gradient(gneg, gpos, clip):
+    g = grad_of("asl", ASL_LOGITS, asl_gamma_neg=gneg, asl_gamma_pos=gpos, asl_clip=clip)
+    p = [[sig(x) for x in row] for row in ASL_LOGITS]
+    for i, j in UNK:
+        q = p[i][j]
+        dp = q * (1 - q)
+        m = max(q - clip, 0.0)
+        inside = 1.0 if q - clip > 0 else 0.0  # d p_m / d p
+        constant_w = m ** gneg * inside * dp / (1 - m + EPS)
+        differentiated = (constant_w + gneg * m ** (gneg - 1) * inside * dp * nl(1 - m)) if m > 0 else 0.0
+        assert g[i, j].item() == pytest.approx(constant_w / N, rel=1e-10, abs=1e-300)
+        if m > 0:
+            assert g[i, j].item() != pytest.approx(differentiated / N, rel=1e-3)
+        else:  # below the clip: no gradient at all
+            assert g[i, j].item() == 0.0
+    for i, j in POS:
+        q = p[i][j]
+        dp = q * (1 - q)
+        constant_w = -(1 - q) ** gpos * dp / (q + EPS)
+        assert g[i, j].item() == pytest.approx(constant_w / N, rel=1e-10)
+        if gpos > 0:
+            differentiated = constant_w - gpos * (1 - q) ** (gpos - 1) * dp * nl(q)
+            assert g[i, j].item() != pytest.approx(differentiated / N, rel=1e-3)
+
+
+def test_asl_gradient_equals_autograd_with_a_constant_weight():
+    # the same loss written with the weights as precomputed constants gives the same gradient (bit for bit in
+    # masked filling); with the weights left in the graph it differs
+    gneg, gpos, clip = 4.0, 1.0, 0.05
+    logits, obs = _batch(7)[:2]
+    obs = obs.float()
+    for detach in (True, False):
+        x = logits.clone().requires_grad_(True)
+        p = torch.sigmoid(x)
+        pm = (p - clip).clamp(min=0)
+        w_pos, w_neg = (1 - p) ** gpos, pm ** gneg
+        if detach:
+            w_pos, w_neg = w_pos.detach(), w_neg.detach()
+        mtx = torch.zeros_like(p)
+        mtx[obs == 1] = w_pos[obs == 1] * -torch.log(p[obs == 1] + EPS)
+        mtx[obs == 0] = w_neg[obs == 0] * -torch.log(1 - pm[obs == 0] + EPS)
+        (mtx / (mtx.numel() * torch.ones_like(mtx))).sum().backward()
+        y = logits.clone().requires_grad_(True)
+        compute_loss("asl", y, obs, obs, asl_gamma_neg=gneg, asl_gamma_pos=gpos, asl_clip=clip).backward()
+        if detach:
+            torch.testing.assert_close(y.grad, x.grad, rtol=1e-6, atol=1e-12)
+        else:
+            assert not torch.allclose(y.grad, x.grad, rtol=1e-3, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bit-identity with Cole et al.'s loss_wan and loss_an_ls (values and gradients, torch.equal)
+
+
+def _cole_style(name: str, logits: torch.Tensor, obs: torch.Tensor, ls_coef: float = 0.1) -> torch.Tensor:
+    """Cole et al.'s computation, written from docs/baselines.md in their style: preds = sigmoid(logits) once, a
+    zero matrix filled by masked assignment with preds[mask] indexed afresh at every use, divided elementwise by
+    a tensor of B * C and summed (their compute_batch_loss). Labels float32."""
+    preds = torch.sigmoid(logits)
+    observed_labels = obs.float()
+    batch_size, num_classes = preds.shape
+
+    def neg_log(x):
+        return -torch.log(x + 1e-5)
+
+    loss_mtx = torch.zeros_like(preds)
+    if name == "wan":
+        loss_mtx[observed_labels == 1] = neg_log(preds[observed_labels == 1])
+        loss_mtx[observed_labels == 0] = neg_log(1.0 - preds[observed_labels == 0]) / float(num_classes - 1)
+    elif name == "an_ls":
+        loss_mtx[observed_labels == 1] = (1.0 - ls_coef) * neg_log(preds[observed_labels == 1]) + \
+            ls_coef * neg_log(1.0 - preds[observed_labels == 1])
+        loss_mtx[observed_labels == 0] = (1.0 - ls_coef) * neg_log(1.0 - preds[observed_labels == 0]) + \
+            ls_coef * neg_log(preds[observed_labels == 0])
+    loss_denom_mtx = (num_classes * batch_size) * torch.ones_like(preds)
+    return (loss_mtx / loss_denom_mtx).sum()
+
+
+def _batch(seed: int, b: int = 16, c: int = 80):
+    gen = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(b, c, generator=gen)
+    true = (torch.rand(b, c, generator=gen) < 0.2).double()
+    true[torch.arange(b), torch.randint(0, c, (b,), generator=gen)] = 1.0
+    obs = torch.zeros(b, c, dtype=torch.float64)  # float64, as the dataset stores it
+    for row in range(b):
+        positives = true[row].nonzero().flatten()
+        obs[row, positives[torch.randint(0, len(positives), (1,), generator=gen)]] = 1.0
+    return logits, obs, true
+
+
+@pytest.mark.parametrize("where", [False, True], ids=["masked", "where"])
+@pytest.mark.parametrize("ours,cole,hp", [("dw", "wan", {}), ("ls", "an_ls", {}),
+                                          ("ls", "an_ls", {"ls_eps": 0.25}), ("nls", "an_ls", {"nls_eps": -0.1})])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_dw_and_ls_are_bit_identical_to_cole(ours, cole, hp, seed, where):
+    logits, obs, true = _batch(seed)
+    if seed == 3:  # saturated predictions: p rounds to exactly 0 or 1
+        logits = logits * 40
+    x = logits.clone().requires_grad_(True)
+    got = compute_loss(ours, x, obs, true, where=where, checked=where, **hp)
+    got.backward()
+    y = logits.clone().requires_grad_(True)
+    ref = _cole_style(cole, y, obs, ls_coef=next(iter(hp.values()), 0.1))
+    ref.backward()
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    assert torch.equal(x.grad, y.grad)
+    assert x.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 'masked' and 'where' filling: the same bits
+
+
+@pytest.mark.parametrize("name,hp", [("dw", {}), ("ls", {}), ("nls", {}), ("l1r", {}), ("l2r", {"reg_lambda": 0.7}),
+                                     ("entmin", {}), ("focal", {}), ("focal", {"focal_gamma": 1.0}),
+                                     ("asl", {}), ("asl", {"asl_gamma_pos": 1.0, "asl_clip": 0.0}),
+                                     ("asl", {"asl_gamma_neg": 2.0, "asl_gamma_pos": 3.0, "asl_clip": 0.2})])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_masked_and_where_filling_are_bit_identical(name, hp, seed):
+    logits, obs, true = _batch(seed)
+    if seed == 4:
+        logits = logits * 40
+    results = []
+    for where in (False, True):
+        x = logits.clone().requires_grad_(True)
+        value = compute_loss(name, x, obs, true, where=where, checked=where, **hp)
+        value.backward()
+        results.append((value, x.grad))
+    (v1, g1), (v2, g2) = results
+    assert torch.isfinite(v1) and torch.isfinite(g1).all()
+    assert torch.equal(v1, v2)
+    assert torch.equal(g1, g2)
+    assert g1.abs().sum() > 0
+
+
+def test_every_new_loss_is_registered_and_refuses_negative_obs():
+    for name in NEW:
+        assert name in LOSSES and not LOSSES[name].negative_obs
+        with pytest.raises(ValueError, match="negative"):
+            compute_loss(name, t(LOGITS), t([[1.0, -1.0, 0.0], [0.0, 1.0, 0.0]]), t(TRUE))
+        assert LOSSES[name].__doc__ and "Source" in LOSSES[name].__doc__
+
+
+def test_reconstructions_say_so():
+    for name in ("l1r", "l2r", "entmin", "nls"):
+        assert "reconstruction" in LOSSES[name].__doc__.lower()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# hyperparameters: defaults, optional in compute_loss, ranges
+
+
+def test_defaults_and_names():
+    assert LOSSES["ls"].defaults == {"ls_eps": 0.1}
+    assert LOSSES["nls"].defaults == {"nls_eps": -0.1}
+    assert LOSSES["l1r"].defaults == {"reg_lambda": 0.1}
+    assert LOSSES["l2r"].defaults == {"reg_lambda": 0.1}
+    assert LOSSES["entmin"].defaults == {"entmin_lambda": 0.1}
+    assert LOSSES["focal"].defaults == {"focal_gamma": 2.0}
+    assert LOSSES["asl"].defaults == {"asl_gamma_neg": 4.0, "asl_gamma_pos": 0.0, "asl_clip": 0.05}
+    assert LOSSES["dw"].hyperparameters == ()
+    # the five original losses keep alpha / beta required
+    assert LOSSES["EM"].required == ("alpha",) and LOSSES["EM_APL"].required == ("alpha", "beta")
+    for name in ("bce", "iun", "an"):
+        assert LOSSES[name].hyperparameters == ()
+
+
+def test_unknown_loss_name_still_rejected():
+    with pytest.raises(ValueError, match="unknown loss"):
+        compute_loss("no_such_loss", t(LOGITS), t(OBS), t(TRUE))
+    with pytest.raises(ValueError, match="unknown loss"):
+        check_hyperparameters("no_such_loss", {})
+
+
+@pytest.mark.parametrize("name,field,bad", [
+    ("focal", "focal_gamma", -0.5), ("asl", "asl_gamma_neg", -1.0), ("asl", "asl_gamma_pos", -0.1),
+    ("ls", "ls_eps", 1.5), ("ls", "ls_eps", -1.01), ("nls", "nls_eps", -2.0), ("nls", "nls_eps", 1.2),
+    ("asl", "asl_clip", 1.0), ("asl", "asl_clip", -0.01), ("asl", "asl_clip", 3.0),
+    ("l1r", "reg_lambda", -0.1), ("l2r", "reg_lambda", -1e-9), ("entmin", "entmin_lambda", -0.2),
+    ("focal", "focal_gamma", math.inf), ("focal", "focal_gamma", math.nan), ("ls", "ls_eps", "abc"),
+    ("EM", "alpha", -0.1), ("EM_APL", "beta", -0.3)])
+def test_check_hyperparameters_rejects_with_the_flag(name, field, bad):
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=flag):
+        check_hyperparameters(name, {field: bad})
+
+
+@pytest.mark.parametrize("name,values", [
+    ("focal", {"focal_gamma": 0.0}), ("focal", {"focal_gamma": 5}), ("ls", {"ls_eps": 1.0}),
+    ("ls", {"ls_eps": -1.0}), ("nls", {"nls_eps": -0.3}), ("asl", {"asl_clip": 0.0, "asl_gamma_neg": 0.0}),
+    ("asl", {"asl_clip": 0.999}), ("l1r", {"reg_lambda": 0.0}), ("entmin", {"entmin_lambda": 2.0}),
+    ("asl", {}), ("asl", {"asl_clip": None}),
+    # only the loss's own hyperparameters are checked: the whole config can be passed
+    ("ls", {"ls_eps": 0.1, "focal_gamma": -1.0, "asl_clip": 5.0, "alpha": None}),
+    ("an", {"focal_gamma": -1.0})])
+def test_check_hyperparameters_accepts(name, values):
+    check_hyperparameters(name, values)
+
+
+def test_range_messages_show_the_interval():
+    with pytest.raises(ValueError, match=r"--asl-clip must be in \[0, 1\)"):
+        check_hyperparameters("asl", {"asl_clip": 1.0})
+    with pytest.raises(ValueError, match=r"--ls-eps must be in \[-1, 1\]"):
+        check_hyperparameters("ls", {"ls_eps": 2.0})
+    with pytest.raises(ValueError, match=r"--focal-gamma must be in \[0, inf\)"):
+        check_hyperparameters("focal", {"focal_gamma": -2.0})
+
+
+def test_defaults_lie_inside_their_ranges():
+    for name, fn in LOSSES.items():
+        check_hyperparameters(name, fn.defaults)
+        assert set(fn.ranges) == set(fn.hyperparameters)
