@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import numpy as np
+import torch
 from PIL import Image
 from torch import nn
 from torchvision import transforms
@@ -66,3 +69,40 @@ def write_pascal_root(tmp_path, n_train=10, n_val=4, num_classes=20):
         np.save(out / f"formatted_{phase}_labels.npy", labels)
         np.save(out / f"formatted_{phase}_labels_obs.npy", obs)
     return root
+
+
+# Hand computations of the losses' formulas, in float64 (tests/test_losses.py, tests/test_baseline_losses.py).
+EPS = 1e-5  # the eps inside every log of the losses
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def nl(x: float) -> float:
+    return -math.log(x + EPS)
+
+
+def ent(p: float) -> float:
+    return p * nl(p) + (1 - p) * nl(1 - p)
+
+
+def t(rows, requires_grad: bool = False) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64, requires_grad=requires_grad)
+
+
+def random_batch(seed: int, b: int = 16, c: int = 80, pseudo: bool = False):
+    """Random logits, full labels with at least one positive per row, and one observed positive per row (float64,
+    as the dataset stores them); `pseudo`: APL's soft negatives -q on about a third of the unknowns."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(b, c, generator=gen)
+    true = (torch.rand(b, c, generator=gen) < 0.2).double()
+    true[torch.arange(b), torch.randint(0, c, (b,), generator=gen)] = 1.0
+    obs = torch.zeros(b, c, dtype=torch.float64)  # float64, as the dataset stores it
+    for row in range(b):
+        positives = true[row].nonzero().flatten()
+        obs[row, positives[torch.randint(0, len(positives), (1,), generator=gen)]] = 1.0
+    if pseudo:  # APL's soft negatives -q on about a third of the unknowns
+        chosen = (obs == 0) & (torch.rand(b, c, generator=gen) < 0.3)
+        obs[chosen] = -torch.rand(int(chosen.sum()), generator=gen, dtype=torch.float64)
+    return logits, obs, true

@@ -15,7 +15,7 @@ from conftest import ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
 from losses import LOSSES, check_hyperparameters, compute_loss  # noqa: E402
 
-EPS = 1e-5
+from helpers import EPS, ent, nl, random_batch as _batch, sig, t  # noqa: E402  (hand computations in float64)
 
 # A 2 x 3 example: one observed positive per row, the rest unknown.
 LOGITS = [[0.5, -1.0, 2.0],
@@ -29,22 +29,6 @@ POS = [(0, 0), (1, 1)]
 UNK = [(0, 1), (0, 2), (1, 0), (1, 2)]
 
 NEW = ["dw", "ls", "nls", "l1r", "l2r", "entmin", "focal", "asl"]
-
-
-def sig(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def nl(x: float) -> float:
-    return -math.log(x + EPS)
-
-
-def ent(p: float) -> float:
-    return p * nl(p) + (1 - p) * nl(1 - p)
-
-
-def t(rows, requires_grad: bool = False) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64, requires_grad=requires_grad)
 
 
 def loss(name, logits=LOGITS, obs=OBS, true=TRUE, **hp) -> float:
@@ -287,18 +271,6 @@ def _cole_style(name: str, logits: torch.Tensor, obs: torch.Tensor, ls_coef: flo
             ls_coef * neg_log(preds[observed_labels == 0])
     loss_denom_mtx = (num_classes * batch_size) * torch.ones_like(preds)
     return (loss_mtx / loss_denom_mtx).sum()
-
-
-def _batch(seed: int, b: int = 16, c: int = 80):
-    gen = torch.Generator().manual_seed(seed)
-    logits = 3 * torch.randn(b, c, generator=gen)
-    true = (torch.rand(b, c, generator=gen) < 0.2).double()
-    true[torch.arange(b), torch.randint(0, c, (b,), generator=gen)] = 1.0
-    obs = torch.zeros(b, c, dtype=torch.float64)  # float64, as the dataset stores it
-    for row in range(b):
-        positives = true[row].nonzero().flatten()
-        obs[row, positives[torch.randint(0, len(positives), (1,), generator=gen)]] = 1.0
-    return logits, obs, true
 
 
 @pytest.mark.parametrize("where", [False, True], ids=["masked", "where"])

@@ -14,7 +14,7 @@ from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.pa
 
 from losses import compute_loss  # noqa: E402
 
-EPS = 1e-5
+from helpers import EPS, ent, nl, random_batch as _batch, sig, t  # noqa: E402  (hand computations in float64)
 
 # A 2 x 3 example used throughout.
 LOGITS = [[0.5, -1.0, 2.0],
@@ -23,22 +23,6 @@ OBS = [[1.0, 0.0, 0.0],    # single positive per row, everything else unknown
        [0.0, 1.0, 0.0]]
 TRUE = [[1.0, 1.0, 0.0],   # (0, 1) is an unobserved true positive
         [0.0, 1.0, 1.0]]   # (1, 2) is an unobserved true positive
-
-
-def sig(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def nl(x: float) -> float:
-    return -math.log(x + EPS)
-
-
-def ent(p: float) -> float:
-    return p * nl(p) + (1 - p) * nl(1 - p)
-
-
-def t(rows, requires_grad: bool = False) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64, requires_grad=requires_grad)
 
 
 def loss(name, logits, obs, true, **hp) -> float:
@@ -329,21 +313,6 @@ def _original_style(name: str, logits: torch.Tensor, obs: torch.Tensor, true: to
         mtx[obs < 0] = beta * (soft * nlog(preds[obs < 0]) + (1 - soft) * nlog(1 - preds[obs < 0]))
     denom = (mtx.shape[0] * mtx.shape[1]) * torch.ones_like(mtx)
     return (mtx / denom).sum()
-
-
-def _batch(seed: int, b: int = 16, c: int = 80, pseudo: bool = False):
-    gen = torch.Generator().manual_seed(seed)
-    logits = 3 * torch.randn(b, c, generator=gen)
-    true = (torch.rand(b, c, generator=gen) < 0.2).double()
-    true[torch.arange(b), torch.randint(0, c, (b,), generator=gen)] = 1.0
-    obs = torch.zeros(b, c, dtype=torch.float64)  # float64, as the dataset stores it
-    for row in range(b):
-        positives = true[row].nonzero().flatten()
-        obs[row, positives[torch.randint(0, len(positives), (1,), generator=gen)]] = 1.0
-    if pseudo:  # APL's soft negatives -q on about a third of the unknowns
-        chosen = (obs == 0) & (torch.rand(b, c, generator=gen) < 0.3)
-        obs[chosen] = -torch.rand(int(chosen.sum()), generator=gen, dtype=torch.float64)
-    return logits, obs, true
 
 
 @pytest.mark.parametrize("where", [False, True], ids=["masked", "where"])
