@@ -17,6 +17,17 @@ LOSS_NAMES = tuple(LOSSES)  # every registered loss
 APL_SETTINGS = ("neg_proportion", "warmup_epoch")
 
 
+# delta_rel of the Large-Loss methods per dataset, as Kim et al. give them (Adam, batch 16; percent per epoch).
+# The demo takes COCO's.
+LL_DELTA_REL: dict[str, dict[str, float]] = {
+    "pascal": {"ll_r": 0.2, "ll_ct": 0.2, "ll_cp": 0.1},
+    "coco": {"ll_r": 0.4, "ll_ct": 0.2, "ll_cp": 0.2},
+    "nuswide": {"ll_r": 0.4, "ll_ct": 0.2, "ll_cp": 0.2},
+    "cub": {"ll_r": 0.4, "ll_ct": 0.4, "ll_cp": 0.2},
+    "demo": {"ll_r": 0.4, "ll_ct": 0.2, "ll_cp": 0.2},
+}
+
+
 def _loss_default(field: str) -> float:
     """The default of a baseline loss's hyperparameter, as its function in losses.py declares it."""
     return next(fn.defaults[field] for fn in LOSSES.values() if field in getattr(fn, "defaults", {}))
@@ -66,6 +77,7 @@ class Config:
     asl_gamma_neg: float = _loss_default("asl_gamma_neg")
     asl_gamma_pos: float = _loss_default("asl_gamma_pos")
     asl_clip: float = _loss_default("asl_clip")
+    delta_rel: float = _loss_default("delta_rel")  # Large-Loss methods; build_config takes LL_DELTA_REL's
     # fixed in the original
     seed: int = 1200  # numpy global seed
     split_seed: int = 1200
@@ -105,6 +117,9 @@ def build_config(dataset: str, **overrides) -> Config:
     if dataset not in DATASET_SETTINGS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_SETTINGS)}")
     values = dict(DATASET_SETTINGS[dataset])
+    loss = overrides.get("loss") or Config.loss
+    if loss in LL_DELTA_REL[dataset]:
+        values["delta_rel"] = LL_DELTA_REL[dataset][loss]
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = Config(dataset=dataset, **values)
     _validate(cfg)

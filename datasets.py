@@ -95,6 +95,11 @@ class MultilabelDataset(Dataset):
             raise ValueError(f"observed matrix shape {labels_obs.shape} != dataset's {tuple(self._obs.shape)}")
         self._obs.copy_(torch.from_numpy(np.asarray(labels_obs, dtype=np.float64)))
 
+    def mark_positive(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
+        """Observed labels set to 1 where `mask` (len(rows), C) is true, in place (LL-Cp's permanent corrections;
+        the shared matrix reaches DataLoader workers for the batches they have not prepared yet)."""
+        self._obs[rows] = torch.where(mask.cpu(), 1.0, self._obs[rows])
+
     def __getitem__(self, idx: int) -> dict:
         """One sample. An unreadable image does not raise here (a DataLoader worker would wrap the message in
         its traceback text): the sample carries the message in "error" ("" when fine) and a blank image, and

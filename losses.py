@@ -63,14 +63,23 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None) -> Callable:
+CONTEXT = ("epoch",)  # keyword-only parameters that the training loop supplies, not hyperparameters
+
+
+def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None,
+             corrections: Optional[Callable[..., torch.Tensor]] = None) -> Callable:
     """Add a loss under `name`; its keyword-only parameters are the hyperparameters it takes (those with a default
-    are optional). `negative_obs`: the loss reads negative observed labels (-q); the others refuse them, and
-    main.py checks that at load time. `ranges`: the valid `Range` of every hyperparameter (all must have one)."""
+    are optional), except `epoch` (1-based, given by the training loop). `negative_obs`: the loss reads negative
+    observed labels (-q); the others refuse them, and main.py checks that at load time. `ranges`: the valid
+    `Range` of every hyperparameter (all must have one). `corrections(logits, obs, **same keywords)`: the (B, C)
+    mask of entries that become observed positives for good after the step (LL-Cp), applied by the loop."""
     ranges = dict(ranges or {})
 
     def add(fn: Callable) -> Callable:
-        params = [v for v in inspect.signature(fn).parameters.values() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+        params = [v for v in inspect.signature(fn).parameters.values()
+                  if v.kind is inspect.Parameter.KEYWORD_ONLY and v.name not in CONTEXT]
+        fn.context = tuple(k for k in inspect.signature(fn).parameters if k in CONTEXT)
+        fn.corrections = corrections
         fn.hyperparameters = tuple(v.name for v in params)
         fn.required = tuple(v.name for v in params if v.default is inspect.Parameter.empty)
         fn.defaults = {v.name: v.default for v in params if v.default is not inspect.Parameter.empty}
@@ -106,7 +115,7 @@ class Entries:
     """
 
     def __init__(self, logits: torch.Tensor, where: bool) -> None:
-        self.where = where
+        self.where, self.logits = where, logits
         self.preds = torch.sigmoid(logits)
         self.loss = torch.zeros_like(self.preds)
 
@@ -325,6 +334,75 @@ def check_hyperparameters(name: str, values: Mapping[str, object]) -> None:
             raise ValueError(f"{flag(k)} must be in {fn.ranges[k]} for loss {name}, got {v!r}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Large-Loss methods (Kim et al., CVPR 2022, "Large Loss Matters in Weakly Supervised Multi-Label Classification")
+
+def large_loss_count(batch_entries: int, epoch: int, delta_rel: float, fixed: bool) -> int:
+    """How many unknown entries of a batch count as large losses at `epoch` (1-based): none in epoch 1, then
+    k = ceil(B*C * (epoch - 1) * delta_rel / 100) (LL-R, LL-Ct: the rate grows every epoch), or the fixed
+    k = ceil(B*C * delta_rel / 100) (LL-Cp)."""
+    if epoch < 2:
+        return 0
+    return math.ceil(batch_entries * (1 if fixed else epoch - 1) * delta_rel / 100)
+
+
+def large_losses(logits: torch.Tensor, obs: torch.Tensor, k: int) -> torch.Tensor:
+    """The (B, C) mask of the k unknown entries (obs == 0) whose assume-negative loss -log(1 - p + eps) is largest
+    (exactly k, or all unknowns if fewer; the selection carries no gradient and needs no host sync)."""
+    chosen = torch.zeros_like(obs, dtype=torch.bool)
+    unknown = obs == 0
+    k = min(k, obs.numel())
+    if k > 0:
+        with torch.no_grad():
+            an_loss = torch.where(unknown, neg_log(1 - torch.sigmoid(logits.detach())), -math.inf)
+            chosen.view(-1)[an_loss.view(-1).topk(k).indices] = True
+    return chosen & unknown
+
+
+def _large_loss(e: Entries, obs: torch.Tensor, chosen: torch.Tensor, correct: bool) -> None:
+    e.set(obs == 1, neg_log(e.p(obs == 1)))
+    kept = (obs == 0) & ~chosen
+    e.set(kept, neg_log(1 - e.p(kept)))
+    if correct:  # the large losses are taken as positives (target 1)
+        e.set(chosen, neg_log(e.p(chosen)))
+
+
+DELTA_REL = {"delta_rel": Range(0.0, math.inf, lo_open=True)}
+
+
+@register("ll_r", ranges=DELTA_REL)
+def large_loss_rejection(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, delta_rel: float = 0.2,
+                         epoch: int = 1) -> None:
+    """LL-R: assume negative (obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p)), except that from epoch 2 the
+    k = ceil(B*C (epoch-1) delta_rel / 100) largest unknown-entry losses of the batch are rejected (weight 0).
+    Source: Kim et al. 2022, LL-R (their code: BCE with logits and a mean; here eps inside the log and the
+    project's sum / (B*C), which is the same mean). delta_rel per dataset: config.LL_DELTA_REL."""
+    _large_loss(e, obs, large_losses(e.logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, False)), False)
+
+
+@register("ll_ct", ranges=DELTA_REL)
+def large_loss_correction_temporary(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, delta_rel: float = 0.2,
+                                    epoch: int = 1) -> None:
+    """LL-Ct: as LL-R, but the large losses are corrected for this step instead: target 1, neg_log(p).
+    Source: Kim et al. 2022, LL-Ct."""
+    _large_loss(e, obs, large_losses(e.logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, False)), True)
+
+
+def _permanent_corrections(logits: torch.Tensor, obs: torch.Tensor, *, delta_rel: float = 0.2,
+                           epoch: int = 1) -> torch.Tensor:
+    return large_losses(logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, True))
+
+
+@register("ll_cp", ranges=DELTA_REL, corrections=_permanent_corrections)
+def large_loss_correction_permanent(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, delta_rel: float = 0.2,
+                                    epoch: int = 1) -> None:
+    """LL-Cp: from epoch 2, the fixed k = ceil(B*C delta_rel / 100) largest unknown-entry losses of the batch are
+    corrected (target 1, neg_log(p)) and become observed positives for good (the loop writes them into the
+    training set's observed matrix, which the loaders read). Source: Kim et al. 2022, LL-Cp as the paper
+    describes it; their public code compares the scheme name with `is`, so LL-Cp runs there as LL-Ct."""
+    _large_loss(e, obs, _permanent_corrections(e.logits, obs, delta_rel=delta_rel, epoch=epoch), True)
+
+
 def check_observed(name: str, obs: torch.Tensor) -> None:
     """The original's asserts on a batch's labels: obs in [-1, 1], and >= 0 unless the loss reads negatives.
     Each check reads the labels back to the host; the training loop runs them once at load time instead."""
@@ -336,12 +414,13 @@ def check_observed(name: str, obs: torch.Tensor) -> None:
 
 
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
-                 checked: bool = False, where: bool = False, **hparams: float) -> torch.Tensor:
+                 checked: bool = False, where: bool = False, epoch: int = 1, **hparams: float) -> torch.Tensor:
     """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored; one it
     takes that is absent or None gets its default (TypeError if it has none, e.g. EM's alpha).
 
     `checked=True`: the labels were validated already (`check_observed`), skip the checks. `where=True`: fill
     by torch.where (see `Entries`). With both, nothing here waits for the device: the same bits, no sync.
+    `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
@@ -358,7 +437,7 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     entries = Entries(logits, where)
-    fn(entries, obs, true, **given)
+    fn(entries, obs, true, **given, **({"epoch": epoch} if "epoch" in fn.context else {}))
     # divide by a tensor holding B * C, then sum, as the original: on CUDA, dividing by a Python number
     # multiplies by its reciprocal instead, which differs in the last bit
     denominator = entries.loss.numel() * torch.ones_like(entries.loss)

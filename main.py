@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--asl-gamma-neg", type=float, help="asl: negative focusing >= 0 (default 4)")
     b.add_argument("--asl-gamma-pos", type=float, help="asl: positive focusing >= 0 (default 0)")
     b.add_argument("--asl-clip", type=float, help="asl: probability margin in [0, 1) (default 0.05)")
+    b.add_argument("--delta-rel", type=float, help="ll_r, ll_ct, ll_cp: large-loss rate in percent > 0 "
+                   "(default: Kim et al.'s per dataset, config.LL_DELTA_REL)")
     m = p.add_argument_group("model and data")
     m.add_argument("--arch", help="torchvision backbone (original: resnet50)")
     m.add_argument("--weights", help="'imagenet' (torchvision IMAGENET1K_V1), 'random', or a state-dict path")

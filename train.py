@@ -22,7 +22,7 @@ from tqdm import tqdm
 from config import Config
 from datasets import MultilabelDataset, raise_sample_errors
 from image_cache import make_loaders, to_model_input
-from losses import compute_loss
+from losses import LOSSES, compute_loss
 from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics
 from fileio import pid_alive, write_atomic
 
@@ -169,14 +169,20 @@ def _forward_pass(engine: Engine, loader, desc: str,
 
 
 def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                cfg: Config, epoch: int) -> dict:
+                cfg: Config, epoch: int, dataset: MultilabelDataset | None = None) -> dict:
+    """One training epoch. `dataset` (the loader's) receives the permanent label corrections of a loss that
+    makes them (LL-Cp)."""
     engine.model.train()
+    hyperparameters = cfg.loss_hyperparameters()
+    corrections = LOSSES[cfg.loss].corrections
 
     def step(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        obs = batch["label_vec_obs"].to(engine.device, non_blocking=True)
         # labels were checked once at load time; torch.where filling gives the original's bits without a sync
-        loss = compute_loss(cfg.loss, logits, batch["label_vec_obs"].to(engine.device, non_blocking=True),
-                            batch["label_vec_true"].to(engine.device, non_blocking=True),
-                            checked=True, where=True, **cfg.loss_hyperparameters())
+        loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
+                            checked=True, where=True, epoch=epoch, **hyperparameters)
+        if corrections is not None:
+            dataset.mark_positive(batch["idx"], corrections(logits, obs, epoch=epoch, **hyperparameters))
         optimizer.zero_grad()
         scaler.scale(loss).backward()  # no scaling unless --amp fp16
         scaler.step(optimizer)
@@ -296,7 +302,7 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
     for epoch in range(1, cfg.num_epochs + 1):
         record: dict = {}  # enters results["epochs"] only once the epoch is complete
         epoch_start = time.time()
-        out = train_epoch(engine, loaders["train"], optimizer, scaler, cfg, epoch)
+        out = train_epoch(engine, loaders["train"], optimizer, scaler, cfg, epoch, datasets["train"])
         record["train"] = {"loss": out["loss"], **compute_metrics(out["preds"], out["true"], out["obs"]),
                            "seconds": out["seconds"]}
 

@@ -200,10 +200,10 @@ def test_results_dir_that_is_not_writable(tmp_path, capsys, monkeypatch):
 def _stop_in_epoch(monkeypatch, epoch: int, stop) -> None:
     real = train.train_epoch
 
-    def train_epoch(engine, loader, optimizer, scaler, cfg, e):
+    def train_epoch(engine, loader, optimizer, scaler, cfg, e, dataset=None):
         if e == epoch:
             stop()
-        return real(engine, loader, optimizer, scaler, cfg, e)
+        return real(engine, loader, optimizer, scaler, cfg, e, dataset)
     monkeypatch.setattr(train, "train_epoch", train_epoch)
 
 

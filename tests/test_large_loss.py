@@ -1,0 +1,118 @@
+"""The Large-Loss methods (Kim et al. 2022): LL-R rejects, LL-Ct corrects for one step, LL-Cp corrects for good.
+
+Schedule (baselines.md): epoch 1 unchanged; from epoch t >= 2 the k = ceil(B*C (t-1) d / 100) largest
+assume-negative losses among a batch's unknown entries are rejected (LL-R) or taken as positives (LL-Ct);
+LL-Cp uses the fixed k = ceil(B*C d / 100) and writes those entries into the training set as observed positives.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
+
+import config  # noqa: E402
+import main  # noqa: E402
+import train  # noqa: E402
+from helpers import EPS, TinyNet, tiny_dataset  # noqa: E402
+from losses import compute_loss, large_loss_count, large_losses  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_the_schedule_of_k():
+    # B*C = 16 * 80 = 1280 entries, d = 0.4 %: 5.12 -> 6 per epoch step (ceil)
+    assert [large_loss_count(1280, t, 0.4, fixed=False) for t in (1, 2, 3, 4)] == [0, 6, 11, 16]
+    assert [large_loss_count(1280, t, 0.4, fixed=True) for t in (1, 2, 3, 4)] == [0, 6, 6, 6]
+    assert large_loss_count(8 * 20, 3, 0.2, fixed=False) == math.ceil(160 * 2 * 0.2 / 100) == 1
+
+
+def _batch(seed=0, b=6, c=5):
+    gen = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(b, c, generator=gen, dtype=torch.float64)
+    obs = torch.zeros(b, c, dtype=torch.float64)
+    obs[torch.arange(b), torch.randint(0, c, (b,), generator=gen)] = 1
+    return logits, obs
+
+
+def _by_hand(logits, obs, k, correct):
+    """numpy: the k largest -log(1 - p + eps) among unknowns are dropped (or count as positives)."""
+    p = 1 / (1 + np.exp(-logits.numpy()))
+    o = obs.numpy()
+    an = -np.log(1 - p + EPS)
+    unknown = np.argwhere(o == 0)
+    order = np.argsort(-an[o == 0], kind="stable")[:k]
+    chosen = {tuple(unknown[i]) for i in order}
+    total = 0.0
+    for (i, j), value in np.ndenumerate(o):
+        if value == 1:
+            total += -np.log(p[i, j] + EPS)
+        elif (i, j) in chosen:
+            total += -np.log(p[i, j] + EPS) if correct else 0.0
+        else:
+            total += an[i, j]
+    return total / o.size, chosen
+
+
+@pytest.mark.parametrize("name, correct, fixed", [("ll_r", False, False), ("ll_ct", True, False),
+                                                  ("ll_cp", True, True)])
+@pytest.mark.parametrize("epoch", [1, 2, 4])
+def test_losses_reject_or_correct_the_k_largest(name, correct, fixed, epoch):
+    logits, obs = _batch()
+    k = large_loss_count(obs.numel(), epoch, 10.0, fixed)  # 30 entries, 10 %: 3 per step
+    expected, chosen = _by_hand(logits, obs, k, correct)
+    assert len(chosen) == k == (0 if epoch == 1 else 3 if fixed else 3 * (epoch - 1))
+    mask = large_losses(logits, obs, k)
+    assert {tuple(x) for x in mask.nonzero().tolist()} == chosen
+    for where in (False, True):
+        x = logits.clone().requires_grad_(True)
+        value = compute_loss(name, x, obs, obs, epoch=epoch, delta_rel=10.0, where=where)
+        assert value.item() == pytest.approx(expected, rel=1e-12)
+        value.backward()
+        if not correct:  # a rejected entry gets no gradient at all
+            assert all(x.grad[i, j] == 0 for i, j in chosen)
+
+
+def test_more_large_losses_than_unknowns_takes_all_unknowns():
+    logits, obs = _batch()
+    assert int(large_losses(logits, obs, 10_000).sum()) == int((obs == 0).sum())
+
+
+@pytest.mark.parametrize("name", ["ll_cp", "ll_ct"])
+def test_permanent_corrections_persist_and_reach_the_workers(tmp_path, name):
+    torch.manual_seed(0)
+    ds = tiny_dataset(tmp_path, 24, 6)
+    initial = ds.labels_obs.copy()
+    cfg = config.build_config("demo", loss=name, delta_rel=5.0, batch_size=8, num_workers=2)
+    engine = train.build_engine(TinyNet(6), CPU)
+    loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2, persistent_workers=True)
+    optimizer = torch.optim.Adam(engine.model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.train_epoch(engine, loader, optimizer, scaler, cfg, 1, ds)
+    np.testing.assert_array_equal(ds.labels_obs, initial)  # epoch 1: unchanged
+    train.train_epoch(engine, loader, optimizer, scaler, cfg, 2, ds)
+    added = (ds.labels_obs == 1) & (initial == 0)
+    if name == "ll_ct":
+        assert not added.any()  # corrected for the step only
+        return
+    # 3 batches of 8 x 6 entries, k = ceil(48 * 5 / 100) = 3 each
+    assert int(added.sum()) == 3 * 3 and (ds.labels_obs[initial == 1] == 1).all()
+    seen = np.zeros_like(initial)
+    for batch in loader:  # the persistent workers now serve the corrected rows
+        seen[batch["idx"].numpy()] = batch["label_vec_obs"].numpy()
+    np.testing.assert_array_equal(seen, ds.labels_obs)
+    train.train_epoch(engine, loader, optimizer, scaler, cfg, 3, ds)
+    assert int(((ds.labels_obs == 1) & (initial == 0)).sum()) > int(added.sum())  # kept, and more added
+
+
+def test_delta_rel_defaults_per_dataset_and_range(capsys):
+    assert config.build_config("pascal", loss="ll_cp").delta_rel == 0.1
+    assert config.build_config("coco", loss="ll_r").delta_rel == 0.4
+    assert config.build_config("cub", loss="ll_ct").delta_rel == 0.4
+    assert config.build_config("cub", loss="ll_ct", delta_rel=1.5).delta_rel == 1.5
+    assert main.main(["-d", "demo", "-l", "ll_r", "--delta-rel", "0"]) == 2
+    assert "--delta-rel must be in (0, inf)" in capsys.readouterr().err
