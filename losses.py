@@ -126,6 +126,12 @@ class Entries:
         """`values[mask]`, for label-valued operands (no gradient)."""
         return values if self.where else values[mask]
 
+    def safe(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`values` of the group `mask` as an operand of a formula that is singular elsewhere (x ** gamma with
+        gamma < 1 at x = 0): masked, they are the group's already; where, the other entries become 0.5, so their
+        zero gradient cannot turn into 0 * inf = nan."""
+        return torch.where(mask, values, 0.5) if self.where else values
+
     def set(self, mask: torch.Tensor, value: torch.Tensor) -> None:
         if self.where:
             self.loss = torch.where(mask, value, self.loss)
@@ -280,13 +286,13 @@ def focal(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, focal_gamma: flo
 
     The focusing weight is differentiated (as in the focal loss); no alpha balancing. gamma = focal_gamma,
     default 2 (Lin et al.'s). For 0 < gamma < 1 the weight's derivative is infinite where p rounds to exactly
-    0 or 1, which makes the gradient nan; use gamma = 0 or >= 1 with saturating logits.
+    0 (positives: 1), which makes that entry's gradient nan, as in any implementation of the formula.
     Source: Lin et al., ICCV 2017, "Focal loss for dense object detection"; unknowns taken as negatives.
     """
     pos = obs == 1
-    e.set(pos, (1 - e.p(pos)) ** focal_gamma * neg_log(e.p(pos)))
+    e.set(pos, e.safe(1 - e.p(pos), pos) ** focal_gamma * neg_log(e.p(pos)))
     u = obs == 0
-    e.set(u, e.p(u) ** focal_gamma * neg_log(1 - e.p(u)))
+    e.set(u, e.safe(e.p(u), u) ** focal_gamma * neg_log(1 - e.p(u)))
 
 
 @register("asl", ranges={"asl_gamma_neg": NON_NEGATIVE, "asl_gamma_pos": NON_NEGATIVE,
@@ -349,13 +355,13 @@ def large_loss_count(batch_entries: int, epoch: int, delta_rel: float, fixed: bo
 def large_losses(logits: torch.Tensor, obs: torch.Tensor, k: int) -> torch.Tensor:
     """The (B, C) mask of the k unknown entries (obs == 0) whose assume-negative loss -log(1 - p + eps) is largest
     (exactly k, or all unknowns if fewer; the selection carries no gradient and needs no host sync)."""
-    chosen = torch.zeros_like(obs, dtype=torch.bool)
+    chosen = torch.zeros(obs.shape, dtype=torch.bool, device=obs.device)  # contiguous, whatever obs's strides
     unknown = obs == 0
     k = min(k, obs.numel())
     if k > 0:
         with torch.no_grad():
             an_loss = torch.where(unknown, neg_log(1 - torch.sigmoid(logits.detach())), -math.inf)
-            chosen.view(-1)[an_loss.view(-1).topk(k).indices] = True
+            chosen.view(-1)[an_loss.reshape(-1).topk(k).indices] = True
     return chosen & unknown
 
 

@@ -170,11 +170,14 @@ def _forward_pass(engine: Engine, loader, desc: str,
 
 def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 cfg: Config, epoch: int, dataset: MultilabelDataset | None = None) -> dict:
-    """One training epoch. `dataset` (the loader's) receives the permanent label corrections of a loss that
-    makes them (LL-Cp)."""
+    """One training epoch. A loss that corrects labels for good (LL-Cp) has its corrections written into
+    `dataset` (default: the loader's) at the end of the epoch, kept on the device until then (no sync): each
+    row comes once per epoch, so the loaders see them from the next epoch on, as with the original's
+    per-epoch DataLoader workers."""
     engine.model.train()
     hyperparameters = cfg.loss_hyperparameters()
     corrections = LOSSES[cfg.loss].corrections
+    corrected: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def step(logits: torch.Tensor, batch: dict) -> torch.Tensor:
         obs = batch["label_vec_obs"].to(engine.device, non_blocking=True)
@@ -182,14 +185,18 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
                             checked=True, where=True, epoch=epoch, **hyperparameters)
         if corrections is not None:
-            dataset.mark_positive(batch["idx"], corrections(logits, obs, epoch=epoch, **hyperparameters))
+            corrected.append((batch["idx"], corrections(logits, obs, epoch=epoch, **hyperparameters)))
         optimizer.zero_grad()
         scaler.scale(loss).backward()  # no scaling unless --amp fp16
         scaler.step(optimizer)
         scaler.update()
         return loss.detach()
 
-    return _forward_pass(engine, loader, f"epoch {epoch} train", step, epoch)
+    out = _forward_pass(engine, loader, f"epoch {epoch} train", step, epoch)
+    for rows, mask in corrected:
+        (dataset if dataset is not None else loader.dataset).mark_positive(rows, mask)
+    out["corrected_labels"] = int(sum(int(mask.sum()) for _, mask in corrected))
+    return out
 
 
 def evaluate(engine: Engine, loader, desc: str) -> dict:
@@ -305,6 +312,8 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         out = train_epoch(engine, loaders["train"], optimizer, scaler, cfg, epoch, datasets["train"])
         record["train"] = {"loss": out["loss"], **compute_metrics(out["preds"], out["true"], out["obs"]),
                            "seconds": out["seconds"]}
+        if LOSSES[cfg.loss].corrections is not None:
+            record["corrected_labels"] = out["corrected_labels"]
 
         if cfg.loss == "EM_APL" and epoch >= cfg.warmup_epoch:
             record["apl_new_pseudo_labels"] = run_apl(engine, loaders["train"], datasets["train"], unlabel_num,

@@ -298,12 +298,13 @@ def test_dw_and_ls_are_bit_identical_to_cole(ours, cole, hp, seed, where):
 
 @pytest.mark.parametrize("name,hp", [("dw", {}), ("ls", {}), ("nls", {}), ("l1r", {}), ("l2r", {"reg_lambda": 0.7}),
                                      ("entmin", {}), ("focal", {}), ("focal", {"focal_gamma": 1.0}),
+                                     ("focal", {"focal_gamma": 0.5}),
                                      ("asl", {}), ("asl", {"asl_gamma_pos": 1.0, "asl_clip": 0.0}),
                                      ("asl", {"asl_gamma_neg": 2.0, "asl_gamma_pos": 3.0, "asl_clip": 0.2})])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_masked_and_where_filling_are_bit_identical(name, hp, seed):
     logits, obs, true = _batch(seed)
-    if seed == 4:
+    if seed == 4 and hp.get("focal_gamma", 2.0) >= 1:  # saturated (gamma < 1 is singular at p = 0 in any filling)
         logits = logits * 40
     results = []
     for where in (False, True):
@@ -316,6 +317,19 @@ def test_masked_and_where_filling_are_bit_identical(name, hp, seed):
     assert torch.equal(v1, v2)
     assert torch.equal(g1, g2)
     assert g1.abs().sum() > 0
+
+
+def test_focal_with_gamma_below_one_stays_finite_where_only_another_group_saturates():
+    # (0, 0) is unknown with p == 1.0 exactly: the positive formula (1 - p) ** 0.5 is singular there. The group
+    # that applies (the unknown one) is regular, so both fillings must give the same finite gradient.
+    logits = torch.tensor([[20.0, -1.0], [0.3, 0.2]])
+    obs = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    grads = []
+    for where in (False, True):
+        x = logits.clone().requires_grad_(True)
+        compute_loss("focal", x, obs, obs, where=where, focal_gamma=0.5).backward()
+        grads.append(x.grad)
+    assert torch.isfinite(grads[0]).all() and torch.equal(grads[0], grads[1])
 
 
 def test_every_new_loss_is_registered_and_refuses_negative_obs():
@@ -391,7 +405,3 @@ def test_range_messages_show_the_interval():
         check_hyperparameters("focal", {"focal_gamma": -2.0})
 
 
-def test_defaults_lie_inside_their_ranges():
-    for name, fn in LOSSES.items():
-        check_hyperparameters(name, fn.defaults)
-        assert set(fn.ranges) == set(fn.hyperparameters)

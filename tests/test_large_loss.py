@@ -94,19 +94,53 @@ def test_permanent_corrections_persist_and_reach_the_workers(tmp_path, name):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train.train_epoch(engine, loader, optimizer, scaler, cfg, 1, ds)
     np.testing.assert_array_equal(ds.labels_obs, initial)  # epoch 1: unchanged
-    train.train_epoch(engine, loader, optimizer, scaler, cfg, 2, ds)
-    added = (ds.labels_obs == 1) & (initial == 0)
+    before = ds.labels_obs.copy()
+    spy = []
+    real_corrections = train.LOSSES[name].corrections
+    if real_corrections is not None:  # record each batch's corrected positions, in dataset rows
+        def recording(logits, obs, **kw):
+            mask = real_corrections(logits, obs, **kw)
+            spy.append(mask.clone())
+            return mask
+        train.LOSSES[name].corrections = recording
+    try:
+        out = train.train_epoch(engine, loader, optimizer, scaler, cfg, 2, ds)
+    finally:
+        train.LOSSES[name].corrections = real_corrections
+    added = (ds.labels_obs == 1) & (before == 0)
     if name == "ll_ct":
         assert not added.any()  # corrected for the step only
         return
-    # 3 batches of 8 x 6 entries, k = ceil(48 * 5 / 100) = 3 each
-    assert int(added.sum()) == 3 * 3 and (ds.labels_obs[initial == 1] == 1).all()
+    # 3 batches of 8 x 6 entries, k = ceil(48 * 5 / 100) = 3 each, at the positions the loss selected
+    assert int(added.sum()) == 3 * 3 == out["corrected_labels"] and (ds.labels_obs[initial == 1] == 1).all()
+    assert len(spy) == 3 and all(int(m.sum()) == 3 for m in spy)
     seen = np.zeros_like(initial)
     for batch in loader:  # the persistent workers now serve the corrected rows
         seen[batch["idx"].numpy()] = batch["label_vec_obs"].numpy()
     np.testing.assert_array_equal(seen, ds.labels_obs)
     train.train_epoch(engine, loader, optimizer, scaler, cfg, 3, ds)
     assert int(((ds.labels_obs == 1) & (initial == 0)).sum()) > int(added.sum())  # kept, and more added
+
+
+@pytest.mark.parametrize("name", ["ll_r", "ll_ct"])
+def test_the_training_step_gives_the_loss_its_epoch(tmp_path, monkeypatch, name):
+    # without the epoch, LL-R/LL-Ct would silently be plain AN: the step's losses must be those of epoch 3
+    ds = tiny_dataset(tmp_path, 16, 6)
+    cfg = config.build_config("demo", loss=name, delta_rel=10.0, batch_size=8, num_workers=0)
+    seen = []
+    real = train.compute_loss
+
+    def spy(name_, logits, obs, true, **kw):
+        seen.append(kw["epoch"])
+        value = real(name_, logits, obs, true, **kw)
+        as_epoch_1 = real(name_, logits.detach(), obs, true, **{**kw, "epoch": 1})
+        assert value.item() != as_epoch_1.item()  # k = ceil(48 * 2 * 10 / 100) = 10 entries changed
+        return value
+    monkeypatch.setattr(train, "compute_loss", spy)
+    engine = train.build_engine(TinyNet(6), CPU)
+    train.train_epoch(engine, DataLoader(ds, batch_size=8), torch.optim.Adam(engine.model.parameters()),
+                      torch.amp.GradScaler("cpu", enabled=False), cfg, 3, ds)
+    assert seen == [3, 3]
 
 
 def test_delta_rel_defaults_per_dataset_and_range(capsys):
