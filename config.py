@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from losses import LOSSES, check_hyperparameters
+from losses import flag as loss_flag
 
 LOSS_NAMES = tuple(LOSSES)  # every registered loss
 # Settings that only some losses read: each loss's own hyperparameters (losses.py), and APL's schedule.
@@ -126,9 +127,9 @@ def build_config(dataset: str, **overrides) -> Config:
     return cfg
 
 
-def _flag(field: str) -> str:
-    """The CLI flag that sets a Config field (for error messages)."""
-    return {"num_epochs": "--epochs", "pytorch_seed": "-s/--pytorch-seed"}.get(field, "--" + field.replace("_", "-"))
+def flag(field: str) -> str:
+    """The CLI flag that sets a Config field (for messages)."""
+    return {"num_epochs": "--epochs", "pytorch_seed": "-s/--pytorch-seed"}.get(field) or loss_flag(field)
 
 
 def _validate(cfg: Config) -> None:
@@ -138,7 +139,7 @@ def _validate(cfg: Config) -> None:
     at_least_one = ("batch_size", "num_epochs", "image_size")
     for field in at_least_one:
         if getattr(cfg, field) < 1:
-            raise ValueError(f"{_flag(field)} must be >= 1, got {getattr(cfg, field)}")
+            raise ValueError(f"{flag(field)} must be >= 1, got {getattr(cfg, field)}")
     if cfg.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {cfg.num_workers}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
@@ -154,6 +155,6 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"--warmup-epoch must be >= 1, got {cfg.warmup_epoch}")
     for field, choices in (("image_cache", ("off", "ram", "disk")), ("amp", ("off", "bf16", "fp16"))):
         if getattr(cfg, field) not in choices:
-            raise ValueError(f"{_flag(field)} must be one of {list(choices)}, got {getattr(cfg, field)!r}")
+            raise ValueError(f"{flag(field)} must be one of {list(choices)}, got {getattr(cfg, field)!r}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")

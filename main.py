@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import DATASET_SETTINGS, LOSS_NAMES, Config, build_config
+from config import DATASET_SETTINGS, LOSS_NAMES, Config, build_config, flag
 from preproc.common import one_line
 
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ignored = cfg.unused_settings({k for k, v in overrides.items() if v is not None})
     for field in ignored:  # reported, not silently dropped
-        print(f"warning: --{field.replace('_', '-')} is ignored: -l {cfg.loss} does not use it")
+        print(f"warning: {flag(field)} is ignored: -l {cfg.loss} does not use it")
 
     import torch
     from datasets import DataError, build_datasets
@@ -277,7 +277,7 @@ def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loader
             print("warning: the observed labels hold negatives (-1); EM_APL reads -q as a pseudo-label with target q, "
                   "so -1 pushes those entries towards 1 (as the original does): generate them with --num-neg 0")
         results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
-                   "ignored_flags": [f"--{k.replace('_', '-')}" for k in ignored],
+                   "ignored_flags": [flag(k) for k in ignored],
                    "environment": environment(device), "chance_test_map": chance}
         try:
             results = fit(engine, loaders, datasets, cfg, run_dir, results)
