@@ -14,6 +14,8 @@ from losses import LOSSES, check_hyperparameters
 from losses import flag as loss_flag
 
 LOSS_NAMES = tuple(LOSSES)  # every registered loss
+IMAGE_CACHE_MODES = ("off", "ram", "disk")  # --image-cache (image_cache.py)
+AMP_MODES = ("off", "bf16", "fp16")  # --amp (train.AMP_DTYPES)
 # Settings that only some losses read: each loss's own hyperparameters (losses.py), and APL's schedule.
 APL_SETTINGS = ("neg_proportion", "warmup_epoch")
 
@@ -153,7 +155,7 @@ def _validate(cfg: Config) -> None:
                          f"and --epochs {cfg.num_epochs}")
     if cfg.warmup_epoch < 1:
         raise ValueError(f"--warmup-epoch must be >= 1, got {cfg.warmup_epoch}")
-    for field, choices in (("image_cache", ("off", "ram", "disk")), ("amp", ("off", "bf16", "fp16"))):
+    for field, choices in (("image_cache", IMAGE_CACHE_MODES), ("amp", AMP_MODES)):
         if getattr(cfg, field) not in choices:
             raise ValueError(f"{flag(field)} must be one of {list(choices)}, got {getattr(cfg, field)!r}")
     if not 0.0 <= cfg.val_frac < 1.0:

@@ -31,10 +31,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torchvision import transforms
 from tqdm import tqdm
 
+from config import IMAGE_CACHE_MODES
 from datasets import IMAGENET_MEAN, IMAGENET_STD, DataError, MultilabelDataset
 from fileio import remove_stale_temporaries, write_atomic
 
-CACHE_MODES = ("off", "ram", "disk")
 HEADER_BYTES = 4096
 FORMAT = "spml-image-cache-1"
 
@@ -190,7 +190,7 @@ def build_cache(dataset: MultilabelDataset, image_size: int, mode: str, phase: s
         return _ram_cache(dataset, image_size, num_workers, phase)
     if mode == "disk":
         return _disk_cache(dataset, image_size, cache_dir / f"{phase}_{image_size}px.cache", num_workers)
-    raise ValueError(f"--image-cache must be one of {CACHE_MODES}, got {mode!r}")
+    raise ValueError(f"--image-cache must be one of {IMAGE_CACHE_MODES}, got {mode!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

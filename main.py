@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import DATASET_SETTINGS, LOSS_NAMES, Config, build_config, flag
+from config import AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, LOSS_NAMES, Config, build_config, flag
 from preproc.common import one_line
 
 
@@ -67,10 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep DataLoader workers alive across epochs (pseudo-labels still reach them)")
     m.add_argument("--data-root", help="folder holding <dataset>/formatted_*.npy (default: data)")
     f = p.add_argument_group("speed (README 'Speed'; all off by default)")
-    f.add_argument("--image-cache", choices=("off", "ram", "disk"),
+    f.add_argument("--image-cache", choices=IMAGE_CACHE_MODES,
                    help="decode and resize every image once (bit-identical results): 'ram', or 'disk' "
                         "(<data-root>/<dataset>/cache/); default off")
-    f.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (autocast; loss in float32); "
+    f.add_argument("--amp", choices=AMP_MODES, help="mixed precision (autocast; loss in float32); "
                    "changes results statistically only; default off")
     f.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
     f.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -101,7 +101,7 @@ def resolve_device(gpu: str):
 def prepare_results_dir(results_dir: str) -> None:
     """Create the results folder (or fail with one line now, before any work), remove temporaries that killed
     runs left there, and mark runs whose process died without a word (kill -9, out of memory) as killed."""
-    from fileio import describe_os_error, remove_stale_temporaries, write_atomic
+    from fileio import describe_os_error, remove_stale_temporaries
     from train import mark_if_dead
     root = Path(results_dir)
     try:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import Config
+from config import AMP_MODES, Config
 from datasets import MultilabelDataset, raise_sample_errors
-from image_cache import make_loaders, to_model_input
+from image_cache import to_model_input
 from losses import LOSSES, compute_loss
 from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics
 from fileio import pid_alive, write_atomic
@@ -62,7 +62,7 @@ def apl_update(obs: np.ndarray, preds: np.ndarray, unlabel_num: np.ndarray, neg_
 # ----------------------------------------------------------------------------------------------------------------
 # how batches run on the device
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 NONFINITE_CHECK_EVERY = 50  # training steps between read-backs of the device-side non-finite-loss check
 
 

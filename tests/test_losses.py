@@ -14,7 +14,7 @@ from conftest import REALDATA, ROOT  # noqa: F401  (conftest puts ROOT on sys.pa
 
 from losses import compute_loss  # noqa: E402
 
-from helpers import EPS, ent, nl, random_batch as _batch, sig, t  # noqa: E402  (hand computations in float64)
+from helpers import ent, nl, random_batch as _batch, sig, t  # noqa: E402  (hand computations in float64)
 
 # A 2 x 3 example used throughout.
 LOGITS = [[0.5, -1.0, 2.0],
