@@ -104,13 +104,7 @@ class MultilabelDataset(Dataset):
         """One sample. An unreadable image does not raise here (a DataLoader worker would wrap the message in
         its traceback text): the sample carries the message in "error" ("" when fine) and a blank image, and
         the training loop stops with `raise_sample_errors`."""
-        path = self.image_root / str(self.image_paths[idx])
-        error = ""
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except (OSError, ValueError) as exc:
-            error, image = f"cannot read image {path}: {exc}", Image.new("RGB", (8, 8))
+        image, error = read_rgb(self.image_root / str(self.image_paths[idx]))
         return {
             "image": self.transform(image),
             "label_vec_obs": self._obs[idx].float(),  # float32, as the original's FloatTensor copy
@@ -118,6 +112,16 @@ class MultilabelDataset(Dataset):
             "idx": idx,
             "error": error,
         }
+
+
+def read_rgb(path: Path) -> tuple[Image.Image, str]:
+    """The image at `path` as RGB and "", or a blank 8 x 8 image and the message saying why it cannot be read
+    (the caller raises it where it is not buried in a DataLoader worker's traceback text)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB"), ""
+    except (OSError, ValueError) as exc:
+        return Image.new("RGB", (8, 8)), f"cannot read image {path}: {exc}"
 
 
 def raise_sample_errors(batch: dict) -> None:

@@ -26,13 +26,12 @@ import numpy as np
 import PIL
 import torch
 import torchvision
-from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from torchvision import transforms
 from tqdm import tqdm
 
 from config import IMAGE_CACHE_MODES
-from datasets import IMAGENET_MEAN, IMAGENET_STD, DataError, MultilabelDataset
+from datasets import IMAGENET_MEAN, IMAGENET_STD, DataError, MultilabelDataset, read_rgb
 from fileio import remove_stale_temporaries, write_atomic
 
 HEADER_BYTES = 4096
@@ -46,7 +45,7 @@ class _Decoded(Dataset):
     """Image i decoded and resized exactly as the faithful transform's first step, as a uint8 HWC array."""
 
     def __init__(self, image_root: Path, image_paths: np.ndarray, image_size: int) -> None:
-        self.image_root, self.image_paths, self.image_size = image_root, image_paths, image_size
+        self.image_root, self.image_paths = image_root, image_paths
         self.resize = transforms.Resize((image_size, image_size))  # the faithful path's own Resize
 
     def __len__(self) -> int:
@@ -55,14 +54,8 @@ class _Decoded(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
         """(i, image, error): an unreadable image gives a blank one and the message, which `_fill` raises in the
         main process (raised in a worker, it would come back buried in traceback text)."""
-        path = self.image_root / str(self.image_paths[i])
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except (OSError, ValueError) as exc:
-            blank = torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8)
-            return i, blank, f"cannot read image {path}: {exc}"
-        return i, torch.from_numpy(np.asarray(self.resize(image), dtype=np.uint8).copy()), ""
+        image, error = read_rgb(self.image_root / str(self.image_paths[i]))
+        return i, torch.from_numpy(np.asarray(self.resize(image), dtype=np.uint8).copy()), error
 
 
 def _fill(out: np.ndarray, dataset: MultilabelDataset, image_size: int, num_workers: int, desc: str) -> None:
