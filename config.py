@@ -18,6 +18,9 @@ IMAGE_CACHE_MODES = ("off", "ram", "disk")  # --image-cache (image_cache.py)
 AMP_MODES = ("off", "bf16", "fp16")  # --amp (train.AMP_DTYPES)
 # Settings that only some losses read: each loss's own hyperparameters (losses.py), and APL's schedule.
 APL_SETTINGS = ("neg_proportion", "warmup_epoch")
+# Settings that cannot change a run's numbers (where it runs, how fast data arrive: the image cache is
+# bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
+RESULT_NEUTRAL_SETTINGS = ("gpu", "num_workers", "persistent_workers", "image_cache", "data_root", "results_dir")
 
 
 # delta_rel of the Large-Loss methods per dataset, as Kim et al. give them (Adam, batch 16; percent per epoch).
