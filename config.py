@@ -34,6 +34,12 @@ LL_DELTA_REL: dict[str, dict[str, float]] = {
 }
 
 
+# ROLE's k, the expected number of positives per image (Cole et al.'s `expected_num_pos`: the mean number of true
+# positives per training image). The demo's is its own mean (1.90 per image).
+ROLE_EXPECTED_POSITIVES: dict[str, float] = {"pascal": 1.5, "coco": 2.9, "nuswide": 1.9, "cub": 31.4, "demo": 1.9}
+ROLE_LOSSES = ("role", "role_li")
+
+
 def _loss_default(field: str) -> float:
     """The default of a baseline loss's hyperparameter, as its function in losses.py declares it."""
     return next(fn.defaults[field] for fn in LOSSES.values() if field in getattr(fn, "defaults", {}))
@@ -84,6 +90,7 @@ class Config:
     asl_gamma_pos: float = _loss_default("asl_gamma_pos")
     asl_clip: float = _loss_default("asl_clip")
     delta_rel: float = _loss_default("delta_rel")  # Large-Loss methods; build_config takes LL_DELTA_REL's
+    expected_num_pos: float | None = None  # ROLE's k; build_config takes ROLE_EXPECTED_POSITIVES
     # fixed in the original
     seed: int = 1200  # numpy global seed
     split_seed: int = 1200
@@ -126,6 +133,8 @@ def build_config(dataset: str, **overrides) -> Config:
     loss = overrides.get("loss") or Config.loss
     if loss in LL_DELTA_REL[dataset]:
         values["delta_rel"] = LL_DELTA_REL[dataset][loss]
+    if loss in ROLE_LOSSES and dataset in ROLE_EXPECTED_POSITIVES:
+        values["expected_num_pos"] = ROLE_EXPECTED_POSITIVES[dataset]
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = Config(dataset=dataset, **values)
     _validate(cfg)
@@ -150,6 +159,9 @@ def _validate(cfg: Config) -> None:
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
     check_hyperparameters(cfg.loss, cfg.to_dict())  # the chosen loss's own (alpha, beta, gammas, eps, ...)
+    if cfg.loss in ROLE_LOSSES and cfg.expected_num_pos is None:
+        raise ValueError(f"-l {cfg.loss} needs --expected-num-pos (ROLE's k, the mean number of true positives "
+                         f"per image): {cfg.dataset} has no default")
     if not 0.0 <= cfg.neg_proportion <= 1.0:  # also rejects NaN
         raise ValueError(f"--neg-proportion must be in [0, 1], got {cfg.neg_proportion}")
     if cfg.loss == "EM_APL" and not 1 <= cfg.warmup_epoch < cfg.num_epochs:

@@ -63,7 +63,9 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-CONTEXT = ("epoch",)  # keyword-only parameters that the training loop supplies, not hyperparameters
+# keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch, and ROLE's
+# label estimates of the batch rows
+CONTEXT = ("epoch", "estimates")
 
 
 def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None,
@@ -118,13 +120,22 @@ class Entries:
         self.where, self.logits = where, logits
         self.preds = torch.sigmoid(logits)
         self.loss = torch.zeros_like(self.preds)
+        self.regulariser: torch.Tensor | None = None  # a scalar added after the division by B * C (ROLE)
 
     def p(self, mask: torch.Tensor) -> torch.Tensor:
-        return self.preds.view_as(self.preds) if self.where else self.preds[mask]
+        return self.at(self.preds, mask)
 
     def at(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`values[mask]`, for label-valued operands (no gradient)."""
-        return values if self.where else values[mask]
+        """`values[mask]`, a fresh indexing (where: a fresh view) of labels or of any (B, C) operand."""
+        return values.view_as(values) if self.where else values[mask]
+
+    def matrix(self, mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """A new (B, C) matrix: `value` on `mask`, 0 elsewhere (the original's `m = zeros_like(...); m[mask] = value`)."""
+        if self.where:
+            return torch.where(mask, value, torch.zeros_like(self.preds))
+        m = torch.zeros_like(self.preds)
+        m[mask] = value
+        return m
 
     def safe(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`values` of the group `mask` as an operand of a formula that is singular elsewhere (x ** gamma with
@@ -409,6 +420,42 @@ def large_loss_correction_permanent(e: Entries, obs: torch.Tensor, true: torch.T
     _large_loss(e, obs, _permanent_corrections(e.logits, obs, delta_rel=delta_rel, epoch=epoch), True)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# ROLE (Cole et al., CVPR 2021, "Multi-label learning from single positive labels")
+
+def expected_positive_regulariser(probs: torch.Tensor, expected_num_pos: float) -> torch.Tensor:
+    """(mean over the batch of the summed probabilities of a row - k)^2: Cole et al.'s
+    `expected_positive_regularizer` with norm '2'."""
+    return (probs.sum(1).mean(0) - expected_num_pos) ** 2
+
+
+@register("role_li", ranges={"expected_num_pos": Range(0.0, math.inf, lo_open=True)})
+@register("role", ranges={"expected_num_pos": Range(0.0, math.inf, lo_open=True)})
+def role(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, expected_num_pos: float,
+         estimates: torch.Tensor) -> None:
+    """ROLE (regularised online label estimation). With g = the label estimates of the batch rows (sigmoid of
+    the learnable N x C estimate logits, `estimates`) and g', p' their values without gradient:
+      loss matrix = 1/2 [obs = 1: neg_log(p) + neg_log(g)]
+                  + 1/2 [g' neg_log(p) + (1 - g') neg_log(1 - p) + p' neg_log(g) + (1 - p') neg_log(1 - g)]
+      plus, after the division by B * C, the expected-positive regulariser
+                    1/2 [(mean_b sum_c p - k)^2 + (mean_b sum_c g - k)^2] / C^2,   k = expected_num_pos.
+    So the classifier learns from the observed positives, the estimates and its regulariser only, and the
+    estimates likewise (the cross terms are stop-gradient on the other side). k per dataset:
+    config.ROLE_EXPECTED_POSITIVES (--expected-num-pos). `role_li` (ROLE+LI) is the same loss after a linear
+    initialisation phase (train.py).
+    Source: Cole et al. 2021, `loss_role` and `expected_positive_regularizer` (norm '2').
+    """
+    g, pos = estimates, obs == 1
+    num_classes = obs.shape[1]
+    g_fixed, p_fixed = g.detach(), e.preds.detach()
+    p = e.preds
+    positives = 0.5 * (e.matrix(pos, neg_log(e.p(pos))) + e.matrix(pos, neg_log(e.at(g, pos))))
+    e.loss = positives + 0.5 * ((g_fixed * neg_log(p) + (1.0 - g_fixed) * neg_log(1.0 - p))
+                                + (p_fixed * neg_log(g) + (1.0 - p_fixed) * neg_log(1.0 - g)))
+    e.regulariser = 0.5 * (expected_positive_regulariser(p, expected_num_pos) / num_classes ** 2
+                           + expected_positive_regulariser(g, expected_num_pos) / num_classes ** 2)
+
+
 def check_observed(name: str, obs: torch.Tensor) -> None:
     """The original's asserts on a batch's labels: obs in [-1, 1], and >= 0 unless the loss reads negatives.
     Each check reads the labels back to the host; the training loop runs them once at load time instead."""
@@ -420,13 +467,15 @@ def check_observed(name: str, obs: torch.Tensor) -> None:
 
 
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
-                 checked: bool = False, where: bool = False, epoch: int = 1, **hparams: float) -> torch.Tensor:
+                 checked: bool = False, where: bool = False, epoch: int = 1, estimates: torch.Tensor | None = None,
+                 **hparams: float) -> torch.Tensor:
     """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored; one it
     takes that is absent or None gets its default (TypeError if it has none, e.g. EM's alpha).
 
     `checked=True`: the labels were validated already (`check_observed`), skip the checks. `where=True`: fill
     by torch.where (see `Entries`). With both, nothing here waits for the device: the same bits, no sync.
-    `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods).
+    `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods); `estimates`,
+    the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
@@ -443,8 +492,14 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     entries = Entries(logits, where)
-    fn(entries, obs, true, **given, **({"epoch": epoch} if "epoch" in fn.context else {}))
+    context = {"epoch": epoch, "estimates": estimates}
+    if "estimates" in fn.context and estimates is None:
+        raise TypeError(f"loss {name!r} needs the label estimates of the batch rows (estimates=)")
+    if estimates is not None and estimates.shape != logits.shape:
+        raise ValueError(f"estimates must be (B, C) like the logits, got {tuple(estimates.shape)}")
+    fn(entries, obs, true, **given, **{k: context[k] for k in fn.context})
     # divide by a tensor holding B * C, then sum, as the original: on CUDA, dividing by a Python number
     # multiplies by its reciprocal instead, which differs in the last bit
     denominator = entries.loss.numel() * torch.ones_like(entries.loss)
-    return (entries.loss / denominator).sum()
+    loss = (entries.loss / denominator).sum()
+    return loss if entries.regulariser is None else loss + entries.regulariser

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from config import AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, LOSS_NAMES, Config, build_config, flag
+from config import (AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, LOSS_NAMES, ROLE_LOSSES, Config, build_config,
+                    flag)
 from preproc.common import one_line
 
 
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--asl-clip", type=float, help="asl: probability margin in [0, 1) (default 0.05)")
     b.add_argument("--delta-rel", type=float, help="ll_r, ll_ct, ll_cp: large-loss rate in percent > 0 "
                    "(default: Kim et al.'s per dataset, config.LL_DELTA_REL)")
+    b.add_argument("--expected-num-pos", type=float, help="role, role_li: k of the expected-positive regulariser "
+                   "> 0 (default: Cole et al.'s per dataset, config.ROLE_EXPECTED_POSITIVES)")
     m = p.add_argument_group("model and data")
     m.add_argument("--arch", help="torchvision backbone (original: resnet50)")
     m.add_argument("--weights", help="'imagenet' (torchvision IMAGENET1K_V1), 'random', or a state-dict path")
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import DataError, build_datasets
     from image_cache import make_loaders
     from models import WeightsError, build_model, check_model_runs
-    from train import build_engine
+    from train import LabelEstimates, build_engine
 
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.pytorch_seed)
@@ -236,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             # the size of the last training batch (every batch, with --batch-size 1)
             check_model_runs(model, cfg.arch, cfg.image_size, device,
                              len(datasets["train"]) % cfg.batch_size or cfg.batch_size)
-            engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark)
+            # ROLE's estimate matrix, drawn after the model as in Cole et al.'s code
+            estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
+            engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark,
+                                  estimates)
             loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
                                    cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache")
             run_dir = make_run_dir(cfg)

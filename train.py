@@ -60,6 +60,38 @@ def apl_update(obs: np.ndarray, preds: np.ndarray, unlabel_num: np.ndarray, neg_
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# ROLE's label estimates
+
+ESTIMATES_LR_FACTOR = 10  # ROLE: the estimate matrix learns at 10 x the model's lr (Cole et al.'s `lr_mult`)
+
+
+def logit(p: float | np.ndarray) -> float | np.ndarray:
+    """log(p / (1 - p)) with p clipped to [1e-5, 1 - 1e-5], in float64 (Cole et al.'s `inverse_sigmoid`)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-5, 1 - 1e-5)
+    return np.log(p / (1 - p))
+
+
+class LabelEstimates(torch.nn.Module):
+    """ROLE's learnable N x C matrix of label-estimate logits, one row per training sample (Cole et al.'s
+    `LabelEstimator`). Initialised from the global torch generator: unknown entries uniform in
+    (-logit(0.6), logit(0.6)), observed positives logit(0.995); or, given `probs` (ROLE+LI's phase 1), logit(probs).
+    Calling it with row indices gives their estimates sigmoid(logits[rows]).
+    """
+
+    def __init__(self, labels_obs: np.ndarray, probs: np.ndarray | None = None) -> None:
+        super().__init__()
+        if probs is None:
+            logits = float(logit(0.5 + 0.1)) * (2 * torch.rand(labels_obs.shape) - 1)
+            logits[torch.from_numpy(np.asarray(labels_obs) == 1)] = float(logit(0.995))
+        else:
+            logits = torch.from_numpy(logit(probs)).float()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits[rows])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # how batches run on the device
 
 AMP_DTYPES = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
@@ -69,13 +101,29 @@ NONFINITE_CHECK_EVERY = 50  # training steps between read-backs of the device-si
 @dataclass
 class Engine:
     """The model as the loop runs it: `model` (whose state is saved), `forward` (the same module, or its
-    torch.compile), the device, the autocast dtype (None = float32 throughout) and the memory format."""
+    torch.compile), the device, the autocast dtype (None = float32 throughout), the memory format, and ROLE's
+    label estimates (trained and saved with the model) for a loss that reads them."""
 
     model: torch.nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]
     device: torch.device
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+    estimates: LabelEstimates | None = None
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """Adam's groups: the trainable model parameters at `lr`; ROLE's estimates at ESTIMATES_LR_FACTOR x lr."""
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": lr}]
+        if self.estimates is not None:
+            groups.append({"params": list(self.estimates.parameters()), "lr": ESTIMATES_LR_FACTOR * lr})
+        return groups
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the model's state dict, and the estimate logits when there are any."""
+        state = {"model": copy.deepcopy(self.model.state_dict())}
+        if self.estimates is not None:
+            state["label_estimates"] = self.estimates.logits.detach().clone()
+        return state
 
     def logits(self, batch: dict) -> torch.Tensor:
         """float32 logits of a batch from either loader (the loss always runs in float32)."""
@@ -86,7 +134,8 @@ class Engine:
 
 
 def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off", channels_last: bool = False,
-                 compile_model: bool = False, cudnn_benchmark: bool = False) -> Engine:
+                 compile_model: bool = False, cudnn_benchmark: bool = False,
+                 estimates: LabelEstimates | None = None) -> Engine:
     """Check that the device supports the speed options (ValueError naming the flag and the alternative)."""
     if amp not in AMP_DTYPES:
         raise ValueError(f"--amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
@@ -112,7 +161,8 @@ def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off",
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compile_model else model
-    return Engine(model, forward, device, AMP_DTYPES[amp], channels_last)
+    return Engine(model, forward, device, AMP_DTYPES[amp], channels_last,
+                  estimates.to(device) if estimates is not None else None)
 
 
 def _cpu_has_bf16() -> bool:
@@ -182,8 +232,9 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
     def step(logits: torch.Tensor, batch: dict) -> torch.Tensor:
         obs = batch["label_vec_obs"].to(engine.device, non_blocking=True)
         # labels were checked once at load time; torch.where filling gives the original's bits without a sync
+        estimates = None if engine.estimates is None else engine.estimates(batch["idx"].to(engine.device))
         loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
-                            checked=True, where=True, epoch=epoch, **hyperparameters)
+                            checked=True, where=True, epoch=epoch, estimates=estimates, **hyperparameters)
         if corrections is not None:
             corrected.append((batch["idx"], corrections(logits, obs, epoch=epoch, **hyperparameters)))
         optimizer.zero_grad()
@@ -282,7 +333,9 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
             pass
         raise
 
-    engine.model.load_state_dict(best_state)
+    engine.model.load_state_dict(best_state["model"])
+    if engine.estimates is not None:
+        engine.estimates.logits.data.copy_(best_state["label_estimates"])
     best = results["epochs"][str(results["best_epoch"])]
     results.update(
         status="finished",
@@ -300,8 +353,7 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
 def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cfg: Config, run_dir: Path,
                                results: dict):
     """epoch -> train -> (pseudo-label) -> val -> select (-> test); returns the best state and test pass."""
-    model = engine.model
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = torch.optim.Adam(engine.parameter_groups(cfg.lr), lr=cfg.lr)
     scaler = torch.amp.GradScaler(engine.device.type, enabled=cfg.amp == "fp16")
     unlabel_num = (datasets["train"].labels_obs == 0).sum(axis=0)  # U_c, counted once before training
 
@@ -328,7 +380,7 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
                 f"val mAP {val_map:.2f}")
         if improved:
             best_val_map = val_map
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = engine.state()
             best_test = evaluate(engine, loaders["test"], f"epoch {epoch} test")
             record["test"] = _eval_metrics(best_test)
             line += f"  test mAP {record['test']['map_clean']:.2f}  *best*"
@@ -349,4 +401,4 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
 
 
 def _save_checkpoint(path: Path, state: dict, cfg: Config, epoch: int) -> None:
-    write_atomic(path, lambda tmp: torch.save({"model": state, "config": cfg.to_dict(), "epoch": epoch}, tmp))
+    write_atomic(path, lambda tmp: torch.save({**state, "config": cfg.to_dict(), "epoch": epoch}, tmp))
