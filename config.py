@@ -18,6 +18,9 @@ IMAGE_CACHE_MODES = ("off", "ram", "disk")  # --image-cache (image_cache.py)
 AMP_MODES = ("off", "bf16", "fp16")  # --amp (train.AMP_DTYPES)
 # Settings that only some losses read: each loss's own hyperparameters (losses.py), and APL's schedule.
 APL_SETTINGS = ("neg_proportion", "warmup_epoch")
+# Settings of the image pipeline and the backbone, which a linear probe on cached features (--features) does not read.
+IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_workers", "image_cache",
+                  "channels_last", "compile", "cudnn_benchmark")
 # Settings that cannot change a run's numbers (where it runs, how fast data arrive: the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
 RESULT_NEUTRAL_SETTINGS = ("gpu", "num_workers", "persistent_workers", "image_cache", "data_root", "results_dir")
@@ -60,6 +63,14 @@ DATASET_SETTINGS: dict[str, dict] = {
 }
 
 
+# Linear-probe mode (`--features`: a linear classifier on a frozen backbone's cached features). A linear head
+# wants a larger lr than fine-tuning; these defaults come from the sweep in README "Linear probe".
+LINEAR_SETTINGS: dict = dict(batch_size=16, lr=1e-3, num_epochs=25)
+# ROLE+LI's phase 1 (Cole et al.'s linear initialisation, docs/baselines.md): ROLE on frozen features.
+ROLE_LI_PHASE1: dict[str, dict] = {d: dict(num_epochs=25, lr=1e-3, batch_size=8 if d == "cub" else 16)
+                                   for d in DATASET_SETTINGS}
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything one run needs. Defaults are the original's; dataset-specific ones come from the table."""
@@ -91,6 +102,8 @@ class Config:
     asl_clip: float = _loss_default("asl_clip")
     delta_rel: float = _loss_default("delta_rel")  # Large-Loss methods; build_config takes LL_DELTA_REL's
     expected_num_pos: float | None = None  # ROLE's k; build_config takes ROLE_EXPECTED_POSITIVES
+    # linear-probe mode: the name of a feature set (features.feature_set_name), None = train on images
+    features: str | None = None
     # fixed in the original
     seed: int = 1200  # numpy global seed
     split_seed: int = 1200
@@ -122,7 +135,10 @@ class Config:
         """Those of the `given` fields (set on the command line) that the chosen loss does not read."""
         per_loss = {k for fn in LOSSES.values() for k in fn.hyperparameters} | set(APL_SETTINGS)
         used = set(LOSSES[self.loss].hyperparameters) | (set(APL_SETTINGS) if self.loss == "EM_APL" else set())
-        return sorted(k for k in given if k in per_loss and k not in used)
+        unused = {k for k in given if k in per_loss and k not in used}
+        if self.features:  # a linear classifier on cached features: no images, no backbone
+            unused |= set(given) & set(IMAGE_SETTINGS)
+        return sorted(unused)
 
 
 def build_config(dataset: str, **overrides) -> Config:
@@ -130,6 +146,8 @@ def build_config(dataset: str, **overrides) -> Config:
     if dataset not in DATASET_SETTINGS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_SETTINGS)}")
     values = dict(DATASET_SETTINGS[dataset])
+    if overrides.get("features"):
+        values.update(LINEAR_SETTINGS)
     loss = overrides.get("loss") or Config.loss
     if loss in LL_DELTA_REL[dataset]:
         values["delta_rel"] = LL_DELTA_REL[dataset][loss]
@@ -173,5 +191,8 @@ def _validate(cfg: Config) -> None:
     for field, choices in (("image_cache", IMAGE_CACHE_MODES), ("amp", AMP_MODES)):
         if getattr(cfg, field) not in choices:
             raise ValueError(f"{flag(field)} must be one of {list(choices)}, got {getattr(cfg, field)!r}")
+    if cfg.features is not None and cfg.loss == "role_li":
+        raise ValueError("-l role_li fine-tunes the backbone after a linear phase; with --features (a linear "
+                         "classifier only) use -l role")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")

@@ -64,26 +64,21 @@ def get_transforms(image_size: int) -> dict[str, transforms.Compose]:
     return {"train": build(True), "val": build(False), "test": build(False)}
 
 
-class MultilabelDataset(Dataset):
-    """Images plus observed and true label matrices.
+class LabelledRows(Dataset):
+    """Observed and true label matrices of a set's rows.
 
     The observed matrix lives in a shared-memory float64 tensor, so `set_observed` (pseudo-labelling between
     epochs) reaches DataLoader workers, persistent ones included, without rebuilding anything.
     """
 
-    def __init__(self, image_paths: np.ndarray, labels_obs: np.ndarray, labels_true: np.ndarray,
-                 image_root: Path, transform) -> None:
-        if not (len(image_paths) == len(labels_obs) == len(labels_true)):
-            raise DataError(f"{len(image_paths)} images but {len(labels_obs)} observed and "
-                            f"{len(labels_true)} true label rows")
-        self.image_paths = image_paths
-        self.image_root = Path(image_root)
-        self.transform = transform
+    def __init__(self, labels_obs: np.ndarray, labels_true: np.ndarray) -> None:
+        if len(labels_obs) != len(labels_true):
+            raise DataError(f"{len(labels_obs)} observed but {len(labels_true)} true label rows")
         self._obs = torch.from_numpy(np.array(labels_obs, dtype=np.float64)).share_memory_()
         self.labels_true = np.asarray(labels_true, dtype=np.float64)
 
     def __len__(self) -> int:
-        return len(self.image_paths)
+        return len(self.labels_true)
 
     @property
     def labels_obs(self) -> np.ndarray:
@@ -100,6 +95,21 @@ class MultilabelDataset(Dataset):
         the shared matrix reaches DataLoader workers for the batches they have not prepared yet)."""
         self._obs[rows] = torch.where(mask.cpu(), 1.0, self._obs[rows])
 
+
+
+class MultilabelDataset(LabelledRows):
+    """Images plus observed and true label matrices."""
+
+    def __init__(self, image_paths: np.ndarray, labels_obs: np.ndarray, labels_true: np.ndarray,
+                 image_root: Path, transform) -> None:
+        if not (len(image_paths) == len(labels_obs) == len(labels_true)):
+            raise DataError(f"{len(image_paths)} images but {len(labels_obs)} observed and "
+                            f"{len(labels_true)} true label rows")
+        super().__init__(labels_obs, labels_true)
+        self.image_paths = image_paths
+        self.image_root = Path(image_root)
+        self.transform = transform
+
     def __getitem__(self, idx: int) -> dict:
         """One sample. An unreadable image does not raise here (a DataLoader worker would wrap the message in
         its traceback text): the sample carries the message in "error" ("" when fine) and a blank image, and
@@ -112,6 +122,39 @@ class MultilabelDataset(Dataset):
             "idx": idx,
             "error": error,
         }
+
+
+class FeatureDataset(LabelledRows):
+    """Pre-extracted feature vectors (float32 (N, D), e.g. a frozen backbone's) plus the label matrices."""
+
+    def __init__(self, features: np.ndarray, labels_obs: np.ndarray, labels_true: np.ndarray) -> None:
+        if len(features) != len(labels_true):
+            raise DataError(f"{len(features)} feature rows but {len(labels_true)} label rows")
+        super().__init__(labels_obs, labels_true)
+        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+
+
+class FeatureLoader:
+    """Batches of a FeatureDataset as index slices of tensors in memory, no per-sample work: the features sit on
+    the device once; a shuffled epoch's order is one `torch.randperm` from the global generator. Batches hold
+    "features", the label rows and "idx", as the image loaders' batches (which hold "image" instead)."""
+
+    def __init__(self, dataset: FeatureDataset, batch_size: int, shuffle: bool, device: torch.device) -> None:
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.features = dataset.features.to(device)
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.dataset)
+        order = torch.randperm(n) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            rows = order[start:start + self.batch_size]
+            yield {"features": self.features[rows.to(self.features.device)],
+                   "label_vec_obs": self.dataset._obs[rows].float(),
+                   "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows.numpy()]).float(),
+                   "idx": rows}
 
 
 def read_rgb(path: Path) -> tuple[Image.Image, str]:
@@ -149,8 +192,9 @@ def _check_labels(labels: np.ndarray, path: Path, num_classes: int, allowed: tup
         raise DataError(f"{path}: labels must take values in {allowed}, found {np.unique(labels[bad])[:5]}")
 
 
-def load_formatted(data_root: str | Path, dataset: str, phase: str) -> dict[str, np.ndarray]:
-    """Images, true labels (float64) and observed labels (float64) of an official split ('train' or 'val')."""
+def load_formatted(data_root: str | Path, dataset: str, phase: str, images: bool = True) -> dict[str, np.ndarray]:
+    """Images, true labels (float64) and observed labels (float64) of an official split ('train' or 'val');
+    `images=False`: the labels only (a run on pre-extracted features)."""
     info = DATASET_INFO[dataset]
     root = Path(data_root) / dataset
     # the commands that (re)create the files, with the user's --data-root
@@ -158,11 +202,15 @@ def load_formatted(data_root: str | Path, dataset: str, phase: str) -> dict[str,
     format_command = f"{FORMAT_COMMANDS[dataset]} {path_flags}"
     obs_command = f"python preproc/generate_observed_labels.py --dataset {dataset} --data-root {data_root}"
     paths = {k: root / f"formatted_{phase}_{k}.npy" for k in ("images", "labels", "labels_obs")}
-    images = _load_array(paths["images"], format_command)
+    if images:
+        images = _load_array(paths["images"], format_command)
+        if images.ndim != 1 or images.dtype.kind != "U":
+            raise DataError(f"{paths['images']}: expected a 1-D unicode string array, found {images.dtype} "
+                            f"{images.shape}")
     labels = _load_array(paths["labels"], format_command).astype(np.float64)
     labels_obs = _load_array(paths["labels_obs"], obs_command).astype(np.float64)
-    if images.ndim != 1 or images.dtype.kind != "U":
-        raise DataError(f"{paths['images']}: expected a 1-D unicode string array, found {images.dtype} {images.shape}")
+    if images is False:
+        images = np.array([f"row {i}" for i in range(len(labels))])  # stand-ins: only the count is read
     _check_labels(labels, paths["labels"], info.num_classes, (0.0, 1.0))
     _check_labels(labels_obs, paths["labels_obs"], info.num_classes, (-1.0, 0.0, 1.0))
     if not len(images) == len(labels) == len(labels_obs):
@@ -177,28 +225,32 @@ def load_formatted(data_root: str | Path, dataset: str, phase: str) -> dict[str,
 
 
 def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_set_variant: str = "observed",
-                   val_frac: float = 0.2, split_seed: int = 1200) -> dict[str, MultilabelDataset]:
-    """The train / val / test datasets of the original (see the module docstring)."""
+                   val_frac: float = 0.2, split_seed: int = 1200,
+                   features: dict[str, np.ndarray] | None = None) -> dict[str, LabelledRows]:
+    """The train / val / test datasets of the original (see the module docstring): of images, or, given
+    `features` ({"train": official train rows, "val": official val rows}, as features.load_features returns
+    them), of those feature vectors, with the same split."""
     if dataset not in DATASET_INFO:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_INFO)}")
     if dataset == "demo":
         from preproc.make_demo import ensure_demo
         ensure_demo(Path(data_root) / "demo")
-    official_train = load_formatted(data_root, dataset, "train")
-    official_val = load_formatted(data_root, dataset, "val")
+    official = {phase: load_formatted(data_root, dataset, phase, images=features is None) for phase in ("train", "val")}
     image_root = Path(data_root) / dataset / DATASET_INFO[dataset].image_subdir
     tfm = get_transforms(image_size)
 
-    train_idx, val_idx = generate_split(len(official_train["images"]), val_frac, np.random.RandomState(split_seed))
-    train_obs = official_train["labels_obs"] if train_set_variant == "observed" else official_train["labels"]
+    train_idx, val_idx = generate_split(len(official["train"]["labels"]), val_frac, np.random.RandomState(split_seed))
+    train_obs = official["train"]["labels_obs"] if train_set_variant == "observed" else official["train"]["labels"]
 
-    def subset(idx: np.ndarray, obs: np.ndarray, phase: str) -> MultilabelDataset:
-        return MultilabelDataset(official_train["images"][idx], obs[idx], official_train["labels"][idx],
-                                 image_root, tfm[phase])
+    def subset(split: str, rows: np.ndarray, obs: np.ndarray, phase: str) -> LabelledRows:
+        true = official[split]["labels"][rows]
+        if features is not None:
+            return FeatureDataset(features[split][rows], obs[rows], true)
+        return MultilabelDataset(official[split]["images"][rows], obs[rows], true, image_root, tfm[phase])
 
     return {
-        "train": subset(train_idx, train_obs, "train"),
-        "val": subset(val_idx, official_train["labels"], "val"),  # clean val, as the original's 'clean' variant
-        "test": MultilabelDataset(official_val["images"], official_val["labels"], official_val["labels"],
-                                  image_root, tfm["test"]),
+        "train": subset("train", train_idx, train_obs, "train"),
+        # clean val, as the original's 'clean' variant
+        "val": subset("train", val_idx, official["train"]["labels"], "val"),
+        "test": subset("val", np.arange(len(official["val"]["labels"])), official["val"]["labels"], "test"),
     }

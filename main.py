@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--persistent-workers", action="store_true", default=None,
                    help="keep DataLoader workers alive across epochs (pseudo-labels still reach them)")
     m.add_argument("--data-root", help="folder holding <dataset>/formatted_*.npy (default: data)")
+    m.add_argument("--features", help="linear probe: train a linear classifier on the cached feature set "
+                   "<arch>_<weights>_<size> (made by preproc/extract_features.py) instead of the images")
     f = p.add_argument_group("speed (README 'Speed'; all off by default)")
     f.add_argument("--image-cache", choices=IMAGE_CACHE_MODES,
                    help="decode and resize every image once (bit-identical results): 'ram', or 'disk' "
@@ -206,6 +208,59 @@ def check_observed_labels(cfg: Config, datasets: dict) -> None:
                          f"--data-root {cfg.data_root}")
 
 
+def build_run(cfg: Config, device) -> tuple[dict, object, dict, dict]:
+    """The datasets, the engine (model, and ROLE's estimates) and the loaders of a run, and what results.json
+    should record of how they were made: on images (the original), or a linear classifier on cached features
+    (`--features`); for ROLE+LI, after its linear phase on the backbone's features (extracted once if needed)."""
+    import torch
+    from datasets import FeatureLoader, build_datasets
+    from features import extract_features, feature_set_name, load_features
+    from image_cache import make_loaders
+    from models import build_model, check_model_runs
+    from train import LabelEstimates, build_engine, linear_init
+
+    def with_features(name: str) -> tuple[dict, dict]:
+        features = load_features(cfg.data_root, cfg.dataset, name)
+        return build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,
+                              cfg.split_seed, features=features), features["info"]
+
+    setup: dict = {}
+    if cfg.features:  # linear probe: no backbone, no images
+        datasets, info = with_features(cfg.features)
+        setup["features"] = {"name": cfg.features, **{k: info.get(k) for k in ("arch", "weights", "image_size", "dim")}}
+        check_observed_labels(cfg, datasets)
+        model = torch.nn.Linear(info["dim"] if "dim" in info else datasets["train"].features.shape[1],
+                                datasets["train"].labels_true.shape[1]).to(device)
+        estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
+        engine = build_engine(model, device, cfg.amp, estimates=estimates)
+        loaders = {phase: FeatureLoader(ds, cfg.batch_size, phase == "train", device) for phase, ds in datasets.items()}
+        return datasets, engine, loaders, setup
+
+    datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,
+                              cfg.split_seed)
+    check_observed_labels(cfg, datasets)
+    model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
+    # the size of the last training batch (every batch, with --batch-size 1)
+    check_model_runs(model, cfg.arch, cfg.image_size, device, len(datasets["train"]) % cfg.batch_size or cfg.batch_size)
+    if cfg.loss == "role_li":
+        name = feature_set_name(cfg.arch, cfg.weights, cfg.image_size)
+        with torch.random.fork_rng(devices=[]):  # extracted now or earlier, the run draws the same numbers
+            extract_features(cfg.data_root, cfg.dataset, cfg.arch, cfg.weights, cfg.image_size, device=device,
+                             num_workers=cfg.num_workers)
+        feature_sets, _ = with_features(name)
+        state, setup["linear_init"] = linear_init(feature_sets, cfg, device)
+        setup["linear_init"]["features"] = name
+        model.head.load_state_dict(state["model"])  # phase 2 starts from the linear phase's classifier ...
+        estimates = LabelEstimates(datasets["train"].labels_obs,  # ... and its estimates, as logit(estimates)
+                                   torch.sigmoid(state["label_estimates"]).cpu().numpy())
+    else:  # ROLE's estimate matrix, drawn after the model as in Cole et al.'s code
+        estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
+    engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark, estimates)
+    loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
+                           cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache")
+    return datasets, engine, loaders, setup
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "dataset"}
@@ -220,10 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {flag(field)} is ignored: -l {cfg.loss} does not use it")
 
     import torch
-    from datasets import DataError, build_datasets
-    from image_cache import make_loaders
-    from models import WeightsError, build_model, check_model_runs
-    from train import LabelEstimates, build_engine
+    from datasets import DataError
+    from models import WeightsError
 
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.pytorch_seed)
@@ -232,19 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
             prepare_results_dir(cfg.results_dir)
-            datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant,
-                                      cfg.val_frac, cfg.split_seed)
-            check_observed_labels(cfg, datasets)
-            model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
-            # the size of the last training batch (every batch, with --batch-size 1)
-            check_model_runs(model, cfg.arch, cfg.image_size, device,
-                             len(datasets["train"]) % cfg.batch_size or cfg.batch_size)
-            # ROLE's estimate matrix, drawn after the model as in Cole et al.'s code
-            estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
-            engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark,
-                                  estimates)
-            loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
-                                   cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache")
+            datasets, engine, loaders, setup = build_run(cfg, device)
             run_dir = make_run_dir(cfg)
         except (DataError, WeightsError, ValueError, OSError) as exc:
             print(f"error: {one_line(exc)}", file=sys.stderr)
@@ -253,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted ({str(exc) or 'Ctrl-C'}) before training started: no run folder was made",
                   file=sys.stderr)
             return 143 if isinstance(exc, Terminated) else 130
-        return _train_in(run_dir, cfg, device, datasets, engine, loaders, ignored)
+        return _train_in(run_dir, cfg, device, datasets, engine, loaders, ignored, setup)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
 
 
-def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loaders: dict, ignored: list[str]) -> int:
+def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loaders: dict, ignored: list[str],
+              setup: dict) -> int:
     """The run itself, its console copied into console.log; returns the exit code."""
     from datasets import DataError
     from fileio import OutputError
@@ -284,7 +326,7 @@ def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loader
                   "so -1 pushes those entries towards 1 (as the original does): generate them with --num-neg 0")
         results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
                    "ignored_flags": [flag(k) for k in ignored],
-                   "environment": environment(device), "chance_test_map": chance}
+                   "environment": environment(device), "chance_test_map": chance, **setup}
         try:
             results = fit(engine, loaders, datasets, cfg, run_dir, results)
         except KeyboardInterrupt as exc:

@@ -6,6 +6,7 @@ skipped); the best-val weights are kept and the test mAP at the best epoch is th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import AMP_MODES, Config
-from datasets import MultilabelDataset, raise_sample_errors
+from config import AMP_MODES, ROLE_LI_PHASE1, Config
+from datasets import FeatureDataset, FeatureLoader, MultilabelDataset, raise_sample_errors
 from image_cache import to_model_input
 from losses import LOSSES, compute_loss
 from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics
@@ -126,7 +127,10 @@ class Engine:
         return state
 
     def logits(self, batch: dict) -> torch.Tensor:
-        """float32 logits of a batch from either loader (the loss always runs in float32)."""
+        """float32 logits of a batch from any loader (the loss always runs in float32): images, or feature
+        vectors (datasets.FeatureLoader, already on the device)."""
+        if "features" in batch:
+            return self.forward(batch["features"]).float()
         images = to_model_input(batch, self.device, self.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
@@ -271,6 +275,37 @@ def run_apl(engine: Engine, loader, dataset: MultilabelDataset, unlabel_num: np.
     after = apl_update(before, preds, unlabel_num, cfg.neg_proportion, cfg.num_epochs, cfg.warmup_epoch)
     dataset.set_observed(after)
     return int(((after < 0) & (before == 0)).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ROLE+LI's phase 1
+
+def linear_init(feature_sets: dict[str, FeatureDataset], cfg: Config, device: torch.device) -> tuple[dict, dict]:
+    """ROLE+LI's linear initialisation (Cole et al.): a linear classifier and a fresh estimate matrix trained with
+    ROLE on the frozen backbone's features of the same train / val split, for ROLE_LI_PHASE1's epochs, lr and
+    batch; the best-val epoch's state is kept (all epochs run: Cole et al.'s loop has no early stopping).
+    Returns that state ({"model": the head's weight and bias, "label_estimates": logits}) and a record."""
+    phase = dataclasses.replace(cfg, loss="role", **ROLE_LI_PHASE1[cfg.dataset])
+    num_features, num_classes = feature_sets["train"].features.shape[1], feature_sets["train"].labels_true.shape[1]
+    head = torch.nn.Linear(num_features, num_classes)
+    engine = build_engine(head.to(device), device, estimates=LabelEstimates(feature_sets["train"].labels_obs))
+    loaders = {split: FeatureLoader(feature_sets[split], phase.batch_size, split == "train", device)
+               for split in ("train", "val")}
+    optimizer = torch.optim.Adam(engine.parameter_groups(phase.lr), lr=phase.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    record: dict = {"num_epochs": phase.num_epochs, "lr": phase.lr, "batch_size": phase.batch_size, "epochs": {}}
+    best_val_map, best_state = -np.inf, None
+    for epoch in range(1, phase.num_epochs + 1):
+        out = train_epoch(engine, loaders["train"], optimizer, scaler, phase, epoch)
+        val = evaluate(engine, loaders["val"], f"linear init {epoch} val")
+        val_map = compute_metrics(val["preds"], val["true"], val["obs"])["map_clean"]
+        record["epochs"][str(epoch)] = {"train_loss": out["loss"], "val_map": val_map}
+        if val_map > best_val_map:
+            best_val_map, best_state, record["best_epoch"] = val_map, engine.state(), epoch
+        print(f"linear init epoch {epoch}/{phase.num_epochs}  train loss {out['loss']:.4f}  val mAP {val_map:.2f}"
+              + ("  *best*" if record["best_epoch"] == epoch else ""), flush=True)
+    record["val_map"] = best_val_map
+    return best_state, record
 
 
 # ----------------------------------------------------------------------------------------------------------------
