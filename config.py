@@ -141,6 +141,15 @@ class Config:
         return sorted(unused)
 
 
+def comparable_settings(config: dict, seed: bool = True) -> dict:
+    """A run's recorded config as the experiment it is: the settings that cannot change its numbers
+    (RESULT_NEUTRAL_SETTINGS) left out, and the seed too unless `seed`; a setting the run predates (recorded by
+    an older version) counts at its default, which is what that version did."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+    dropped = set(RESULT_NEUTRAL_SETTINGS) | (set() if seed else {"pytorch_seed"})
+    return {k: v for k, v in {**defaults, **config}.items() if k not in dropped}
+
+
 def build_config(dataset: str, **overrides) -> Config:
     """The table entry of `dataset`, with every non-None override applied on top, validated."""
     if dataset not in DATASET_SETTINGS:
