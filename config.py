@@ -164,7 +164,7 @@ def build_config(dataset: str, **overrides) -> Config:
         values["expected_num_pos"] = ROLE_EXPECTED_POSITIVES[dataset]
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = Config(dataset=dataset, **values)
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -173,7 +173,7 @@ def flag(field: str) -> str:
     return {"num_epochs": "--epochs", "pytorch_seed": "-s/--pytorch-seed"}.get(field) or loss_flag(field)
 
 
-def _validate(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
     """Every setting's range, checked before anything is loaded; the message names the flag."""
     if cfg.loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {list(LOSS_NAMES)}")

@@ -41,6 +41,16 @@ class DataError(RuntimeError):
     """Missing or malformed dataset files; the message says what to run or fix."""
 
 
+def class_names(data_root: str | Path, dataset: str) -> list[str]:
+    """The class names of the dataset's dataset.json (the format scripts write it), or "class 0", "class 1", ...
+    for data formatted before class names were kept."""
+    from preproc.common import PreprocError, read_dataset_json
+    try:
+        return list(read_dataset_json(Path(data_root) / dataset)["class_names"])
+    except PreprocError:
+        return [f"class {c}" for c in range(DATASET_INFO[dataset].num_classes)]
+
+
 def generate_split(num_ex: int, frac: float, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
     """The original's split: a permutation, the last round(frac * num_ex) go to idx_2, the rest to idx_1.
 
@@ -76,6 +86,8 @@ class LabelledRows(Dataset):
             raise DataError(f"{len(labels_obs)} observed but {len(labels_true)} true label rows")
         self._obs = torch.from_numpy(np.array(labels_obs, dtype=np.float64)).share_memory_()
         self.labels_true = np.asarray(labels_true, dtype=np.float64)
+        # each sample's row in its formatted file (build_datasets sets them; predictions.npz records them)
+        self.rows = np.arange(len(self.labels_true))
 
     def __len__(self) -> int:
         return len(self.labels_true)
@@ -245,8 +257,11 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
     def subset(split: str, rows: np.ndarray, obs: np.ndarray, phase: str) -> LabelledRows:
         true = official[split]["labels"][rows]
         if features is not None:
-            return FeatureDataset(features[split][rows], obs[rows], true)
-        return MultilabelDataset(official[split]["images"][rows], obs[rows], true, image_root, tfm[phase])
+            out = FeatureDataset(features[split][rows], obs[rows], true)
+        else:
+            out = MultilabelDataset(official[split]["images"][rows], obs[rows], true, image_root, tfm[phase])
+        out.rows = rows
+        return out
 
     return {
         "train": subset("train", train_idx, train_obs, "train"),

@@ -8,6 +8,8 @@ Writes results/<dataset>_<loss>_s<seed>_<time>/{results.json, best.pt, console.l
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import platform
 import signal
 import subprocess
@@ -18,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from config import (AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, LOSS_NAMES, ROLE_LOSSES, Config, build_config,
-                    flag)
+from config import (AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LOSS_NAMES, RESULT_NEUTRAL_SETTINGS,
+                    ROLE_LOSSES, Config, build_config, flag, validate)
+
+# what --resume accepts besides the run folder: settings that cannot change its numbers
+RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
 from preproc.common import one_line
 
 
@@ -31,6 +36,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def given_flags(argv: list[str] | None) -> dict:
+    """Only the options the command line sets (no defaults), by Config field name."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Single-positive multi-label learning (Zhou et al., ECCV 2022: EM loss + APL). "
                     "Unset options take the per-dataset defaults of the original (config.py).",
@@ -82,7 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--cudnn-benchmark", action="store_true", default=None,
                    help="let cuDNN pick its fastest convolution algorithms (a nondeterministic choice)")
     m.add_argument("--results-dir", help="where run folders are created (default: results)")
-    return p.parse_args(argv)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a failed, interrupted or killed run from its last finished epoch, in its folder, "
+                        "with its config (only -g, --num-workers, --persistent-workers, --image-cache and "
+                        "--data-root may be given: they cannot change the result)")
+    return p
 
 
 def resolve_device(gpu: str):
@@ -208,7 +229,13 @@ def check_observed_labels(cfg: Config, datasets: dict) -> None:
                          f"--data-root {cfg.data_root}")
 
 
-def build_run(cfg: Config, device) -> tuple[dict, object, dict, dict]:
+def class_names(cfg: Config) -> list[str]:
+    """The dataset's class names (its dataset.json), or "class 0", "class 1", ... where it has none."""
+    from datasets import class_names as names
+    return names(cfg.data_root, cfg.dataset)
+
+
+def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object, dict, dict]:
     """The datasets, the engine (model, and ROLE's estimates) and the loaders of a run, and what results.json
     should record of how they were made: on images (the original), or a linear classifier on cached features
     (`--features`); for ROLE+LI, after its linear phase on the backbone's features (extracted once if needed)."""
@@ -242,7 +269,7 @@ def build_run(cfg: Config, device) -> tuple[dict, object, dict, dict]:
     model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
     # the size of the last training batch (every batch, with --batch-size 1)
     check_model_runs(model, cfg.arch, cfg.image_size, device, len(datasets["train"]) % cfg.batch_size or cfg.batch_size)
-    if cfg.loss == "role_li":
+    if cfg.loss == "role_li" and not resuming:  # a resumed run has its phase-2 state in last.pt
         name = feature_set_name(cfg.arch, cfg.weights, cfg.image_size)
         with torch.random.fork_rng(devices=[]):  # extracted now or earlier, the run draws the same numbers
             extract_features(cfg.data_root, cfg.dataset, cfg.arch, cfg.weights, cfg.image_size, device=device,
@@ -261,9 +288,47 @@ def build_run(cfg: Config, device) -> tuple[dict, object, dict, dict]:
     return datasets, engine, loaders, setup
 
 
+def resume_config(run_dir: Path, given: dict) -> tuple[Config, dict]:
+    """The config of the run in `run_dir` (with the given result-neutral settings) and its results.json;
+    ValueError (one line) when it cannot be resumed or a flag would change its result."""
+    from train import mark_if_dead
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--resume {run_dir}: no results.json there: not a run folder of this project")
+    mark_if_dead(path)
+    try:
+        results = json.loads(path.read_text())
+        recorded = dict(results["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--resume {run_dir}: cannot read {path} ({exc}); start a new run instead") from exc
+    status = results.get("status")
+    if status == "finished":
+        raise ValueError(f"--resume {run_dir}: the run is finished (best epoch {results.get('best_epoch')}), "
+                         f"there is nothing to resume; start a new run to train again")
+    if status == "running":
+        raise ValueError(f"--resume {run_dir}: the run is still running (pid {results.get('process', {}).get('pid')} "
+                         f"on {results.get('process', {}).get('host')}); stop it first")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(recorded) - fields)
+    if unknown:
+        raise ValueError(f"--resume {run_dir}: its config has settings this version does not know ({unknown}): "
+                         f"it was made by another version of this project; resume it with that version")
+    changed = {k: v for k, v in given.items() if k not in RESUME_NEUTRAL and recorded.get(k) != v}
+    if changed:
+        k, v = next(iter(changed.items()))
+        hint = "a resumed run stays in its folder" if k == "results_dir" else \
+            f"the run has {recorded.get(k)!r}; start a new run to change it"
+        raise ValueError(f"{flag(k)} {v} cannot be given with --resume: {hint}")
+    cfg = Config(**{**recorded, **{k: v for k, v in given.items() if k in RESUME_NEUTRAL}})
+    validate(cfg)
+    return cfg, results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "dataset"}
+    if args.resume:
+        return _resume(Path(args.resume), argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume")}
     try:
         cfg = build_config(args.dataset, **overrides)
         device = resolve_device(cfg.gpu)
@@ -272,7 +337,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ignored = cfg.unused_settings({k for k, v in overrides.items() if v is not None})
     for field in ignored:  # reported, not silently dropped
-        print(f"warning: {flag(field)} is ignored: -l {cfg.loss} does not use it")
+        reason = "a linear probe on --features reads no images" if field in IMAGE_SETTINGS else \
+            f"-l {cfg.loss} does not use it"
+        print(f"warning: {flag(field)} is ignored: {reason}")
+    return _start(cfg, device, ignored)
+
+
+def _resume(run_dir: Path, argv: list[str] | None) -> int:
+    from train import ResumeError, load_last
+    given = {k: v for k, v in given_flags(argv).items() if k != "resume"}
+    try:
+        cfg, results = resume_config(run_dir, given)
+        device = resolve_device(cfg.gpu)
+        state = load_last(run_dir)
+    except (ValueError, ResumeError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    results.setdefault("resumes", []).append({
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_epoch": state["progress"]["epoch"],
+        "previous_status": results.get("status"), "previous_error": results.get("error"),
+        "neutral_settings": {k: v for k, v in given.items() if k in RESUME_NEUTRAL}})
+    print(f"resuming {run_dir} after epoch {state['progress']['epoch']} (it was {results.get('status')})")
+    return _start(cfg, device, [], run_dir=run_dir, results=results, resume=state)
+
+
+def _start(cfg: Config, device, ignored: list[str], run_dir: Path | None = None, results: dict | None = None,
+           resume: dict | None = None) -> int:
+    """Seeds, the run's setup, then the run (in a new folder, or resumed in `run_dir`)."""
 
     import torch
     from datasets import DataError
@@ -284,23 +375,24 @@ def main(argv: list[str] | None = None) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # from here on, kill = Ctrl-C
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
-            prepare_results_dir(cfg.results_dir)
-            datasets, engine, loaders, setup = build_run(cfg, device)
-            run_dir = make_run_dir(cfg)
+            if resume is None:
+                prepare_results_dir(cfg.results_dir)
+            datasets, engine, loaders, setup = build_run(cfg, device, resuming=resume is not None)
+            run_dir = run_dir or make_run_dir(cfg)
         except (DataError, WeightsError, ValueError, OSError) as exc:
             print(f"error: {one_line(exc)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
-            print(f"interrupted ({str(exc) or 'Ctrl-C'}) before training started: no run folder was made",
-                  file=sys.stderr)
+            print(f"interrupted ({str(exc) or 'Ctrl-C'}) before training started: "
+                  + ("no run folder was made" if resume is None else f"{run_dir} is unchanged"), file=sys.stderr)
             return 143 if isinstance(exc, Terminated) else 130
-        return _train_in(run_dir, cfg, device, datasets, engine, loaders, ignored, setup)
+        return _train_in(run_dir, cfg, device, datasets, engine, loaders, ignored, setup, results, resume)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loaders: dict, ignored: list[str],
-              setup: dict) -> int:
+              setup: dict, results: dict | None = None, resume: dict | None = None) -> int:
     """The run itself, its console copied into console.log; returns the exit code."""
     from datasets import DataError
     from fileio import OutputError
@@ -324,11 +416,14 @@ def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loader
         if cfg.loss == "EM_APL" and (datasets["train"].labels_obs == -1).any():
             print("warning: the observed labels hold negatives (-1); EM_APL reads -q as a pseudo-label with target q, "
                   "so -1 pushes those entries towards 1 (as the original does): generate them with --num-neg 0")
-        results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
-                   "ignored_flags": [flag(k) for k in ignored],
-                   "environment": environment(device), "chance_test_map": chance, **setup}
+        if results is None:
+            results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
+                       "ignored_flags": [flag(k) for k in ignored], "class_names": class_names(cfg),
+                       "environment": environment(device), "chance_test_map": chance, **setup}
+        else:  # resumed: the run's own record, with this process's environment
+            results["environment"] = environment(device)
         try:
-            results = fit(engine, loaders, datasets, cfg, run_dir, results)
+            results = fit(engine, loaders, datasets, cfg, run_dir, results, resume)
         except KeyboardInterrupt as exc:
             finished = len(results.get("epochs", {}))
             report(f"interrupted ({str(exc) or 'Ctrl-C'}) during epoch {finished + 1}: {finished} finished epoch(s) "

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import os
+import random
 import shutil
 import socket
 import time
@@ -343,20 +344,107 @@ def _eval_metrics(out: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# resuming: last.pt, written at the end of every epoch
+
+CHECKPOINT_FORMAT = 1  # of last.pt; a different one is refused on --resume, naming both
+
+
+class ResumeError(ValueError):
+    """A run folder that cannot be resumed; the message says why and what to do."""
+
+
+@dataclass
+class Progress:
+    """Where the loop stands after a finished epoch: what a resumed run needs besides the model and optimizer."""
+
+    epoch: int = 0  # the last finished epoch
+    best_val_map: float = -np.inf
+    best_epoch: int | None = None
+    unlabel_num: np.ndarray | None = None  # APL's U_c, counted once before training
+    best_test: dict | None = None  # the test pass of the best epoch (its predictions)
+    best_val: dict | None = None  # the val pass of the best epoch
+
+
+def _random_states(loaders: dict) -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    generators = getattr(loaders.get("train"), "_worker_generators", None)  # a cached loader's persistent workers
+    states["loader"] = [g.get_state() for g in generators] if generators else None
+    return states
+
+
+def _restore_random_states(states: dict, loaders: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if states["cuda"] is not None and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["loader"] is not None and hasattr(loaders.get("train"), "_worker_generators"):
+        generators = [torch.Generator() for _ in states["loader"]]
+        for g, state in zip(generators, states["loader"]):
+            g.set_state(state)
+        loaders["train"]._worker_generators = generators
+
+
+def _save_last(run_dir: Path, engine: Engine, optimizer, scaler, datasets: dict, loaders: dict, progress: Progress,
+               results: dict, cfg: Config) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), **engine.state(),
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "labels_obs": datasets["train"].labels_obs.copy(), "progress": dataclasses.asdict(progress),
+             "epochs": results["epochs"], "random": _random_states(loaders)}
+    write_atomic(run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
+
+
+def load_last(run_dir: Path) -> dict:
+    """The state of `run_dir/last.pt`; ResumeError (one line: missing, damaged, another format) otherwise."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise ResumeError(f"{path} does not exist: this run kept no resume state (it was made by an older version "
+                          f"or stopped before its first epoch ended); start it again instead")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: torch raises several types
+        raise ResumeError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                          f"start the run again instead") from exc
+    if not isinstance(state, dict) or "format" not in state:
+        raise ResumeError(f"{path} is not a resume state of this project; start the run again instead")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ResumeError(f"{path} has checkpoint format {state['format']} (another version of this project); this "
+                          f"version reads format {CHECKPOINT_FORMAT}: resume it with that version, or start again")
+    return state
+
+
+def _restore(state: dict, engine: Engine, optimizer, scaler, datasets: dict, loaders: dict) -> Progress:
+    engine.model.load_state_dict(state["model"])
+    if engine.estimates is not None:
+        engine.estimates.logits.data.copy_(state["label_estimates"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    datasets["train"].set_observed(state["labels_obs"])
+    _restore_random_states(state["random"], loaders)
+    return Progress(**state["progress"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the loop
 
 def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], cfg: Config, run_dir: Path,
-        results: dict) -> dict:
-    """Train with early stopping; fill and save `results` (results.json) after every epoch; keep best.pt.
-    `loaders` come from `image_cache.make_loaders` (faithful DataLoaders or the cached loaders).
+        results: dict, resume: dict | None = None) -> dict:
+    """Train with early stopping; fill and save `results` (results.json) after every epoch; keep best.pt and
+    predictions.npz of the best epoch, and last.pt (the resume state) of the last finished one.
+    `loaders` come from `image_cache.make_loaders` (faithful DataLoaders or the cached loaders). `resume`: a
+    `load_last` state, continued after its epoch (its records replace `results["epochs"]`).
 
     A run that breaks (NaN loss, unreadable image, Ctrl-C, ...) keeps its finished epochs in results.json
     with status "failed" or "interrupted" and the error.
     """
-    results.update(epochs={}, best_epoch=None, status="running", process={"pid": os.getpid(), "host": socket.gethostname()})
+    results.update(epochs=resume["epochs"] if resume else {}, status="running",
+                   process={"pid": os.getpid(), "host": socket.gethostname()})
+    results.setdefault("best_epoch", None)
+    results.pop("error", None)
     save_json(run_dir / "results.json", results)
     try:
-        best_state, best_test = _train_with_early_stopping(engine, loaders, datasets, cfg, run_dir, results)
+        best_state, progress = _train_with_early_stopping(engine, loaders, datasets, cfg, run_dir, results, resume)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         where = f"during epoch {len(results['epochs']) + 1}"
@@ -372,6 +460,7 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
     if engine.estimates is not None:
         engine.estimates.logits.data.copy_(best_state["label_estimates"])
     best = results["epochs"][str(results["best_epoch"])]
+    best_test = progress.best_test
     results.update(
         status="finished",
         val_map=best["val"]["map_clean"],
@@ -386,14 +475,21 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
 
 
 def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cfg: Config, run_dir: Path,
-                               results: dict):
-    """epoch -> train -> (pseudo-label) -> val -> select (-> test); returns the best state and test pass."""
+                               results: dict, resume: dict | None = None) -> tuple[dict, Progress]:
+    """epoch -> train -> (pseudo-label) -> val -> select (-> test); returns the best state and the progress."""
     optimizer = torch.optim.Adam(engine.parameter_groups(cfg.lr), lr=cfg.lr)
     scaler = torch.amp.GradScaler(engine.device.type, enabled=cfg.amp == "fp16")
-    unlabel_num = (datasets["train"].labels_obs == 0).sum(axis=0)  # U_c, counted once before training
+    if resume is None:
+        progress = Progress(unlabel_num=(datasets["train"].labels_obs == 0).sum(axis=0))
+        best_state = None
+    else:
+        progress = _restore(resume, engine, optimizer, scaler, datasets, loaders)
+        # the loop only goes on after an improving epoch, whose state is the current one; else best.pt has it
+        best_state = engine.state() if progress.best_epoch == progress.epoch else _load_best(run_dir, progress)
+        if progress.best_epoch != progress.epoch:  # it stopped early, and was cut before it could say so
+            return best_state, progress
 
-    best_val_map, best_state, best_test = -np.inf, None, None
-    for epoch in range(1, cfg.num_epochs + 1):
+    for epoch in range(progress.epoch + 1, cfg.num_epochs + 1):
         record: dict = {}  # enters results["epochs"] only once the epoch is complete
         epoch_start = time.time()
         out = train_epoch(engine, loaders["train"], optimizer, scaler, cfg, epoch, datasets["train"])
@@ -403,37 +499,72 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
             record["corrected_labels"] = out["corrected_labels"]
 
         if cfg.loss == "EM_APL" and epoch >= cfg.warmup_epoch:
-            record["apl_new_pseudo_labels"] = run_apl(engine, loaders["train"], datasets["train"], unlabel_num,
-                                                      cfg, epoch)
+            record["apl_new_pseudo_labels"] = run_apl(engine, loaders["train"], datasets["train"],
+                                                      progress.unlabel_num, cfg, epoch)
             record["apl_total_pseudo_labels"] = int((datasets["train"].labels_obs < 0).sum())
 
-        out = evaluate(engine, loaders["val"], f"epoch {epoch} val")
-        record["val"] = _eval_metrics(out)
+        val = evaluate(engine, loaders["val"], f"epoch {epoch} val")
+        record["val"] = _eval_metrics(val)
         val_map = record["val"]["map_clean"]
-        improved = val_map > best_val_map  # strict: a tie stops the run, as the original
+        improved = val_map > progress.best_val_map  # strict: a tie stops the run, as the original
         line = (f"epoch {epoch}/{cfg.num_epochs}  train loss {record['train']['loss']:.4f}  "
                 f"val mAP {val_map:.2f}")
         if improved:
-            best_val_map = val_map
             best_state = engine.state()
             best_test = evaluate(engine, loaders["test"], f"epoch {epoch} test")
             record["test"] = _eval_metrics(best_test)
+            progress.best_val_map, progress.best_epoch = val_map, epoch
+            progress.best_test, progress.best_val = _kept(best_test), _kept(val)
             line += f"  test mAP {record['test']['map_clean']:.2f}  *best*"
         record["seconds"] = time.time() - epoch_start
         print(line + f"  ({record['seconds']:.0f} s)", flush=True)
         results["epochs"][str(epoch)] = record
-        if improved:
-            results["best_epoch"] = epoch
+        results["best_epoch"] = progress.best_epoch
+        progress.epoch = epoch
         save_json(run_dir / "results.json", results)  # the small record first: a full disk still keeps it
         if improved:
             _save_checkpoint(run_dir / "best.pt", best_state, cfg, epoch)
-        else:
+            _save_predictions(run_dir / "predictions.npz", progress, datasets, epoch)
+        _save_last(run_dir, engine, optimizer, scaler, datasets, loaders, progress, results, cfg)
+        if not improved:
             # the original leaves both loops here, so this epoch has no test pass
-            print(f"*** early stop: val mAP {val_map:.2f} did not improve on {best_val_map:.2f} "
+            print(f"*** early stop: val mAP {val_map:.2f} did not improve on {progress.best_val_map:.2f} "
                   f"(epoch {results['best_epoch']}) ***", flush=True)
             break
-    return best_state, best_test
+    return best_state, progress
+
+
+def _kept(out: dict) -> dict:
+    """What a pass's output keeps for later (predictions.npz, the final per-class AP): scores in dataset order."""
+    order = np.argsort(out["idx"], kind="stable")
+    return {"preds": out["preds"][order], "true": out["true"][order], "idx": out["idx"][order]}
+
+
+def _load_best(run_dir: Path, progress: Progress) -> dict:
+    path = run_dir / "best.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ResumeError(f"cannot read {path} ({type(exc).__name__}); start the run again instead") from exc
+    if state.get("epoch") != progress.best_epoch:
+        raise ResumeError(f"{path} holds epoch {state.get('epoch')}, but last.pt's best epoch is "
+                          f"{progress.best_epoch}; start the run again instead")
+    return state
 
 
 def _save_checkpoint(path: Path, state: dict, cfg: Config, epoch: int) -> None:
     write_atomic(path, lambda tmp: torch.save({**state, "config": cfg.to_dict(), "epoch": epoch}, tmp))
+
+
+def _save_predictions(path: Path, progress: Progress, datasets: dict, epoch: int) -> None:
+    """The best epoch's val and test scores with their true labels and their rows in the formatted files
+    (val: formatted_train_*, test: formatted_val_*), so that any metric can be recomputed later."""
+    arrays = {"epoch": np.array(epoch)}
+    for split, out in (("val", progress.best_val), ("test", progress.best_test)):
+        arrays.update({f"{split}_scores": out["preds"].astype(np.float32), f"{split}_labels": out["true"],
+                       f"{split}_rows": datasets[split].rows[out["idx"]]})
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    write_atomic(path, write)

@@ -32,8 +32,8 @@ CPU = torch.device("cpu")
 def make_datasets(tmp_path: Path, n_train: int = 8) -> dict:
     # the val/test datasets exist for fit's loaders; the fake evaluate ignores them
     return {"train": tiny_dataset(tmp_path / "train", n_train, C, seed=0),
-            "val": tiny_dataset(tmp_path / "val", 4, C, seed=1),
-            "test": tiny_dataset(tmp_path / "test", 4, C, seed=2)}
+            "val": tiny_dataset(tmp_path / "val", C, C, seed=1),  # C rows, as the scripted passes
+            "test": tiny_dataset(tmp_path / "test", C, C, seed=2)}
 
 
 def scripted_output(k: int) -> dict:

@@ -1,0 +1,70 @@
+"""Extract frozen-backbone features of a dataset's official train and val/test images (features.py).
+
+    python preproc/extract_features.py --dataset pascal [--arch resnet50] [--weights imagenet] [--image-size 448]
+        [--batch-size 64] [--num-workers 4] [--data-root data] [-g 0] [--channels-last]
+
+writes <data-root>/<dataset>/features/<arch>_<weights>_<size>/{train,val}_features.npy and info.json. Run it
+again after an interruption (Ctrl-C, kill, a cluster's time limit): it continues where it stopped. A complete set
+made from the same images and weights is not extracted again.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's modules importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from main import Terminated, _raise_terminated, resolve_device  # noqa: E402
+from preproc.common import one_line  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Run a frozen backbone once over a dataset's official train and "
+                                            "val/test images (evaluation transform, no flip) and save the features.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True, help="dataset folder under --data-root (pascal, coco, ...)")
+    p.add_argument("--arch", default="resnet50", help="torchvision backbone")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (torchvision IMAGENET1K_V1), 'random', or a state-dict / best.pt path "
+                        "(the feature set is then named after the file's stem)")
+    p.add_argument("--image-size", type=int, default=448, help="square input size")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers decoding the JPEGs")
+    p.add_argument("--data-root", default="data", help="folder holding <dataset>/formatted_*_images.npy")
+    p.add_argument("-g", "--gpu", default="0", help="CUDA device index, or 'cpu'")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format (faster on CUDA; changes the features' last bits)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from datasets import DataError
+    from features import extract_features
+    from models import WeightsError
+
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # kill = Ctrl-C: the progress is kept
+    start = time.time()
+    try:
+        device = resolve_device(args.gpu)
+        folder = extract_features(args.data_root, args.dataset, args.arch, args.weights, args.image_size,
+                                  args.batch_size, device, args.num_workers, channels_last=args.channels_last)
+    except (DataError, WeightsError, ValueError, OSError) as exc:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # fileio's one-line messages
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({str(exc) or 'Ctrl-C'}): run the same command again to continue", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    print(f"features: {folder} ({time.time() - start:.1f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

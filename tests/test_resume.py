@@ -1,0 +1,175 @@
+"""Resume (`main.py --resume RUN_DIR`): a run stopped during an epoch and resumed ends with the same numbers as the
+same run left alone (CPU, --num-workers 0), wherever it was stopped (a training step, the APL pass, the val pass);
+last.pt, predictions.npz; and the refusals (finished run, no / damaged / foreign last.pt, a flag that would change
+the result), with nothing in the run folder touched by a refused or failed resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main
+import train
+from metrics import compute_map
+
+ARGS = ["-d", "pascal", "-g", "cpu", "-l", "EM_APL", "--arch", "resnet18", "--weights", "random", "--image-size",
+        "32", "--epochs", "4", "--warmup-epoch", "1", "--batch-size", "16", "--num-workers", "0"]
+
+
+def start(root: Path, results: Path, *extra: str) -> int:
+    return main.main([*ARGS, "--data-root", str(root), "--results-dir", str(results), *extra])
+
+
+def run_folder(results: Path) -> Path:
+    (run_dir,) = [p for p in results.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def numbers(res: dict) -> dict:
+    """Everything a run computes (not timings, pids or paths)."""
+    out = {k: res[k] for k in ("best_epoch", "val_map", "test_map", "test_per_class_ap")}
+    for epoch, record in res["epochs"].items():
+        out[epoch] = {"train_loss": record["train"]["loss"], "train_map": record["train"]["map_clean"],
+                      "val": record["val"]["map_clean"], "test": record.get("test", {}).get("map_clean"),
+                      "apl": (record.get("apl_new_pseudo_labels"), record.get("apl_total_pseudo_labels"))}
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(bird_root, tmp_path_factory):
+    """The run left alone."""
+    results = tmp_path_factory.mktemp("reference")
+    assert start(bird_root, results) == 0
+    run_dir = run_folder(results)
+    return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+class Stop:
+    """Raises KeyboardInterrupt (as Ctrl-C or kill would stop the run) at one point of one epoch."""
+
+    def __init__(self, monkeypatch, epoch: int, where: str) -> None:
+        self.epoch, self.where, self.calls = epoch, where, 0
+        if where == "step":
+            real = train.compute_loss
+
+            def loss(*args, **kwargs):
+                if kwargs.get("epoch") == epoch:
+                    self.calls += 1
+                    if self.calls == 3:
+                        raise KeyboardInterrupt("stopped in a training step")
+                return real(*args, **kwargs)
+            monkeypatch.setattr(train, "compute_loss", loss)
+        else:  # "APL" or "val": the pass of that name
+            real = train.evaluate
+
+            def evaluate(engine, loader, desc):
+                if desc == f"epoch {epoch} {where}":
+                    raise KeyboardInterrupt(f"stopped in the {where} pass")
+                return real(engine, loader, desc)
+            monkeypatch.setattr(train, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("where", ["step", "APL", "val"])
+def test_stopped_and_resumed_equals_left_alone(bird_root, tmp_path, monkeypatch, reference, where):
+    ref_dir, ref = reference
+    stop_epoch = min(2, len(ref["epochs"]))
+    with monkeypatch.context() as m:
+        Stop(m, stop_epoch, where)
+        assert start(bird_root, tmp_path) == 130
+    run_dir = run_folder(tmp_path)
+    stopped = json.loads((run_dir / "results.json").read_text())
+    assert stopped["status"] == "interrupted" and len(stopped["epochs"]) == stop_epoch - 1
+    assert torch.load(run_dir / "last.pt", weights_only=False)["progress"]["epoch"] == stop_epoch - 1
+
+    assert main.main(["--resume", str(run_dir)]) == 0
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "finished"
+    assert numbers(res) == numbers(ref)
+    (resume,) = res["resumes"]
+    assert resume["after_epoch"] == stop_epoch - 1 and resume["previous_status"] == "interrupted"
+    # the best epoch's predictions, as the reference's, and they give results.json's numbers
+    ours, theirs = np.load(run_dir / "predictions.npz"), np.load(ref_dir / "predictions.npz")
+    assert sorted(ours.files) == sorted(theirs.files)
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours.files)
+    assert compute_map(ours["test_scores"], ours["test_labels"]) == pytest.approx(res["test_map"], abs=1e-9)
+    assert compute_map(ours["val_scores"], ours["val_labels"]) == pytest.approx(res["val_map"], abs=1e-9)
+    assert int(ours["epoch"]) == res["best_epoch"]
+
+
+def test_predictions_rows_are_the_formatted_files_rows(reference, bird_root):
+    run_dir, res = reference
+    pred = np.load(run_dir / "predictions.npz")
+    train_labels = np.load(bird_root / "pascal" / "formatted_train_labels.npy")
+    test_labels = np.load(bird_root / "pascal" / "formatted_val_labels.npy")
+    assert np.array_equal(pred["test_rows"], np.arange(len(test_labels)))
+    assert np.array_equal(pred["test_labels"], test_labels)
+    assert len(pred["val_rows"]) == 18 and np.array_equal(pred["val_labels"], train_labels[pred["val_rows"]])
+    assert pred["val_scores"].dtype == np.float32 and pred["val_scores"].shape == (18, 20)
+
+
+def test_a_finished_run_cannot_be_resumed(reference, capsys):
+    run_dir, _ = reference
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    assert main.main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "finished" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+@pytest.fixture()
+def stopped_run(bird_root, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        Stop(m, 2, "val")
+        assert start(bird_root, tmp_path) == 130
+    return run_folder(tmp_path)
+
+
+def test_refusals_leave_the_folder_alone(stopped_run, capsys):
+    run_dir = stopped_run
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+
+    def refused(*args: str) -> str:
+        assert main.main(["--resume", str(run_dir), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+        return err
+
+    assert "--lr" in refused("--lr", "0.1") and "start a new run" in refused("--lr", "0.1")
+    assert "-l" in refused("-l", "an") or "--loss" in refused("-l", "an")
+    assert "stays in its folder" in refused("--results-dir", "elsewhere")
+    last = (run_dir / "last.pt").read_bytes()
+    (run_dir / "last.pt").write_bytes(last[:1000])
+    before["last.pt"] = last[:1000]
+    assert "damaged" in refused()
+    torch.save({"format": 99}, run_dir / "last.pt")
+    before["last.pt"] = (run_dir / "last.pt").read_bytes()
+    err = refused()
+    assert "format 99" in err and f"format {train.CHECKPOINT_FORMAT}" in err
+    (run_dir / "last.pt").unlink()
+    del before["last.pt"]
+    assert "last.pt does not exist" in refused()
+    assert main.main(["--resume", str(run_dir.parent / "nothing")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+
+
+def test_a_neutral_flag_is_accepted_and_recorded(stopped_run):
+    assert main.main(["--resume", str(stopped_run), "--num-workers", "0", "-g", "cpu", "--lr", "1e-5"]) == 0
+    res = json.loads((stopped_run / "results.json").read_text())
+    assert res["status"] == "finished" and res["resumes"][0]["neutral_settings"] == {"num_workers": 0, "gpu": "cpu"}
+
+
+def test_a_failed_resume_overwrites_no_checkpoint(stopped_run, monkeypatch, capsys):
+    files = ("last.pt", "best.pt", "predictions.npz")
+    before = {name: (stopped_run / name).read_bytes() for name in files}
+    with monkeypatch.context() as m:
+        Stop(m, 2, "step")
+        assert main.main(["--resume", str(stopped_run)]) == 130
+    assert {name: (stopped_run / name).read_bytes() for name in files} == before
+    res = json.loads((stopped_run / "results.json").read_text())
+    assert res["status"] == "interrupted" and len(res["epochs"]) == 1 and len(res["resumes"]) == 1
+    # and it can be resumed again
+    assert main.main(["--resume", str(stopped_run)]) == 0
