@@ -10,7 +10,8 @@ Reads ``<load>/annotations/instances_{train,val}2014.json``. As in the reference
   ("100000" sorts before "9");
 * labels float64 (N, 80): every annotation sets its image's class to 1;
 * image paths ``<split>2014/COCO_<split>2014_<12-digit zero-padded id>.jpg``, relative
-  to ``data/coco``.
+  to ``data/coco``;
+* ``dataset.json``: the category names in column order (``preproc.common.read_dataset_json``).
 
 Usage (from the repo root)::
 
@@ -34,6 +35,7 @@ from preproc.common import PreprocError, format_main, require_file, save_formatt
 NUM_CLASSES = 80
 # (split name used in file names, output phase)
 SPLITS = (("train", "train"), ("val", "val"))
+IMAGE_FOLDER = ""  # the image paths are relative to the dataset folder itself
 
 
 def annotation_file(load_path: os.PathLike | str, split: str) -> Path:
@@ -145,7 +147,9 @@ def format_coco(
         arrays[f"{phase}_images"] = images
         arrays[f"{phase}_labels"] = labels
     if save_path is not None:
-        save_formatted(save_path, arrays)
+        names = [name for _, name in cats["train"]]
+        save_formatted(save_path, arrays, dict(class_names=names, image_folder=IMAGE_FOLDER,
+                                               single_positive=False, source="preproc/format_coco.py"))
     return arrays
 
 

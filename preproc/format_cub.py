@@ -4,8 +4,9 @@ Reads (layout of the extracted ``CUB_200_2011.tgz``):
 
 * ``<load>/CUB_200_2011/images.txt``: ``<image id> <relative file name>`` (11,788 lines);
 * ``<load>/CUB_200_2011/train_test_split.txt``: ``<image id> <is_train>``;
-* ``<load>/attributes.txt``: the 312 attribute names (top level, next to CUB_200_2011/;
-  only its line count is checked, as in the reference);
+* ``<load>/attributes.txt``: ``<attribute id> <name>``, the 312 attribute names (top level,
+  next to CUB_200_2011/; the reference only checked its line count, the names go into
+  ``dataset.json`` in column order);
 * ``<load>/CUB_200_2011/attributes/image_attribute_labels.txt``:
   ``<image id> <attribute id> <is_present> <certainty id> <time>``.
 
@@ -48,6 +49,7 @@ from preproc.common import (  # noqa: E402
 
 NUM_IMAGES = 11788
 NUM_ATTRIBUTES = 312
+IMAGE_FOLDER = "CUB_200_2011/images"  # relative to the dataset folder
 
 
 def raw_files(load_path: os.PathLike | str) -> Dict[str, Path]:
@@ -101,12 +103,21 @@ def read_split(path: Path, image_ids: List[int]) -> np.ndarray:
     return np.array([split[i] == 1 for i in image_ids], dtype=bool)
 
 
-def count_attributes(path: Path) -> None:
+def read_attribute_names(path: Path) -> List[str]:
+    """The 312 attribute names, name k - 1 for attribute id k (every id 1..312 exactly once)."""
     n = len(read_text_lines(path))
     if n != NUM_ATTRIBUTES:
         raise PreprocError(
             f"{path}: expected {NUM_ATTRIBUTES} attribute lines, found {n}"
         )
+    names: Dict[int, str] = {}
+    for lineno, (attr_id, name) in read_fields(path, "<attribute id> <name>", 2, maxsplit=1):
+        k = parse_int(attr_id, path, lineno, "attribute id")
+        if not 1 <= k <= NUM_ATTRIBUTES or k in names:
+            raise PreprocError(f"{path}, line {lineno}: expected each attribute id 1..{NUM_ATTRIBUTES} once, "
+                               f"found {k}" + (" again" if k in names else ""))
+        names[k] = name.strip()
+    return [names[k] for k in range(1, NUM_ATTRIBUTES + 1)]
 
 
 def read_attribute_labels(path: Path, image_ids: List[int]) -> np.ndarray:
@@ -189,7 +200,7 @@ def format_cub(
         require_file(path, "cub", f"CUB-200-2011 {path.name}")
     image_ids, names = read_images(files["images"])
     is_train = read_split(files["split"], image_ids)
-    count_attributes(files["attributes"])
+    attribute_names = read_attribute_names(files["attributes"])
     labels = read_attribute_labels(files["labels"], image_ids)
 
     # One array per split, built from that split's names: its string width (dtype) is the split's own,
@@ -205,7 +216,8 @@ def format_cub(
         f"{int((~is_train).sum())} test (saved as val)"
     )
     if save_path is not None:
-        save_formatted(save_path, arrays)
+        save_formatted(save_path, arrays, dict(class_names=attribute_names, image_folder=IMAGE_FOLDER,
+                                               single_positive=False, source="preproc/format_cub.py"))
     return arrays
 
 

@@ -15,7 +15,8 @@ Reads from ``<load>`` (the official release layout):
 
 Train -> ``formatted_train_*``, Test -> ``formatted_val_*`` (used as the test set). Rows
 keep image-list order; images with none of the 81 labels are dropped (the count is
-printed per split). Labels are float64 (N, 81).
+printed per split). Labels are float64 (N, 81). ``dataset.json`` records the 81 concept names
+in column order (``preproc.common.read_dataset_json``).
 
 Usage (from the repo root)::
 
@@ -46,6 +47,7 @@ from preproc.common import (  # noqa: E402
 NUM_CLASSES = 81
 # (official split name used in file names, output phase)
 SPLITS = (("Train", "train"), ("Test", "val"))
+IMAGE_FOLDER = "Flickr"  # relative to the dataset folder
 
 
 def concepts_file(load_path: os.PathLike | str) -> Path:
@@ -142,7 +144,8 @@ def format_nuswide(
         arrays[f"{phase}_images"] = np.array(images)[keep]
         arrays[f"{phase}_labels"] = labels[keep]
     if save_path is not None:
-        save_formatted(save_path, arrays)
+        save_formatted(save_path, arrays, dict(class_names=concepts, image_folder=IMAGE_FOLDER,
+                                               single_positive=False, source="preproc/format_nuswide.py"))
     return arrays
 
 

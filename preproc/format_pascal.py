@@ -5,7 +5,8 @@ classes. Each line is ``<image id> <label>`` with label 1 (present), 0 (difficul
 -1 (absent). As in the reference, only label 1 is positive: "difficult" counts as
 negative, and images with no positive class are dropped. Rows are the file names
 ``<id>.jpg`` sorted as strings; labels are float64 of shape (N, 20). Image paths are
-relative to ``data/pascal/VOCdevkit/VOC2012/JPEGImages``.
+relative to ``data/pascal/VOCdevkit/VOC2012/JPEGImages``. ``dataset.json`` records the 20 class
+names in column order (``preproc.common.read_dataset_json``).
 
 Usage (from the repo root)::
 
@@ -31,6 +32,7 @@ CATEGORIES = [
     "train", "tvmonitor",
 ]
 PHASES = ("train", "val")
+IMAGE_FOLDER = "VOCdevkit/VOC2012/JPEGImages"  # relative to the dataset folder
 
 
 def class_file(load_path: os.PathLike | str, cls: str, phase: str) -> Path:
@@ -108,7 +110,8 @@ def format_pascal(
         arrays[f"{phase}_images"] = images
         arrays[f"{phase}_labels"] = labels
     if save_path is not None:
-        save_formatted(save_path, arrays)
+        save_formatted(save_path, arrays, dict(class_names=CATEGORIES, image_folder=IMAGE_FOLDER,
+                                               single_positive=False, source="preproc/format_pascal.py"))
     return arrays
 
 

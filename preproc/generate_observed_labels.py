@@ -21,6 +21,11 @@ Usage (from the repo root)::
     python preproc/generate_observed_labels.py --dataset pascal [--num-pos 1] [--num-neg 0]
         [--seed 1200] [--data-root ./data]
 
+``--dataset`` is a benchmark (pascal, coco, nuswide, cub, demo) or any folder under ``--data-root`` with a
+``dataset.json`` (``preproc/format_folder.py`` writes one): the label matrices must then have its
+``num_classes`` columns, and a dataset whose train labels are single positives already
+(``"single_positive": true``) is refused, as there are no full labels to draw from.
+
 This module is imported by the demo generator as ``preproc.generate_observed_labels``; it
 depends on the standard library, numpy and ``preproc.common`` only.
 """
@@ -39,9 +44,12 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the ``preproc`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from preproc.common import (  # noqa: E402
+    DATASET_JSON,
     FORMAT_COMMANDS,
     PreprocError,
     check_output_folder,
+    format_hint,
+    read_dataset_json,
     run_main,
     save_arrays,
 )
@@ -152,6 +160,10 @@ def _save_path_hint(folder: Path, dataset: str) -> str:
 
 def _load_labels(path: Path, dataset: str) -> np.ndarray:
     if not path.is_file():
+        if dataset not in FORMAT_COMMANDS:
+            raise ObservedLabelsError(
+                f"missing formatted label file: expected {path}; create it with: {format_hint(path.parent)}"
+            )
         raise ObservedLabelsError(
             f"missing formatted label file: expected {path}\n"
             f"  create it first with: {FORMAT_COMMANDS[dataset]}{_save_path_hint(path.parent, dataset)}\n"
@@ -168,6 +180,28 @@ def _load_labels(path: Path, dataset: str) -> np.ndarray:
     return labels
 
 
+def _dataset_json(folder: Path, dataset: str) -> Optional[dict]:
+    """``folder``'s dataset.json (checked), None for a benchmark formatted without one; a dataset that is not a
+    benchmark needs one, and one whose train labels are single positives already is refused."""
+    if not (folder / DATASET_JSON).is_file():
+        if dataset in DATASETS:
+            return None
+        raise ObservedLabelsError(
+            f"unknown dataset {dataset!r}: {folder / DATASET_JSON} does not exist; a benchmark is one of "
+            f"{', '.join(DATASETS)}, your own data is formatted with: {format_hint(folder)} (or pass the "
+            f"--data-root that holds {dataset}/)"
+        )
+    info = read_dataset_json(folder)
+    if info["single_positive"]:
+        root = "" if folder.parent.resolve() == Path("data").resolve() else f" --data-root {folder.parent}"
+        raise ObservedLabelsError(
+            f"{folder}: its train labels are single positives already ({folder / DATASET_JSON}: single_positive "
+            f"true), so there are no full labels to draw from and its observed labels are already written; "
+            f"train on it directly: python main.py -d {dataset}{root}"
+        )
+    return info
+
+
 def generate_for_dataset(
     dataset: str,
     num_pos: int = 1,
@@ -178,16 +212,22 @@ def generate_for_dataset(
     """Write ``formatted_{train,val}_labels_obs.npy`` for ``dataset`` under ``data_root``.
     Returns ``{phase: observed array}``. Both label files and the folder are checked (once) before
     anything is sampled, and the two files are written together or not at all."""
-    if dataset not in DATASETS:
-        raise ObservedLabelsError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     try:
         _check_args(num_pos, num_neg, seed)
     except ValueError as exc:
         raise ObservedLabelsError(str(exc)) from exc
     folder = Path(data_root) / dataset
+    info = _dataset_json(folder, dataset)
     labels = {
         phase: _load_labels(folder / f"formatted_{phase}_labels.npy", dataset) for phase in PHASES
     }
+    for phase in PHASES:
+        if info is not None and labels[phase].shape[1] != info["num_classes"]:
+            raise ObservedLabelsError(
+                f"{folder / f'formatted_{phase}_labels.npy'}: {labels[phase].shape[1]} label columns but "
+                f"{folder / DATASET_JSON} says num_classes {info['num_classes']}; re-create the files with: "
+                f"{format_hint(folder)} (or correct num_classes and class_names in {DATASET_JSON})"
+            )
     check_output_folder(folder, "--data-root")
     result = {phase: _sample(labels[phase], num_pos, num_neg, seed) for phase in PHASES}
     for phase in PHASES:
@@ -211,8 +251,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="Sample observed (single-positive) labels from formatted_*_labels.npy."
     )
-    parser.add_argument("--dataset", default="pascal", choices=DATASETS,
-                        help="dataset folder under --data-root (default: pascal)")
+    parser.add_argument("--dataset", default="pascal",
+                        help=f"dataset folder under --data-root: {', '.join(DATASETS)}, or any folder with a "
+                             f"{DATASET_JSON} (default: pascal)")
     parser.add_argument("--num-pos", type=int, default=1,
                         help="positives kept per image; -1 keeps all (default: 1)")
     parser.add_argument("--num-neg", type=int, default=0,

@@ -4,8 +4,9 @@
 
 12 classes = 4 shapes x 3 colours. Each image holds 1-3 shapes at random places on a noisy background, so
 labels are genuinely multi-label and need a CNN to find them. Generation is deterministic (fixed seed) and
-writes the same layout as the real datasets: images/<n>.png, formatted_{train,val}_{images,labels}.npy and
-the single-positive formatted_{train,val}_labels_obs.npy (generate_observed_labels with seed 1200).
+writes the same layout as the real datasets: images/<n>.png, formatted_{train,val}_{images,labels}.npy,
+the single-positive formatted_{train,val}_labels_obs.npy (generate_observed_labels with seed 1200) and
+dataset.json with the 12 class names (also in classes.txt).
 `main.py -d demo` calls `ensure_demo` and so generates it on first use.
 
 Safe to interrupt and to run twice at once: the demo is generated into a fresh hidden sibling folder
@@ -38,9 +39,9 @@ from PIL import Image, ImageDraw
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from preproc.common import PreprocError, run_main  # noqa: E402
+from preproc.common import DATASET_JSON, PreprocError, run_main, write_dataset_json  # noqa: E402
 from preproc.generate_observed_labels import generate_observed  # noqa: E402
-from fileio import describe_os_error  # noqa: E402
+from fileio import describe_os_error, write_atomic  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 50), "blue": (40, 70, 220)}
@@ -49,10 +50,12 @@ NUM_TRAIN, NUM_TEST, SIZE, SEED = 4000, 1000, 48, 0
 FILES = [f"formatted_{phase}_{kind}.npy" for phase in ("train", "val")
          for kind in ("images", "labels", "labels_obs")]
 MARKER = ".demo-complete"  # written last: a folder without it (or with another version's) is never used
-FORMAT_VERSION = 2  # 1: the generator before the completion marker
+FORMAT_VERSION = 3  # 1: the generator before the completion marker; 2: before dataset.json
 README = "README.md"  # the repository ships data/demo/README.md: always kept
-# "cache": --image-cache disk's folder (derived from the images; dropped when the demo is regenerated)
-KNOWN_NAMES = frozenset([*FILES, "images", "classes.txt", MARKER, README, "cache"])
+# Folders derived from the images, dropped when the demo is regenerated: "cache" (--image-cache disk) and
+# "features" (preproc/extract_features.py).
+DERIVED = frozenset(["cache", "features"])
+KNOWN_NAMES = frozenset([*FILES, DATASET_JSON, "images", "classes.txt", MARKER, README, *DERIVED])
 _IMAGE_NAME = re.compile(r"^\d+\.png$")
 
 
@@ -91,24 +94,41 @@ def make_image(rng: np.random.RandomState) -> tuple[Image.Image, np.ndarray]:
     return img, labels
 
 
-def _marker() -> dict:
+def _marker(version: int = FORMAT_VERSION) -> dict:
     """What the completion marker holds: a folder of another version or other sizes is not this demo."""
-    return {"format": "spml-demo", "version": FORMAT_VERSION, "num_train": NUM_TRAIN, "num_test": NUM_TEST,
+    return {"format": "spml-demo", "version": version, "num_train": NUM_TRAIN, "num_test": NUM_TEST,
             "size": SIZE, "seed": SEED}
 
 
-def is_complete(folder: os.PathLike | str) -> bool:
-    """Whether `folder` holds a finished demo of this version: our marker (written last), every array and
-    exactly the expected number of images."""
+def is_complete(folder: os.PathLike | str, version: int = FORMAT_VERSION) -> bool:
+    """Whether `folder` holds a finished demo of this version (or of `version`): our marker (written last),
+    every array (and from version 3 dataset.json) and exactly the expected number of images."""
     folder = Path(folder)
+    files = [*FILES, "classes.txt"] + ([DATASET_JSON] if version >= 3 else [])
     try:
-        if json.loads((folder / MARKER).read_text()) != _marker():
+        if json.loads((folder / MARKER).read_text()) != _marker(version):
             return False
-        if not all((folder / name).is_file() for name in [*FILES, "classes.txt"]):
+        if not all((folder / name).is_file() for name in files):
             return False
         return len(os.listdir(folder / "images")) == NUM_TRAIN + NUM_TEST
     except (OSError, ValueError):
         return False
+
+
+def _write_dataset_json(folder: Path) -> None:
+    try:
+        write_dataset_json(folder, class_names=CLASS_NAMES, image_folder="images", single_positive=False,
+                           source="preproc/make_demo.py")
+    except PreprocError as exc:  # a write error: one line, as every DemoError
+        raise DemoError(str(exc)) from exc
+
+
+def _upgrade(folder: Path) -> None:
+    """Make a finished version-2 demo (identical arrays and images) a version-3 one in place: add dataset.json,
+    then the new marker (atomically, last), leaving every other file, derived folders included, as it is."""
+    _write_dataset_json(folder)
+    write_atomic(folder / MARKER, lambda tmp: Path(tmp).write_text(json.dumps(_marker(), sort_keys=True) + "\n"))
+    print(f"added {DATASET_JSON} to the demo in {folder}", flush=True)
 
 
 def _has_our_classes(folder: Path) -> bool:
@@ -120,7 +140,8 @@ def _has_our_classes(folder: Path) -> bool:
 
 def _foreign_entries(folder: Path) -> list[str]:
     """Entries of `folder` that the generator did not write (looking into images/ too); symlinks count as
-    foreign. Formatted arrays without our classes.txt and marker may be another dataset's: foreign too."""
+    foreign. Formatted arrays (and a dataset.json) without our classes.txt and marker may be another
+    dataset's: foreign too."""
     foreign = []
     names = sorted(os.listdir(folder))
     for name in names:
@@ -133,10 +154,13 @@ def _foreign_entries(folder: Path) -> list[str]:
             else:
                 foreign += [f"images/{n}" for n in sorted(os.listdir(path))
                             if not _IMAGE_NAME.match(n) or (path / n).is_symlink() or not (path / n).is_file()]
+        elif name in DERIVED:
+            if not path.is_dir():
+                foreign.append(name)
         elif not path.is_file():
             foreign.append(name)
     if MARKER not in names and not _has_our_classes(folder):
-        foreign += [name for name in FILES if name in names]
+        foreign += [name for name in [*FILES, DATASET_JSON] if name in names]
     return foreign
 
 
@@ -233,6 +257,7 @@ def _generate(dest: Path) -> Path:
         for name, arr in arrays.items():
             np.save(tmp / name, arr)
         (tmp / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+        _write_dataset_json(tmp)
         if (dest / README).is_file():
             shutil.copy2(dest / README, tmp / README)
         if dest.is_dir():
@@ -280,6 +305,9 @@ def _build(save_path: os.PathLike | str, *, force: bool, flag: str) -> bool:
             _clean_leftovers(dest, locked)
             if not force and is_complete(dest):  # another process finished it while we waited
                 return False
+            if not force and is_complete(dest, version=2):  # the same demo without dataset.json
+                _upgrade(dest)
+                return True
             if os.path.lexists(dest) and not dest.is_dir():
                 raise DemoError(f"{dest} is a file, not a folder: remove it or pass another {flag}")
             if dest.is_dir():

@@ -327,3 +327,58 @@ def test_a_symlinked_demo_folder_is_regenerated_through_the_link(small, referenc
     make_demo.ensure_demo(tmp_path / "data" / "demo")
     assert (tmp_path / "data" / "demo").is_symlink() and snapshot(real) == reference
     assert leftovers(tmp_path / "disk") == []
+
+
+def test_dataset_json_names_the_demo_classes(small, tmp_path):
+    from preproc.common import check_dataset_files, image_root, read_dataset_json
+    dest = tmp_path / "demo"
+    make_demo.ensure_demo(dest)
+    info = read_dataset_json(dest)
+    assert info["class_names"] == list(make_demo.CLASS_NAMES) == (dest / "classes.txt").read_text().split()
+    assert info["class_names"][0] == "red_circle" and info["class_names"][11] == "blue_cross"
+    assert info["image_folder"] == DATASET_INFO["demo"].image_subdir == "images"
+    assert image_root(dest, info) == dest / "images" and info["source"] == "preproc/make_demo.py"
+    check_dataset_files(dest)
+    # a folder holding only another dataset's dataset.json is not the demo's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "dataset.json").write_text("{}")
+    with pytest.raises(make_demo.DemoError, match="not the demo's .dataset.json"):
+        make_demo.ensure_demo(other)
+
+
+def test_a_finished_version_2_demo_gets_its_dataset_json_in_place(small, reference, tmp_path, capsys):
+    """A demo of the generator before dataset.json (marker version 2, same arrays and images) is not regenerated:
+    dataset.json and the new marker are added, every other file and the derived folders stay as they are."""
+    dest = tmp_path / "demo"
+    make_demo.ensure_demo(dest)
+    (dest / "dataset.json").unlink()
+    marker = json.loads((dest / make_demo.MARKER).read_text())
+    (dest / make_demo.MARKER).write_text(json.dumps(dict(marker, version=2), sort_keys=True) + "\n")
+    (dest / "features" / "resnet18_random_32").mkdir(parents=True)
+    (dest / "features" / "resnet18_random_32" / "info.json").write_text("{}")
+    assert not make_demo.is_complete(dest) and make_demo.is_complete(dest, version=2)
+    mtime = (dest / "images" / "00000.png").stat().st_mtime_ns
+    capsys.readouterr()
+    make_demo.ensure_demo(dest)
+    out = capsys.readouterr().out
+    assert "added dataset.json" in out and "generating" not in out
+    assert make_demo.is_complete(dest) and (dest / "images" / "00000.png").stat().st_mtime_ns == mtime
+    assert (dest / "features" / "resnet18_random_32" / "info.json").read_text() == "{}"
+    got = snapshot(dest)
+    assert got.pop("features/resnet18_random_32/info.json") and got == reference
+    assert leftovers(tmp_path) == []
+
+
+def test_derived_folders_do_not_block_regeneration_but_a_file_of_that_name_does(small, reference, tmp_path):
+    dest = tmp_path / "demo"
+    make_demo.ensure_demo(dest)
+    for name in ("cache", "features"):
+        (dest / name).mkdir()
+        (dest / name / "x").write_text("derived")
+    make_demo.make_demo(dest)  # regenerated; the derived folders are dropped with the old demo
+    assert snapshot(dest) == reference
+    (dest / "features").write_text("a file")
+    with pytest.raises(make_demo.DemoError, match=r"not the demo's \(features\)"):
+        make_demo.make_demo(dest)
+    assert (dest / "features").read_text() == "a file"

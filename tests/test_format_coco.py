@@ -200,3 +200,20 @@ def test_invalid_json_is_an_error(tmp_path):
     (raw / "annotations" / "instances_val2014.json").write_text('{"categories": [')
     with pytest.raises(PreprocError, match=r"instances_val2014.json: not valid JSON"):
         fc.format_coco(raw, None)
+
+
+def test_dataset_json_has_the_category_names_in_label_order(tmp_path):
+    from datasets import DATASET_INFO
+    from preproc.common import read_dataset_json
+    train, val = merged_train(), derived_val()
+    out = fc.format_coco(write_tree(tmp_path / "raw", train, val), tmp_path / "out")
+    info = read_dataset_json(tmp_path / "out")
+    names = info["class_names"]
+    assert names == [c["name"] for c in load("person")["categories"]] and len(names) == 80
+    assert {k: names[v] for k, v in INDEX.items()} == {k: k for k in INDEX}  # person 0, car 2, bus 5, cat 15, dog 16
+    assert names[1] == "bicycle" and names[9] == "traffic light" and names[79] == "toothbrush"
+    assert info["image_folder"] == DATASET_INFO["coco"].image_subdir == ""
+    assert info["single_positive"] is False and info["source"] == "preproc/format_coco.py"
+    # val image 100000 merges a dog and a person image: its columns are named dog and person
+    row = dict(zip(out["val_images"].tolist(), out["val_labels"]))["val2014/COCO_val2014_000000100000.jpg"]
+    assert [names[k] for k in np.flatnonzero(row)] == ["person", "dog"]

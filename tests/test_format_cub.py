@@ -188,3 +188,25 @@ def test_bad_attribute_line_is_an_error(cub_tree, tmp_path, bad_line, message):
     text = text.replace(old, f"\n{bad_line}\n")
     with pytest.raises(PreprocError, match=message):
         fcub.format_cub(variant(tmp_path, cub_tree, labels=text), None)
+
+
+def test_dataset_json_has_the_attribute_names_by_id(cub_tree, tmp_path):
+    """attributes.txt (derived: placeholder names, some with spaces, lines in reverse order) gives the names by
+    attribute id, which is the column order."""
+    from datasets import DATASET_INFO
+    from preproc.common import read_dataset_json
+    names = {k: f"has_part::value {k}" if k % 2 else f"attribute_{k}" for k in range(1, 313)}
+    text = "".join(f"{k} {names[k]}\n" for k in reversed(range(1, 313)))
+    fcub.format_cub(variant(tmp_path, cub_tree, attributes=text), tmp_path / "out")
+    info = read_dataset_json(tmp_path / "out")
+    assert info["class_names"] == [names[k] for k in range(1, 313)] and info["num_classes"] == 312
+    assert info["class_names"][0] == "has_part::value 1" and info["class_names"][311] == "attribute_312"
+    assert info["image_folder"] == DATASET_INFO["cub"].image_subdir == "CUB_200_2011/images"
+    assert info["source"] == "preproc/format_cub.py" and info["single_positive"] is False
+
+
+def test_attribute_ids_must_each_occur_once(cub_tree, tmp_path):
+    text = "".join(f"{k} attribute_{k}\n" for k in range(1, 312)) + "7 attribute_again\n"
+    with pytest.raises(PreprocError, match=r"attributes.txt, line 312: expected each attribute id 1..312 once, "
+                                           r"found 7 again"):
+        fcub.format_cub(variant(tmp_path, cub_tree, attributes=text), None)

@@ -139,3 +139,17 @@ def test_missing_files_name_path_and_source(tmp_path, capsys):
     with pytest.raises(PreprocError) as exc:
         fn.format_nuswide(raw, None)
     assert str(missing) in str(exc.value)
+
+
+def test_dataset_json_has_the_concepts_in_label_order(tmp_path):
+    from datasets import DATASET_INFO
+    from preproc.common import read_dataset_json
+    out = fn.format_nuswide(build_tree(tmp_path / "raw"), tmp_path / "out")
+    info = read_dataset_json(tmp_path / "out")
+    assert info["class_names"] == CONCEPTS and info["num_classes"] == 81
+    assert info["class_names"][0] == "airport" and info["class_names"][80] == "zebra"
+    assert info["image_folder"] == DATASET_INFO["nuswide"].image_subdir == "Flickr"
+    assert info["source"] == "preproc/format_nuswide.py" and info["single_positive"] is False
+    # the first train row is sunset/0712_2345781002.jpg with sunset, sky, clouds
+    assert out["train_images"][0] == "sunset/0712_2345781002.jpg"
+    assert {info["class_names"][k] for k in np.flatnonzero(out["train_labels"][0])} == {"sunset", "sky", "clouds"}

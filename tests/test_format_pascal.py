@@ -302,3 +302,23 @@ def test_line_with_extra_fields_is_an_error(tmp_path):
     (main / "bus_val.txt").write_text("2007_000032 -1 0\n")
     with pytest.raises(PreprocError, match=r"bus_val.txt, line 1: expected '<image id> <label>' \(2 fields\), found 3 fields"):
         fp.format_pascal(load, None)
+
+
+def test_dataset_json_names_the_columns(tmp_path):
+    """dataset.json holds VOC's 20 class names in column order: the column named "person" is the person label."""
+    from datasets import DATASET_INFO
+    from preproc.common import read_dataset_json
+    load = tmp_path / "raw"
+    write_class_lists(load, {"train": TRAIN_IDS, "val": VAL_IDS})
+    out = fp.format_pascal(load, tmp_path / "out")
+    info = read_dataset_json(tmp_path / "out")
+    assert info["class_names"] == VOC_CLASSES and info["num_classes"] == 20
+    assert info["class_names"][0] == "aeroplane" and info["class_names"][14] == "person"
+    assert info["class_names"][19] == "tvmonitor"
+    assert info["image_folder"] == DATASET_INFO["pascal"].image_subdir == "VOCdevkit/VOC2012/JPEGImages"
+    assert info["single_positive"] is False and info["features"] is False
+    assert info["source"] == "preproc/format_pascal.py"
+    for phase, ids in (("train", TRAIN_IDS), ("val", VAL_IDS)):
+        names, pos = expected_phase(ids)
+        for name, row in zip(names, out[f"{phase}_labels"]):
+            assert {info["class_names"][k] for k in np.flatnonzero(row)} == pos[name]

@@ -315,3 +315,66 @@ def test_cli_disk_full_writes_neither_file(tmp_path, monkeypatch, capsys):
     assert last.startswith("error: cannot write") and "no space left" in last and "Traceback" not in err
     assert sorted(p.name for p in (root / "pascal").iterdir()) == ["formatted_train_labels.npy",
                                                                    "formatted_val_labels.npy"]
+
+
+# ----------------------------------------------------------------------------------------
+# datasets described by a dataset.json (the user's own data, preproc/format_folder.py)
+# ----------------------------------------------------------------------------------------
+def describe(folder, num_classes, single_positive=False):
+    from preproc.common import write_dataset_json
+    write_dataset_json(folder, class_names=[f"c{k}" for k in range(num_classes)], image_folder="images",
+                       single_positive=single_positive, source="test")
+
+
+def test_cli_any_folder_with_a_dataset_json(tmp_path):
+    train, val = random_labels(40, 7, 0.3, seed=31), random_labels(15, 7, 0.3, seed=32)
+    root = make_root(tmp_path, "my_photos", train, val)
+    describe(root / "my_photos", 7)
+    assert gol.main(["--dataset", "my_photos", "--data-root", str(root), "--seed", "9"]) == 0
+    for phase, lab in (("train", train), ("val", val)):
+        obs = np.load(root / "my_photos" / f"formatted_{phase}_labels_obs.npy")
+        np.testing.assert_array_equal(obs, reference_observed(lab, seed=9))
+
+
+def test_cli_benchmark_with_a_dataset_json_is_unchanged(tmp_path):
+    lab = random_labels(60, 20, 0.2, seed=33)
+    root = make_root(tmp_path, "pascal", lab, lab)
+    describe(root / "pascal", 20)
+    assert gol.main(["--dataset", "pascal", "--data-root", str(root)]) == 0
+    np.testing.assert_array_equal(np.load(root / "pascal" / "formatted_train_labels_obs.npy"), reference_observed(lab))
+
+
+def test_cli_refuses_single_positive_labels_and_writes_nothing(tmp_path, capsys):
+    lab = np.eye(5)[[0, 1, 2, 3, 4, 0]]
+    root = make_root(tmp_path, "mine", lab, lab)
+    describe(root / "mine", 5, single_positive=True)
+    assert gol.main(["--dataset", "mine", "--data-root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {root / 'mine'}: its train labels are single positives")
+    assert f"python main.py -d mine --data-root {root}" in err
+    assert sorted(p.name for p in (root / "mine").iterdir()) == ["dataset.json", "formatted_train_labels.npy",
+                                                                 "formatted_val_labels.npy"]
+
+
+def test_cli_column_count_must_match_the_dataset_json(tmp_path, capsys):
+    lab = random_labels(10, 6, 0.5, seed=1)
+    root = make_root(tmp_path, "mine", lab, lab)
+    describe(root / "mine", 5)
+    assert gol.main(["--dataset", "mine", "--data-root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "formatted_train_labels.npy: 6 label columns but" in err and "says num_classes 5" in err
+    assert not list((root / "mine").glob("*obs*"))
+
+
+def test_cli_unknown_dataset_names_format_folder(tmp_path, capsys):
+    assert gol.main(["--dataset", "holiday", "--data-root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown dataset 'holiday'") and err.count("\n") == 1
+    assert f"python preproc/format_folder.py --csv <your CSV> --images <your image folder> --save-path " \
+           f"{tmp_path / 'holiday'}" in err
+    # a dataset.json without label files: the missing file and the command that makes it
+    describe(tmp_path / "holiday", 3)
+    assert gol.main(["--dataset", "holiday", "--data-root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"expected {tmp_path / 'holiday' / 'formatted_train_labels.npy'}" in err
+    assert "python preproc/format_folder.py" in err
