@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from losses import LOSSES, check_hyperparameters
 from losses import flag as loss_flag
@@ -150,16 +151,35 @@ def comparable_settings(config: dict, seed: bool = True) -> dict:
     return {k: v for k, v in {**defaults, **config}.items() if k not in dropped}
 
 
+def _dataset_settings(dataset: str, data_root: str):
+    """The table entry of a benchmark or the demo; for any other dataset (data/NAME/dataset.json) COCO's entry,
+    which its dataset.json "defaults" then adjust. Returns it with datasets.DatasetInfo."""
+    from datasets import DataError, dataset_info
+    try:
+        info = dataset_info(data_root, dataset)
+    except DataError as exc:
+        raise ValueError(str(exc)) from exc
+    unknown = sorted(k for k, _ in info.defaults if k not in {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"{Path(data_root) / dataset / 'dataset.json'}: \"defaults\" names settings that do not "
+                         f"exist: {unknown} (see config.Config for their names)")
+    return dict(DATASET_SETTINGS.get(dataset, DATASET_SETTINGS["coco"])), info
+
+
 def build_config(dataset: str, **overrides) -> Config:
     """The table entry of `dataset`, with every non-None override applied on top, validated."""
-    if dataset not in DATASET_SETTINGS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_SETTINGS)}")
-    values = dict(DATASET_SETTINGS[dataset])
+    values, info = _dataset_settings(dataset, overrides.get("data_root") or Config.data_root)
+    if info.features and not overrides.get("features"):
+        overrides = {**overrides, "features": "formatted"}  # features.FORMATTED: the dataset's own
     if overrides.get("features"):
         values.update(LINEAR_SETTINGS)
+    values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the flags
     loss = overrides.get("loss") or Config.loss
-    if loss in LL_DELTA_REL[dataset]:
-        values["delta_rel"] = LL_DELTA_REL[dataset][loss]
+    if info.single_positive and loss in ("bce", "iun"):
+        raise ValueError(f"-l {loss} needs full training labels, but {Path(overrides.get('data_root') or 'data') / dataset}"
+                         f" holds single positives (dataset.json \"single_positive\": true); choose another loss")
+    if loss in LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"]):
+        values["delta_rel"] = LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"])[loss]
     if loss in ROLE_LOSSES and dataset in ROLE_EXPECTED_POSITIVES:
         values["expected_num_pos"] = ROLE_EXPECTED_POSITIVES[dataset]
     values.update({k: v for k, v in overrides.items() if v is not None})

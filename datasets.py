@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from preproc.common import FORMAT_COMMANDS
+from preproc.common import format_hint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,7 +25,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class DatasetInfo:
     num_classes: int
-    image_subdir: str  # image root, relative to <data_root>/<dataset>
+    image_subdir: str  # image root, relative to <data_root>/<dataset> (or absolute)
+    single_positive: bool = False  # the train labels are single positives already (no full labels)
+    features: bool = False  # formatted_{train,val}_features.npy instead of images
+    defaults: tuple = ()  # (setting, value) pairs of dataset.json's "defaults"
 
 
 DATASET_INFO: dict[str, DatasetInfo] = {
@@ -41,6 +44,26 @@ class DataError(RuntimeError):
     """Missing or malformed dataset files; the message says what to run or fix."""
 
 
+def dataset_info(data_root: str | Path, dataset: str) -> DatasetInfo:
+    """A benchmark's entry of DATASET_INFO, or the dataset.json of any other <data_root>/<dataset> (checked
+    against its label files); DataError naming the file and the fix otherwise."""
+    if dataset in DATASET_INFO:
+        return DATASET_INFO[dataset]
+    from preproc.common import PreprocError, check_dataset_files, read_dataset_json
+    folder = Path(data_root) / dataset
+    if not (folder / "dataset.json").is_file():
+        raise DataError(f"unknown dataset {dataset!r}: {folder / 'dataset.json'} does not exist; choose one of "
+                        f"{sorted(DATASET_INFO)} or make {folder} with python preproc/format_folder.py --csv <CSV> "
+                        f"--images <image folder> --save-path {folder}")
+    try:
+        info = read_dataset_json(folder)
+        check_dataset_files(folder)
+    except PreprocError as exc:
+        raise DataError(str(exc)) from exc
+    return DatasetInfo(info["num_classes"], info["image_folder"] or "", info["single_positive"], info["features"],
+                       tuple(sorted(info["defaults"].items())))
+
+
 def class_names(data_root: str | Path, dataset: str) -> list[str]:
     """The class names of the dataset's dataset.json (the format scripts write it), or "class 0", "class 1", ...
     for data formatted before class names were kept."""
@@ -48,7 +71,7 @@ def class_names(data_root: str | Path, dataset: str) -> list[str]:
     try:
         return list(read_dataset_json(Path(data_root) / dataset)["class_names"])
     except PreprocError:
-        return [f"class {c}" for c in range(DATASET_INFO[dataset].num_classes)]
+        return [f"class {c}" for c in range(dataset_info(data_root, dataset).num_classes)]
 
 
 def generate_split(num_ex: int, frac: float, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +111,7 @@ class LabelledRows(Dataset):
         self.labels_true = np.asarray(labels_true, dtype=np.float64)
         # each sample's row in its formatted file (build_datasets sets them; predictions.npz records them)
         self.rows = np.arange(len(self.labels_true))
+        self.full_labels = True  # labels_true are full labels (False: a single-positive dataset's train rows)
 
     def __len__(self) -> int:
         return len(self.labels_true)
@@ -207,11 +231,10 @@ def _check_labels(labels: np.ndarray, path: Path, num_classes: int, allowed: tup
 def load_formatted(data_root: str | Path, dataset: str, phase: str, images: bool = True) -> dict[str, np.ndarray]:
     """Images, true labels (float64) and observed labels (float64) of an official split ('train' or 'val');
     `images=False`: the labels only (a run on pre-extracted features)."""
-    info = DATASET_INFO[dataset]
+    info = dataset_info(data_root, dataset)
     root = Path(data_root) / dataset
     # the commands that (re)create the files, with the user's --data-root
-    path_flags = f"--save-path {root}" if dataset == "demo" else f"--load-path {root} --save-path {root}"
-    format_command = f"{FORMAT_COMMANDS[dataset]} {path_flags}"
+    format_command = format_hint(root, info.features)
     obs_command = f"python preproc/generate_observed_labels.py --dataset {dataset} --data-root {data_root}"
     paths = {k: root / f"formatted_{phase}_{k}.npy" for k in ("images", "labels", "labels_obs")}
     if images:
@@ -242,13 +265,12 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
     """The train / val / test datasets of the original (see the module docstring): of images, or, given
     `features` ({"train": official train rows, "val": official val rows}, as features.load_features returns
     them), of those feature vectors, with the same split."""
-    if dataset not in DATASET_INFO:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_INFO)}")
+    info = dataset_info(data_root, dataset)
     if dataset == "demo":
         from preproc.make_demo import ensure_demo
         ensure_demo(Path(data_root) / "demo")
     official = {phase: load_formatted(data_root, dataset, phase, images=features is None) for phase in ("train", "val")}
-    image_root = Path(data_root) / dataset / DATASET_INFO[dataset].image_subdir
+    image_root = Path(data_root) / dataset / info.image_subdir
     tfm = get_transforms(image_size)
 
     train_idx, val_idx = generate_split(len(official["train"]["labels"]), val_frac, np.random.RandomState(split_seed))
@@ -263,9 +285,12 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
         out.rows = rows
         return out
 
-    return {
+    sets = {
         "train": subset("train", train_idx, train_obs, "train"),
         # clean val, as the original's 'clean' variant
         "val": subset("train", val_idx, official["train"]["labels"], "val"),
         "test": subset("val", np.arange(len(official["val"]["labels"])), official["val"]["labels"], "test"),
     }
+    # single positives already: the train rows have no full labels to score the "clean" metrics against
+    sets["train"].full_labels = not info.single_positive
+    return sets

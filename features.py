@@ -43,10 +43,10 @@ from tqdm import tqdm
 
 import image_cache
 from config import Config
-from datasets import DATASET_INFO, DataError, DatasetInfo, generate_split
+from datasets import DataError, dataset_info, generate_split
 from fileio import _HOST, OutputError, describe_os_error, pid_alive, remove_stale_temporaries, write_atomic
 from models import WeightsError, build_model
-from preproc.common import FORMAT_COMMANDS
+from preproc.common import format_hint
 
 PHASES = ("train", "val")
 NAMED_WEIGHTS = ("imagenet", "random")
@@ -78,27 +78,19 @@ def extract_command(dataset: str, arch: str, weights: str, image_size: int, data
     return "python preproc/extract_features.py " + " ".join(shlex.quote(a) for a in args)
 
 
-def _dataset_info(dataset: str) -> DatasetInfo:
-    if dataset not in DATASET_INFO:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_INFO)}")
-    return DATASET_INFO[dataset]
-
-
 def _num_classes(data_root: str | Path, dataset: str) -> int:
     """The dataset's number of classes (the head that build_model adds; the features do not depend on it)."""
-    return _dataset_info(dataset).num_classes
+    return dataset_info(data_root, dataset).num_classes
 
 
 def _image_root(data_root: str | Path, dataset: str) -> Path:
     """The folder that the names in formatted_*_images.npy are relative to."""
-    return Path(data_root) / dataset / _dataset_info(dataset).image_subdir
+    return Path(data_root) / dataset / dataset_info(data_root, dataset).image_subdir
 
 
 def _format_command(data_root: str | Path, dataset: str) -> str:
     """The command that (re)creates formatted_*.npy, with the user's data root (as datasets.load_formatted)."""
-    root = Path(data_root) / dataset
-    flags = f"--save-path {root}" if dataset == "demo" else f"--load-path {root} --save-path {root}"
-    return f"{FORMAT_COMMANDS.get(dataset, 'the format script of ' + dataset)} {flags}"
+    return format_hint(Path(data_root) / dataset)
 
 
 def _image_list(data_root: str | Path, dataset: str, phase: str) -> np.ndarray:
@@ -445,6 +437,9 @@ def extract_features(data_root: str | Path, dataset: str, arch: str = "resnet50"
     Raises DataError (data files, images, disk room), WeightsError, ValueError (arguments) or OutputError."""
     _check_arguments(image_size, batch_size, num_workers)
     image_root = _image_root(data_root, dataset)  # an unknown dataset stops here
+    if dataset_info(data_root, dataset).features:
+        raise DataError(f"{Path(data_root) / dataset} holds features, not images: train on them with "
+                        f"python main.py -d {dataset} (nothing to extract)")
     if weights not in NAMED_WEIGHTS and not Path(weights).is_file():
         raise WeightsError(f"--weights {weights}: no such file (expected 'imagenet', 'random' or a state dict path)")
     names = {phase: _image_list(data_root, dataset, phase) for phase in PHASES}
@@ -540,12 +535,29 @@ def _command_for(data_root: str | Path, dataset: str, name: str, folder: Path) -
             + f" (WEIGHTS: the path of your {weights} state-dict file)")
 
 
+FORMATTED = "formatted"  # the feature set of a dataset given as features (its formatted_{train,val}_features.npy)
+
+
+def _formatted_features(data_root: str | Path, dataset: str) -> dict:
+    """A features dataset's own formatted_{train,val}_features.npy (checked by datasets.dataset_info)."""
+    folder = Path(data_root) / dataset
+    out = {phase: np.load(folder / f"formatted_{phase}_features.npy").astype(np.float32, copy=False)
+           for phase in PHASES}
+    out["info"] = {"name": FORMATTED, "dim": int(out["train"].shape[1]), "source": str(folder)}
+    return out
+
+
 def load_features(data_root: str | Path, dataset: str, name: str) -> dict:
     """{"train": (N_train, D) float32, "val": (N_val, D) float32, "info": dict} of the set `name`.
 
     Raises DataError, naming the file and the command that extracts the set, when it was never extracted or is
     incomplete or unreadable, when its row counts differ from formatted_{train,val}_labels.npy or its image lists
     from formatted_{train,val}_images.npy (the data were formatted again), or when the two splits' dims differ."""
+    if name == FORMATTED:
+        if not dataset_info(data_root, dataset).features:
+            raise DataError(f"--features {FORMATTED}: {Path(data_root) / dataset} is not a features dataset "
+                            f"(its dataset.json says \"features\": false); name an extracted feature set instead")
+        return _formatted_features(data_root, dataset)
     folder = feature_dir(data_root, dataset, name)
     command = _command_for(data_root, dataset, name, folder)
     for path in (folder / INFO, *(folder / f"{p}_features.npy" for p in PHASES)):

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Single-positive multi-label learning (Zhou et al., ECCV 2022: EM loss + APL). "
                     "Unset options take the per-dataset defaults of the original (config.py).",
         formatter_class=_HelpFormatter)
-    p.add_argument("-d", "--dataset", default="pascal", choices=sorted(DATASET_SETTINGS), help="dataset")
+    p.add_argument("-d", "--dataset", default="pascal",
+                   help=f"dataset: {', '.join(sorted(DATASET_SETTINGS))}, or any <data-root>/NAME with a "
+                        f"dataset.json (README 'Your own data')")
     p.add_argument("-l", "--loss", default="EM_APL", choices=LOSS_NAMES, help="training loss")
     p.add_argument("-g", "--gpu", default="0", help="CUDA device index, or 'cpu'")
     p.add_argument("-s", "--pytorch-seed", "--pytorch_seed", dest="pytorch_seed", type=int, default=0,

@@ -493,8 +493,10 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         record: dict = {}  # enters results["epochs"] only once the epoch is complete
         epoch_start = time.time()
         out = train_epoch(engine, loaders["train"], optimizer, scaler, cfg, epoch, datasets["train"])
-        record["train"] = {"loss": out["loss"], **compute_metrics(out["preds"], out["true"], out["obs"]),
-                           "seconds": out["seconds"]}
+        train_metrics = compute_metrics(out["preds"], out["true"], out["obs"])
+        if not datasets["train"].full_labels:  # single positives only: nothing "clean" to score against
+            train_metrics = {k: v for k, v in train_metrics.items() if not k.endswith("_clean")}
+        record["train"] = {"loss": out["loss"], **train_metrics, "seconds": out["seconds"]}
         if LOSSES[cfg.loss].corrections is not None:
             record["corrected_labels"] = out["corrected_labels"]
 

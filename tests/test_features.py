@@ -285,7 +285,7 @@ def test_random_weights_are_the_same_in_every_run(tmp_path):
 
 def test_bad_input_stops_with_what_to_do(tmp_path, weights_file):
     root = write_pascal_root(tmp_path)
-    with pytest.raises(DataError, match=r"unknown dataset 'nope'; choose one of \[.*'pascal'"):
+    with pytest.raises(DataError, match=r"unknown dataset 'nope': .*dataset.json does not exist; choose one of \[.*'pascal'"):
         extract_features(root, "nope", "resnet18", "random", SIZE)
     with pytest.raises(WeightsError, match=r"--weights .*missing\.pt: no such file"):
         extract_features(root, "pascal", "resnet18", str(tmp_path / "missing.pt"), SIZE)
@@ -379,4 +379,4 @@ def test_the_command_line_extracts_and_reports_errors_in_one_line(tmp_path, weig
     run = subprocess.run([sys.executable, str(ROOT / "preproc" / "extract_features.py"), "--dataset", "nope",
                           "--data-root", str(root), "-g", "cpu"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and run.stdout == ""
-    assert run.stderr.startswith("error: unknown dataset 'nope'; choose one of") and run.stderr.count("\n") == 1
+    assert run.stderr.startswith("error: unknown dataset 'nope': ") and run.stderr.count("\n") == 1
