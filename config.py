@@ -19,9 +19,11 @@ IMAGE_CACHE_MODES = ("off", "ram", "disk")  # --image-cache (image_cache.py)
 AMP_MODES = ("off", "bf16", "fp16")  # --amp (train.AMP_DTYPES)
 # Settings that only some losses read: each loss's own hyperparameters (losses.py), and APL's schedule.
 APL_SETTINGS = ("neg_proportion", "warmup_epoch")
+VAL_LABELS = ("clean", "observed")  # --val-labels
+STOP_METRICS = ("map", *(f"{m}_{k}" for m in ("prec_at", "rec_at") for k in (1, 3, 5)), "top_1", "top_3", "top_5")
 # Settings of the image pipeline and the backbone, which a linear probe on cached features (--features) does not read.
 IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_workers", "image_cache",
-                  "channels_last", "compile", "cudnn_benchmark")
+                  "channels_last", "compile", "cudnn_benchmark", "freeze_backbone")
 # Settings that cannot change a run's numbers (where it runs, how fast data arrive: the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
 RESULT_NEUTRAL_SETTINGS = ("gpu", "num_workers", "persistent_workers", "image_cache", "data_root", "results_dir")
@@ -105,6 +107,13 @@ class Config:
     expected_num_pos: float | None = None  # ROLE's k; build_config takes ROLE_EXPECTED_POSITIVES
     # linear-probe mode: the name of a feature set (features.feature_set_name), None = train on images
     features: str | None = None
+    # options of Cole et al.'s code base (which Zhou et al.'s inherits), off by default
+    val_labels: str = "clean"  # model selection on the val part's full labels, or its "observed" single positives
+    stop_metric: str = "map"  # the val metric that selects the best epoch (and stops early)
+    freeze_backbone: bool = False  # train the classifier head only, on images (the backbone in eval mode)
+    train_subsample: float = 1.0  # share of the train part kept (drawn with subsample_seed)
+    val_subsample: float = 1.0  # share of the val part kept
+    subsample_seed: int = 0
     # fixed in the original
     seed: int = 1200  # numpy global seed
     split_seed: int = 1200
@@ -119,6 +128,11 @@ class Config:
     cudnn_benchmark: bool = False
     data_root: str = "data"
     results_dir: str = "results"
+
+    @property
+    def selection_key(self) -> str:
+        """The key of the val record that selects the best epoch, e.g. "map_clean" or "prec_at_1_observed"."""
+        return f"{self.stop_metric}_{self.val_labels}"
 
     @property
     def train_set_variant(self) -> str:
@@ -223,5 +237,14 @@ def validate(cfg: Config) -> None:
     if cfg.features is not None and cfg.loss == "role_li":
         raise ValueError("-l role_li fine-tunes the backbone after a linear phase; with --features (a linear "
                          "classifier only) use -l role")
+    for field, choices in (("val_labels", VAL_LABELS), ("stop_metric", STOP_METRICS)):
+        if getattr(cfg, field) not in choices:
+            raise ValueError(f"{flag(field)} must be one of {list(choices)}, got {getattr(cfg, field)!r}")
+    for field in ("train_subsample", "val_subsample"):
+        if not 0.0 < getattr(cfg, field) <= 1.0:
+            raise ValueError(f"{flag(field)} must be in (0, 1], got {getattr(cfg, field)}")
+    if cfg.freeze_backbone and cfg.features:
+        raise ValueError("--freeze-backbone trains the head on images; --features is already a head on frozen "
+                         "features: give one of them")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")

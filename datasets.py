@@ -261,10 +261,16 @@ def load_formatted(data_root: str | Path, dataset: str, phase: str, images: bool
 
 def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_set_variant: str = "observed",
                    val_frac: float = 0.2, split_seed: int = 1200,
-                   features: dict[str, np.ndarray] | None = None) -> dict[str, LabelledRows]:
+                   features: dict[str, np.ndarray] | None = None, val_labels: str = "clean",
+                   train_subsample: float = 1.0, val_subsample: float = 1.0,
+                   subsample_seed: int = 0) -> dict[str, LabelledRows]:
     """The train / val / test datasets of the original (see the module docstring): of images, or, given
     `features` ({"train": official train rows, "val": official val rows}, as features.load_features returns
-    them), of those feature vectors, with the same split."""
+    them), of those feature vectors, with the same split.
+
+    Cole et al.'s options: `val_labels="observed"` gives the val part its single positives as observed labels
+    (selection on them: no fully labelled val set needed); `train_subsample`, `val_subsample` keep that share of
+    the train / val part's rows, drawn with `subsample_seed` (independent of the split)."""
     info = dataset_info(data_root, dataset)
     if dataset == "demo":
         from preproc.make_demo import ensure_demo
@@ -274,6 +280,10 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
     tfm = get_transforms(image_size)
 
     train_idx, val_idx = generate_split(len(official["train"]["labels"]), val_frac, np.random.RandomState(split_seed))
+    subsampler = np.random.RandomState(subsample_seed)
+    train_idx, val_idx = (rows if share >= 1.0 else
+                          np.sort(subsampler.choice(rows, max(1, int(round(share * len(rows)))), replace=False))
+                          for rows, share in ((train_idx, train_subsample), (val_idx, val_subsample)))
     train_obs = official["train"]["labels_obs"] if train_set_variant == "observed" else official["train"]["labels"]
 
     def subset(split: str, rows: np.ndarray, obs: np.ndarray, phase: str) -> LabelledRows:
@@ -287,8 +297,8 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
 
     sets = {
         "train": subset("train", train_idx, train_obs, "train"),
-        # clean val, as the original's 'clean' variant
-        "val": subset("train", val_idx, official["train"]["labels"], "val"),
+        # clean val, as the original's 'clean' variant (observed: the single positives)
+        "val": subset("train", val_idx, official["train"]["labels" if val_labels == "clean" else "labels_obs"], "val"),
         "test": subset("val", np.arange(len(official["val"]["labels"])), official["val"]["labels"], "test"),
     }
     # single positives already: the train rows have no full labels to score the "clean" metrics against

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from config import (AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LOSS_NAMES, RESULT_NEUTRAL_SETTINGS,
-                    ROLE_LOSSES, Config, build_config, flag, validate)
+                    ROLE_LOSSES, STOP_METRICS, VAL_LABELS, Config, build_config, flag, validate)
 
 # what --resume accepts besides the run folder: settings that cannot change its numbers
 RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data-root", help="folder holding <dataset>/formatted_*.npy (default: data)")
     m.add_argument("--features", help="linear probe: train a linear classifier on the cached feature set "
                    "<arch>_<weights>_<size> (made by preproc/extract_features.py) instead of the images")
+    o = p.add_argument_group("options of Cole et al.'s code base (README 'Options'; all off by default)")
+    o.add_argument("--val-labels", choices=VAL_LABELS, help="select the best epoch on the val part's full labels "
+                   "(clean, the original) or on its single positives (observed: no fully labelled val set needed)")
+    o.add_argument("--stop-metric", choices=STOP_METRICS, help="val metric that selects the best epoch (default map)")
+    o.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="train only the classifier head, on images (backbone frozen, in eval mode)")
+    o.add_argument("--train-subsample", type=float, help="keep this share (0, 1] of the train part (default 1)")
+    o.add_argument("--val-subsample", type=float, help="keep this share (0, 1] of the val part (default 1)")
+    o.add_argument("--subsample-seed", type=int, help="seed of the subsampling (default 0)")
     f = p.add_argument_group("speed (README 'Speed'; all off by default)")
     f.add_argument("--image-cache", choices=IMAGE_CACHE_MODES,
                    help="decode and resize every image once (bit-identical results): 'ram', or 'disk' "
@@ -251,8 +260,10 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
     def with_features(name: str) -> tuple[dict, dict]:
         features = load_features(cfg.data_root, cfg.dataset, name)
         return build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,
-                              cfg.split_seed, features=features), features["info"]
+                              cfg.split_seed, features=features, **subsets), features["info"]
 
+    subsets = dict(val_labels=cfg.val_labels, train_subsample=cfg.train_subsample, val_subsample=cfg.val_subsample,
+                   subsample_seed=cfg.subsample_seed)
     setup: dict = {}
     if cfg.features:  # linear probe: no backbone, no images
         datasets, info = with_features(cfg.features)
@@ -266,9 +277,11 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
         return datasets, engine, loaders, setup
 
     datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,
-                              cfg.split_seed)
+                              cfg.split_seed, **subsets)
     check_observed_labels(cfg, datasets)
     model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
+    if cfg.freeze_backbone:  # head-only training: Adam gets the head's parameters only
+        model.backbone.requires_grad_(False)
     # the size of the last training batch (every batch, with --batch-size 1)
     check_model_runs(model, cfg.arch, cfg.image_size, device, len(datasets["train"]) % cfg.batch_size or cfg.batch_size)
     if cfg.loss == "role_li" and not resuming:  # a resumed run has its phase-2 state in last.pt
@@ -284,7 +297,8 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
                                    torch.sigmoid(state["label_estimates"]).cpu().numpy())
     else:  # ROLE's estimate matrix, drawn after the model as in Cole et al.'s code
         estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
-    engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark, estimates)
+    engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark, estimates,
+                          cfg.freeze_backbone)
     loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
                            cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache")
     return datasets, engine, loaders, setup

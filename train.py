@@ -112,6 +112,12 @@ class Engine:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     estimates: LabelEstimates | None = None
+    frozen_backbone: bool = False  # --freeze-backbone: the backbone stays in eval mode (BatchNorm statistics fixed)
+
+    def train(self) -> None:
+        self.model.train()
+        if self.frozen_backbone:
+            self.model.backbone.eval()
 
     def parameter_groups(self, lr: float) -> list[dict]:
         """Adam's groups: the trainable model parameters at `lr`; ROLE's estimates at ESTIMATES_LR_FACTOR x lr."""
@@ -140,7 +146,7 @@ class Engine:
 
 def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off", channels_last: bool = False,
                  compile_model: bool = False, cudnn_benchmark: bool = False,
-                 estimates: LabelEstimates | None = None) -> Engine:
+                 estimates: LabelEstimates | None = None, frozen_backbone: bool = False) -> Engine:
     """Check that the device supports the speed options (ValueError naming the flag and the alternative)."""
     if amp not in AMP_DTYPES:
         raise ValueError(f"--amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
@@ -167,7 +173,7 @@ def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off",
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compile_model else model
     return Engine(model, forward, device, AMP_DTYPES[amp], channels_last,
-                  estimates.to(device) if estimates is not None else None)
+                  estimates.to(device) if estimates is not None else None, frozen_backbone)
 
 
 def _cpu_has_bf16() -> bool:
@@ -229,7 +235,7 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
     `dataset` (default: the loader's) at the end of the epoch, kept on the device until then (no sync): each
     row comes once per epoch, so the loaders see them from the next epoch on, as with the original's
     per-epoch DataLoader workers."""
-    engine.model.train()
+    engine.train()
     hyperparameters = cfg.loss_hyperparameters()
     corrections = LOSSES[cfg.loss].corrections
     corrected: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -507,10 +513,11 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
 
         val = evaluate(engine, loaders["val"], f"epoch {epoch} val")
         record["val"] = _eval_metrics(val)
-        val_map = record["val"]["map_clean"]
+        val_map = record["val"][cfg.selection_key]  # map_clean unless --stop-metric / --val-labels
         improved = val_map > progress.best_val_map  # strict: a tie stops the run, as the original
         line = (f"epoch {epoch}/{cfg.num_epochs}  train loss {record['train']['loss']:.4f}  "
-                f"val mAP {val_map:.2f}")
+                f"val mAP {record['val']['map_clean']:.2f}"
+                + ("" if cfg.selection_key == "map_clean" else f"  val {cfg.selection_key} {val_map:.2f}"))
         if improved:
             best_state = engine.state()
             best_test = evaluate(engine, loaders["test"], f"epoch {epoch} test")
@@ -530,8 +537,8 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         _save_last(run_dir, engine, optimizer, scaler, datasets, loaders, progress, results, cfg)
         if not improved:
             # the original leaves both loops here, so this epoch has no test pass
-            print(f"*** early stop: val mAP {val_map:.2f} did not improve on {progress.best_val_map:.2f} "
-                  f"(epoch {results['best_epoch']}) ***", flush=True)
+            print(f"*** early stop: val {cfg.selection_key} {val_map:.2f} did not improve on "
+                  f"{progress.best_val_map:.2f} (epoch {results['best_epoch']}) ***", flush=True)
             break
     return best_state, progress
 
