@@ -170,8 +170,24 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a cluster's time limit): handled like Ctrl-C, so the run is recorded as interrupted."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated("terminated by SIGTERM")
+def raise_interrupt(signum, frame) -> None:
+    """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt, once: later ones are ignored, so that a second signal
+    (a cluster signals every process of a job; a sweep forwards one too) cannot cut the saving of the run's state."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if signum == signal.SIGTERM:
+        raise Terminated("terminated by SIGTERM")
+    raise KeyboardInterrupt
+
+
+def handle_interrupts() -> tuple:
+    """Install `raise_interrupt` for SIGTERM and SIGINT; returns the previous handlers for `restore_interrupts`."""
+    return signal.signal(signal.SIGTERM, raise_interrupt), signal.signal(signal.SIGINT, raise_interrupt)
+
+
+def restore_interrupts(previous: tuple) -> None:
+    signal.signal(signal.SIGTERM, previous[0])
+    signal.signal(signal.SIGINT, previous[1])
 
 
 class _Tee:
@@ -388,7 +404,7 @@ def _start(cfg: Config, device, ignored: list[str], run_dir: Path | None = None,
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.pytorch_seed)
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # from here on, kill = Ctrl-C
+    previous = handle_interrupts()  # from here on, kill = Ctrl-C
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
             if resume is None:
@@ -404,7 +420,7 @@ def _start(cfg: Config, device, ignored: list[str], run_dir: Path | None = None,
             return 143 if isinstance(exc, Terminated) else 130
         return _train_in(run_dir, cfg, device, datasets, engine, loaders, ignored, setup, results, resume)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        restore_interrupts(previous)
 
 
 def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loaders: dict, ignored: list[str],

@@ -10,7 +10,6 @@ made from the same images and weights is not extracted again.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository's modules importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from main import Terminated, _raise_terminated, resolve_device  # noqa: E402
+from main import Terminated, handle_interrupts, resolve_device, restore_interrupts  # noqa: E402
 from preproc.common import one_line  # noqa: E402
 
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from features import extract_features
     from models import WeightsError
 
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # kill = Ctrl-C: the progress is kept
+    previous = handle_interrupts()  # kill = Ctrl-C: the progress is kept
     start = time.time()
     try:
         device = resolve_device(args.gpu)
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({str(exc) or 'Ctrl-C'}): run the same command again to continue", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        restore_interrupts(previous)
     print(f"features: {folder} ({time.time() - start:.1f} s in all)")
     return 0
 

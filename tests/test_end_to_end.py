@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 import main
 from config import LOSS_NAMES
