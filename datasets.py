@@ -7,6 +7,7 @@ Sets, as in the original:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +50,21 @@ def dataset_info(data_root: str | Path, dataset: str) -> DatasetInfo:
     against its label files); DataError naming the file and the fix otherwise."""
     if dataset in DATASET_INFO:
         return DATASET_INFO[dataset]
-    from preproc.common import PreprocError, check_dataset_files, read_dataset_json
     folder = Path(data_root) / dataset
+    try:  # the check reads every file (features included): once per version of the folder's files
+        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.glob("*.json"))) + \
+            tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.glob("formatted_*.npy")))
+    except OSError:
+        stamp = None
+    return _checked_info(str(folder.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_info(folder: str, stamp: tuple | None) -> DatasetInfo:
+    from preproc.common import PreprocError, check_dataset_files, read_dataset_json
+    folder = Path(folder)
     if not (folder / "dataset.json").is_file():
-        raise DataError(f"unknown dataset {dataset!r}: {folder / 'dataset.json'} does not exist; choose one of "
+        raise DataError(f"unknown dataset {folder.name!r}: {folder / 'dataset.json'} does not exist; choose one of "
                         f"{sorted(DATASET_INFO)} or make {folder} with python preproc/format_folder.py --csv <CSV> "
                         f"--images <image folder> --save-path {folder}")
     try:
@@ -168,6 +180,9 @@ class FeatureDataset(LabelledRows):
             raise DataError(f"{len(features)} feature rows but {len(labels_true)} label rows")
         super().__init__(labels_obs, labels_true)
         self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+
+
+FEATURE_EVAL_BATCH = 4096  # rows per batch of the val / test passes on features (no gradient: big batches are cheap)
 
 
 class FeatureLoader:

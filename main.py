@@ -267,7 +267,7 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
     should record of how they were made: on images (the original), or a linear classifier on cached features
     (`--features`); for ROLE+LI, after its linear phase on the backbone's features (extracted once if needed)."""
     import torch
-    from datasets import FeatureLoader, build_datasets
+    from datasets import FEATURE_EVAL_BATCH, FeatureLoader, build_datasets
     from features import extract_features, feature_set_name, load_features
     from image_cache import make_loaders
     from models import build_model, check_model_runs
@@ -289,7 +289,8 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
                                 datasets["train"].labels_true.shape[1]).to(device)
         estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
         engine = build_engine(model, device, cfg.amp, estimates=estimates)
-        loaders = {phase: FeatureLoader(ds, cfg.batch_size, phase == "train", device) for phase, ds in datasets.items()}
+        loaders = {phase: FeatureLoader(ds, cfg.batch_size if phase == "train" else FEATURE_EVAL_BATCH, phase == "train",
+                                        device) for phase, ds in datasets.items()}
         return datasets, engine, loaders, setup
 
     datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,

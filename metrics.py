@@ -1,12 +1,13 @@
 """Evaluation metrics. Labels are binarised as (label == 1): negative pseudo-labels and -1 count as negatives.
 
 mAP follows the original: scikit-learn's average precision per class (non-interpolated), 0 for a class
-without positives (still included in the mean), mean x 100.
+without positives (still included in the mean), mean x 100. It is computed here by scikit-learn's own steps,
+each column sorted once for the clean and the observed labels: the same bits, several times faster on COCO's
+sizes (tests/test_metrics.py compares with `average_precision_score` by equality).
 """
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score
 
 TOP_K = (1, 3, 5)
 THRESHOLDS = (0.5, 0.75)  # 0.75 is what Zhou et al. recommend for EM models (paper, Appendix E)
@@ -26,11 +27,33 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def per_class_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Average precision of each class (fraction in [0, 1]); 0 for a class without positives."""
     scores, y = _check(scores, labels)
-    ap = np.zeros(scores.shape[1])
+    return _per_class_ap(scores, [y])[0]
+
+
+def _per_class_ap(scores: np.ndarray, label_sets: list[np.ndarray]) -> list[np.ndarray]:
+    """scikit-learn's `average_precision_score` of every column, for each boolean label matrix of `label_sets`,
+    by the same operations (so the same bits, tests/test_metrics.py): scores sorted descending by a stable sort
+    reversed, one threshold per distinct score, precision = TP / (TP + FP), recall = TP / P, AP = -sum(diff(recall)
+    * precision) over the curve with (recall 0, precision 1) appended. Each column is sorted once for all the label
+    sets (the clean and the observed labels), which is where scikit-learn spends its time on large sets."""
+    columns = np.ascontiguousarray(scores.T)  # one row per class: contiguous sorts and gathers
+    order = np.argsort(columns, axis=1, kind="mergesort")[:, ::-1]
+    label_sets = [np.ascontiguousarray(y.T) for y in label_sets]
+    aps = [np.zeros(scores.shape[1]) for _ in label_sets]
     for c in range(scores.shape[1]):
-        if y[:, c].any():
-            ap[c] = average_precision_score(y[:, c], scores[:, c])
-    return ap
+        ranked = columns[c][order[c]]
+        thresholds = np.r_[np.where(np.diff(ranked))[0], len(ranked) - 1]  # the last row of each distinct score
+        for y, ap in zip(label_sets, aps):
+            if not y[c].any():
+                continue
+            tps = np.cumsum(y[c][order[c]] * 1.0, dtype=np.float64)[thresholds]
+            predicted = tps + (1 + thresholds - tps)  # TP + FP
+            precision = np.zeros_like(tps)
+            np.divide(tps, predicted, out=precision, where=(predicted != 0))
+            recall = tps / tps[-1]
+            precision, recall = np.hstack((precision[::-1], 1)), np.hstack((recall[::-1], 0))
+            ap[c] = max(0.0, -np.sum(np.diff(recall) * precision[:-1]))
+    return aps
 
 
 def compute_map(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -79,7 +102,9 @@ def threshold_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) 
 def compute_metrics(scores: np.ndarray, labels_true: np.ndarray, labels_obs: np.ndarray) -> dict[str, float]:
     """The original's per-phase metrics: map/rec@k/prec@k/top@k against clean and observed labels, plus
     preds_k_hat (mean sum of scores per image)."""
-    out = {"map_clean": compute_map(scores, labels_true), "map_observed": compute_map(scores, labels_obs)}
+    checked, y_true = _check(scores, labels_true)
+    ap_clean, ap_observed = _per_class_ap(checked, [y_true, _check(scores, labels_obs)[1]])
+    out = {"map_clean": float(100.0 * ap_clean.mean()), "map_observed": float(100.0 * ap_observed.mean())}
     for variant, labels in (("clean", labels_true), ("observed", labels_obs)):
         out.update({f"{k}_{variant}": v for k, v in top_k_metrics(scores, labels).items()})
     out["preds_k_hat"] = float(np.mean(np.sum(scores, axis=1)))

@@ -70,6 +70,35 @@ def test_map_matches_sklearn_per_class_on_random_data():
     assert compute_map(scores, labels) == pytest.approx(100 * np.mean(expected_ap), rel=1e-12)
 
 
+@pytest.mark.parametrize("seed,n,c,decimals,dtype", [(0, 200, 9, None, np.float32), (1, 1000, 20, 2, np.float32),
+                                                      (2, 3000, 5, 1, np.float64), (3, 50, 4, None, np.float64),
+                                                      (4, 20000, 3, 3, np.float32)])
+def test_per_class_ap_is_sklearns_to_the_bit(seed, n, c, decimals, dtype):
+    """The same bits as average_precision_score, column by column: ties, all-equal scores, a class without
+    positives, one where every row is positive, float32 and float64 scores; and for the observed labels that
+    compute_metrics scores from the same sort."""
+    rng = np.random.RandomState(seed)
+    scores = rng.rand(n, c)
+    if decimals is not None:
+        scores = np.round(scores, decimals)
+    scores = scores.astype(dtype)
+    scores[:, 0] = 0.5  # a column of one value: a single threshold
+    labels = (rng.rand(n, c) < 0.2).astype(np.float64)
+    labels[:, 1] = 0  # no positives: 0
+    labels[:, -1] = 1  # all positive: 1
+    labels[rng.randint(n), 0] = 1
+    expected = np.array([average_precision_score(labels[:, j], scores[:, j].astype(np.float64)) if labels[:, j].any()
+                         else 0.0 for j in range(c)])
+    assert np.array_equal(per_class_ap(scores, labels), expected)
+    observed = np.zeros_like(labels)
+    observed[np.arange(n), rng.randint(c, size=n)] = 1
+    metrics = compute_metrics(scores, labels, observed)
+    assert metrics["map_clean"] == float(100.0 * expected.mean())
+    expected_obs = [average_precision_score(observed[:, j], scores[:, j].astype(np.float64)) if observed[:, j].any()
+                    else 0.0 for j in range(c)]
+    assert metrics["map_observed"] == float(100.0 * np.mean(expected_obs))
+
+
 def test_map_shape_mismatch_raises():
     with pytest.raises(ValueError):
         compute_map(np.zeros((3, 2)), np.zeros((3, 3)))

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Feature extraction on one GPU: ResNet-50 (random weights: no network there) at 448 px over 2,000 + 500 rows of
+# the 145 CUB JPEGs of tests/data re-encoded at 500 px (a full-size photo's decode cost). Prints end-to-end img/s
+# with 4 and 16 workers, the backbone alone, the loader alone, and checks bit-equality with the plain backbone.
+# SMOKE=1: tiny sizes on the CPU. Run from the repository root: bash bench/features_gpu.sh (PYTHON=python3 if needed).
+set -euo pipefail
+OUT=${OUT:-/tmp/fgpu_out}; mkdir -p "$OUT"; R=$OUT/root
+DEV=${SMOKE:+cpu}; DEV=${DEV:-0}; S=${SMOKE:+64}; S=${S:-448}; NT=${SMOKE:+200}; NT=${NT:-2000}
+"${PYTHON:-python}" bench/make_bench_root.py tests/data/cub/CUB_200_2011 "$R" --upscale 500 >/dev/null
+"${PYTHON:-python}" - "$R" "$NT" <<'PY'
+import sys, numpy as np
+root, nt = sys.argv[1] + "/pascal", int(sys.argv[2])
+for phase, n in (("train", nt), ("val", nt // 4)):
+    for kind in ("images", "labels", "labels_obs"):
+        a = np.load(f"{root}/formatted_{phase}_{kind}.npy")
+        np.save(f"{root}/formatted_{phase}_{kind}.npy", a[np.arange(n) % len(a)])
+PY
+for W in 4 16; do
+  rm -rf "$R/pascal/features"
+  timeout 200 "${PYTHON:-python}" preproc/extract_features.py --dataset pascal --arch resnet50 --weights random --image-size $S \
+    --data-root "$R" -g $DEV --num-workers $W 2>&1 | grep -E "rows from|wrote|error" || true
+done
+timeout 150 "${PYTHON:-python}" - "$R" "$S" "$DEV" <<'PY'
+import sys, time, torch, numpy as np
+from pathlib import Path
+from PIL import Image
+from torch.utils.data import DataLoader
+import image_cache, features
+from datasets import get_transforms
+root, size, dev = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+device = torch.device("cpu" if dev == "cpu" else f"cuda:{dev}")
+model = features._build_backbone("resnet50", "random", 20).eval().to(device)
+x = torch.randn(64, 3, size, size, device=device)
+for cl in (False, True):
+    m = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    xx = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    with torch.inference_mode():
+        m(xx); torch.cuda.synchronize() if device.type == "cuda" else None; t = time.time()
+        for _ in range(5): m(xx)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+    print(f"backbone alone, channels_last={cl}: {5 * 64 / (time.time() - t):.0f} img/s")
+model = model.to(memory_format=torch.contiguous_format)
+names = np.load(root / "pascal/formatted_train_images.npy")
+jpegs = root / "pascal/VOCdevkit/VOC2012/JPEGImages"
+for w in (4, 16):
+    t, n = time.time(), 0
+    for _, im, _ in DataLoader(image_cache._Decoded(jpegs, names[:1000], size), batch_size=64, num_workers=w):
+        n += len(im)
+    print(f"loader alone (decode + resize), {w} workers: {n / (time.time() - t):.0f} img/s")
+feats = np.load(root / f"pascal/features/resnet50_random_{size}/val_features.npy")
+vn = np.load(root / "pascal/formatted_val_images.npy")
+tf = get_transforms(size)["val"]
+with torch.inference_mode():
+    ref = model(torch.stack([tf(Image.open(jpegs / str(n)).convert("RGB")) for n in vn[:64]]).to(device)).cpu()
+print("first val batch equal to the plain backbone (torch.equal):", torch.equal(torch.from_numpy(feats[:64]), ref),
+      "max abs diff", float((torch.from_numpy(feats[:64]) - ref).abs().max()))
+PY
