@@ -302,13 +302,19 @@ def format_value(value: object) -> str:
     return str(value)
 
 
-def dataset_defaults(dataset: str, loss: str) -> dict | None:
-    """The config main.py builds for `-d dataset -l loss` without further flags; None for a dataset (or loss)
-    that config.py does not know (then only differences between experiments label them)."""
+def dataset_defaults(dataset: str, loss: str, like: dict | None = None) -> dict | None:
+    """The config main.py builds for `-d dataset -l loss` without further flags (with `--features` and
+    `--data-root` as in the config `like`: a linear probe has its own defaults, but its feature set always shows
+    in the label); None for a dataset (or loss) that config.py does not know (then only differences between
+    experiments label them)."""
+    like = like or {}
     try:
-        return config.build_config(dataset, loss=loss).to_dict()
+        defaults = config.build_config(dataset, loss=loss, features=like.get("features"),
+                                       data_root=like.get("data_root")).to_dict()
     except (ValueError, TypeError, KeyError):
         return None
+    defaults["features"] = None
+    return defaults
 
 
 def label_settings(configs: Sequence[dict], defaults: dict | None) -> list[str]:
@@ -344,7 +350,7 @@ def group_runs(runs: Sequence[Run]) -> list[Experiment]:
     experiments = []
     for (loss, dataset), by_key in cells.items():
         groups = list(by_key.values())
-        settings = label_settings([g[0].config for g in groups], dataset_defaults(dataset, loss))
+        settings = label_settings([g[0].config for g in groups], dataset_defaults(dataset, loss, groups[0][0].config))
         for group, label in zip(groups, settings):
             experiments.append(Experiment(loss, dataset, label, tuple(sorted(group, key=lambda r: r.seed))))
     return sorted(experiments, key=lambda e: (row_order(e.loss, e.settings), dataset_order(e.dataset)))

@@ -94,6 +94,6 @@ def test_pretrained_features_beat_random_ones_on_real_images(bird_root, tmp_path
     flags = ["-l", "an", "--epochs", "25", "--lr", "1e-3"]
     pretrained = run(bird_root, tmp_path / "a", "--features", "mobilenet_v2_mnv2_imagenet_96", *flags)
     random_net = run(bird_root, tmp_path / "b", "--features", "mobilenet_v2_random_96", *flags)
-    # measured: 63.5 against 32.9 (chance 32.9: a random MobileNetV2's features barely vary between images)
+    # measured: 61.6 against 32.9 (chance 32.9: a random MobileNetV2's features barely vary between images)
     assert pretrained["test_map"] >= random_net["test_map"] + 15
     assert pretrained["test_map"] >= pretrained["chance_test_map"] + 20
