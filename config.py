@@ -22,7 +22,7 @@ APL_SETTINGS = ("neg_proportion", "warmup_epoch")
 VAL_LABELS = ("clean", "observed")  # --val-labels
 STOP_METRICS = ("map", *(f"{m}_{k}" for m in ("prec_at", "rec_at") for k in (1, 3, 5)), "top_1", "top_3", "top_5")
 # Settings of the image pipeline and the backbone, which a linear probe on cached features (--features) does not read.
-IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_workers", "image_cache",
+IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_workers", "image_cache", "amp",
                   "channels_last", "compile", "cudnn_benchmark", "freeze_backbone")
 # Settings that cannot change a run's numbers (where it runs, how fast data arrive: the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).

@@ -288,7 +288,7 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
         model = torch.nn.Linear(info["dim"] if "dim" in info else datasets["train"].features.shape[1],
                                 datasets["train"].labels_true.shape[1]).to(device)
         estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
-        engine = build_engine(model, device, cfg.amp, estimates=estimates)
+        engine = build_engine(model, device, estimates=estimates)  # float32: the head is cheap
         loaders = {phase: FeatureLoader(ds, cfg.batch_size if phase == "train" else FEATURE_EVAL_BATCH, phase == "train",
                                         device) for phase, ds in datasets.items()}
         return datasets, engine, loaders, setup

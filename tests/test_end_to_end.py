@@ -160,12 +160,14 @@ def test_missing_gpu_is_a_clear_error(capsys):
     assert "-g 3" in capsys.readouterr().err
 
 
-def test_unknown_dataset_and_loss_are_rejected(capsys):
-    for argv in (["-d", "imagenet"], ["-l", "no_such_loss"]):
-        with pytest.raises(SystemExit) as exc:
-            main.parse_args(argv)
-        assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+def test_unknown_dataset_and_loss_are_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main.parse_args(["-l", "no_such_loss"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    # any name is a dataset if <data-root>/NAME/dataset.json exists: otherwise one line saying how to make it
+    assert main.main(["-d", "imagenet", "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "imagenet/dataset.json does not exist" in err and "'pascal'" in err
 
 
 def test_imagenet_weights_offline_fail_clearly(monkeypatch, tmp_path):
@@ -182,3 +184,31 @@ def test_imagenet_weights_offline_fail_clearly(monkeypatch, tmp_path):
         models.build_model("resnet50", 20, "imagenet")
     msg = str(exc.value)
     assert "resnet50-0676ba61.pth" in msg and "--weights PATH" in msg and str(tmp_path) in msg
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """The demo generator's data at 60 + 20 images (the full demo takes minutes per loss on 2 cores)."""
+    from preproc import make_demo
+    root = tmp_path_factory.mktemp("small_demo") / "data"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(make_demo, "NUM_TRAIN", 60)
+        m.setattr(make_demo, "NUM_TEST", 20)
+        make_demo.ensure_demo(root / "demo")
+    return root
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_every_loss_runs_on_the_demo(small_demo, tmp_path, monkeypatch, loss):
+    from preproc import make_demo
+    monkeypatch.setattr(make_demo, "NUM_TRAIN", 60)  # the small demo stays complete
+    monkeypatch.setattr(make_demo, "NUM_TEST", 20)
+    assert main.main(["-d", "demo", "-l", loss, "-g", "cpu", "--data-root", str(small_demo), "--results-dir",
+                      str(tmp_path), "--image-size", "16", "--epochs", "3", "--warmup-epoch", "1",
+                      "--batch-size", "16"]) == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "finished" and res["config"]["loss"] == loss and len(res["test_per_class_ap"]) == 12
+    assert all(np.isfinite(r["train"]["loss"]) for r in res["epochs"].values())
+    if loss == "role_li":  # phase 1 ran on the demo backbone's cached features
+        assert res["linear_init"]["features"] == "resnet18_random_16" and len(res["linear_init"]["epochs"]) == 25

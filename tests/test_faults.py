@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import signal
+import time
 import subprocess
 import sys
 
@@ -222,7 +223,26 @@ def test_an_interrupted_run_says_so_and_keeps_its_finished_epochs(tmp_path, caps
     assert results["status"] == "interrupted" and word in results["error"]
     assert list(results["epochs"]) == ["1"] and results["best_epoch"] == 1  # no empty record for epoch 2
     assert "interrupted" in (folder / "console.log").read_text()
-    assert signal.getsignal(signal.SIGTERM) is not main._raise_terminated  # the handler is restored
+    # the handlers are restored
+    assert signal.getsignal(signal.SIGTERM) is not main.raise_interrupt
+    assert signal.getsignal(signal.SIGINT) is not main.raise_interrupt
+
+
+def test_only_the_first_signal_interrupts():
+    """A cluster signals every process of a job and a sweep forwards one too: the second signal must not cut the
+    saving that the first one started."""
+    previous = main.handle_interrupts()
+    try:
+        with pytest.raises(main.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here at the latest
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored now
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+    finally:
+        main.restore_interrupts(previous)
+    assert signal.getsignal(signal.SIGINT) is previous[1] and signal.getsignal(signal.SIGTERM) is previous[0]
 
 
 def test_a_full_disk_keeps_the_finished_epoch_and_says_no_space(tmp_path, capsys, monkeypatch):
