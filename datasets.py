@@ -303,8 +303,9 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
 
     def subset(split: str, rows: np.ndarray, obs: np.ndarray, phase: str) -> LabelledRows:
         true = official[split]["labels"][rows]
-        if features is not None:
-            out = FeatureDataset(features[split][rows], obs[rows], true)
+        if features is not None:  # (all rows in order: the array itself, no copy of a large matrix)
+            whole = len(rows) == len(features[split]) and np.array_equal(rows, np.arange(len(rows)))
+            out = FeatureDataset(features[split] if whole else features[split][rows], obs[rows], true)
         else:
             out = MultilabelDataset(official[split]["images"][rows], obs[rows], true, image_root, tfm[phase])
         out.rows = rows

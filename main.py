@@ -291,6 +291,9 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
         engine = build_engine(model, device, estimates=estimates)  # float32: the head is cheap
         loaders = {phase: FeatureLoader(ds, cfg.batch_size if phase == "train" else FEATURE_EVAL_BATCH, phase == "train",
                                         device) for phase, ds in datasets.items()}
+        # APL's pass over the training features: in order, in large batches (the image path, as the original,
+        # iterates the shuffled training loader; its order does not change the pseudo-labels)
+        loaders["apl"] = FeatureLoader(datasets["train"], FEATURE_EVAL_BATCH, False, device)
         return datasets, engine, loaders, setup
 
     datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,

@@ -267,11 +267,12 @@ def evaluate(engine: Engine, loader, desc: str) -> dict:
 
 
 def run_apl(engine: Engine, loader, dataset: MultilabelDataset, unlabel_num: np.ndarray, cfg: Config,
-            epoch: int) -> int:
+            epoch: int, train_batches: int | None = None) -> int:
     """Pseudo-label after a training epoch, as the original: eval mode, predictions taken over the training
-    loader itself (shuffled, train transform). Returns the number of new pseudo-labels."""
+    loader itself (shuffled, train transform), or over `loader` (a linear probe's in-order pass) when the
+    training loader has `train_batches` batches. Returns the number of new pseudo-labels."""
     out = evaluate(engine, loader, f"epoch {epoch} APL")
-    if out["num_batches"] <= 1:
+    if (out["num_batches"] if train_batches is None else train_batches) <= 1:
         # The original's update sits in its "not the first batch" branch: a one-batch loader is iterated
         # (consuming the same random numbers) but never labels.
         print(f"[epoch {epoch}] APL made no pseudo-labels: the training loader has a single batch (as the original)")
@@ -507,8 +508,8 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
             record["corrected_labels"] = out["corrected_labels"]
 
         if cfg.loss == "EM_APL" and epoch >= cfg.warmup_epoch:
-            record["apl_new_pseudo_labels"] = run_apl(engine, loaders["train"], datasets["train"],
-                                                      progress.unlabel_num, cfg, epoch)
+            record["apl_new_pseudo_labels"] = run_apl(engine, loaders.get("apl", loaders["train"]), datasets["train"],
+                                                      progress.unlabel_num, cfg, epoch, len(loaders["train"]))
             record["apl_total_pseudo_labels"] = int((datasets["train"].labels_obs < 0).sum())
 
         val = evaluate(engine, loaders["val"], f"epoch {epoch} val")
