@@ -24,9 +24,10 @@ STOP_METRICS = ("map", *(f"{m}_{k}" for m in ("prec_at", "rec_at") for k in (1, 
 # Settings of the image pipeline and the backbone, which a linear probe on cached features (--features) does not read.
 IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_workers", "image_cache", "amp",
                   "channels_last", "compile", "cudnn_benchmark", "freeze_backbone")
-# Settings that cannot change a run's numbers (where it runs, how fast data arrive: the image cache is
+# Settings that cannot change a run's numbers (where it runs and where its files are; the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
-RESULT_NEUTRAL_SETTINGS = ("gpu", "num_workers", "persistent_workers", "image_cache", "data_root", "results_dir")
+# Not --num-workers / --persistent-workers: each worker draws the flips of its batches from its own stream.
+RESULT_NEUTRAL_SETTINGS = ("gpu", "image_cache", "data_root", "results_dir")
 
 
 # delta_rel of the Large-Loss methods per dataset, as Kim et al. give them (Adam, batch 16; percent per epoch).
@@ -174,11 +175,23 @@ def _dataset_settings(dataset: str, data_root: str):
         info = dataset_info(data_root, dataset)
     except DataError as exc:
         raise ValueError(str(exc)) from exc
-    unknown = sorted(k for k, _ in info.defaults if k not in {f.name for f in dataclasses.fields(Config)})
-    if unknown:
-        raise ValueError(f"{Path(data_root) / dataset / 'dataset.json'}: \"defaults\" names settings that do not "
-                         f"exist: {unknown} (see config.Config for their names)")
+    path = Path(data_root) / dataset / "dataset.json"
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in info.defaults:
+        if key not in fields or key in NOT_DATASET_DEFAULTS:
+            raise ValueError(f"{path}: \"defaults\" cannot set {key!r} (" + ("a setting of the command line only"
+                             if key in fields else "no such setting; see config.Config") + ")")
+        default = fields[key].default
+        expected = type(default) if default is not None and default is not dataclasses.MISSING else None
+        ok = (expected is None or isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+              or expected is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{path}: \"defaults\" {key} must be a {expected.__name__}, got {value!r}")
     return dict(DATASET_SETTINGS.get(dataset, DATASET_SETTINGS["coco"])), info
+
+
+# What a dataset.json's "defaults" may not set: the run's identity and where it runs.
+NOT_DATASET_DEFAULTS = ("dataset", "loss", "gpu", "pytorch_seed", "data_root", "results_dir")
 
 
 def build_config(dataset: str, **overrides) -> Config:
@@ -188,7 +201,6 @@ def build_config(dataset: str, **overrides) -> Config:
         overrides = {**overrides, "features": "formatted"}  # features.FORMATTED: the dataset's own
     if overrides.get("features"):
         values.update(LINEAR_SETTINGS)
-    values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the flags
     loss = overrides.get("loss") or Config.loss
     if info.single_positive and loss in ("bce", "iun"):
         raise ValueError(f"-l {loss} needs full training labels, but {Path(overrides.get('data_root') or 'data') / dataset}"
@@ -197,6 +209,7 @@ def build_config(dataset: str, **overrides) -> Config:
         values["delta_rel"] = LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"])[loss]
     if loss in ROLE_LOSSES and dataset in ROLE_EXPECTED_POSITIVES:
         values["expected_num_pos"] = ROLE_EXPECTED_POSITIVES[dataset]
+    values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the flags
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = Config(dataset=dataset, **values)
     validate(cfg)

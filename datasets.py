@@ -295,10 +295,12 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
     tfm = get_transforms(image_size)
 
     train_idx, val_idx = generate_split(len(official["train"]["labels"]), val_frac, np.random.RandomState(split_seed))
+    # one permutation of each part from one generator, drawn whatever the shares: the val rows kept do not
+    # depend on whether the train part is subsampled
     subsampler = np.random.RandomState(subsample_seed)
-    train_idx, val_idx = (rows if share >= 1.0 else
-                          np.sort(subsampler.choice(rows, max(1, int(round(share * len(rows)))), replace=False))
-                          for rows, share in ((train_idx, train_subsample), (val_idx, val_subsample)))
+    train_idx, val_idx = (np.sort(rows[perm[:max(1, int(round(share * len(rows))))]])
+                          for rows, share, perm in ((train_idx, train_subsample, subsampler.permutation(len(train_idx))),
+                                                    (val_idx, val_subsample, subsampler.permutation(len(val_idx)))))
     train_obs = official["train"]["labels_obs"] if train_set_variant == "observed" else official["train"]["labels"]
 
     def subset(split: str, rows: np.ndarray, obs: np.ndarray, phase: str) -> LabelledRows:

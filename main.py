@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--results-dir", help="where run folders are created (default: results)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a failed, interrupted or killed run from its last finished epoch, in its folder, "
-                        "with its config (only -g, --num-workers, --persistent-workers, --image-cache and "
-                        "--data-root may be given: they cannot change the result)")
+                        "with its config (only -g, --image-cache and --data-root may be given: they cannot change "
+                        "the result)")
     return p
 
 
@@ -305,10 +305,15 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
     # the size of the last training batch (every batch, with --batch-size 1)
     check_model_runs(model, cfg.arch, cfg.image_size, device, len(datasets["train"]) % cfg.batch_size or cfg.batch_size)
     if cfg.loss == "role_li" and not resuming:  # a resumed run has its phase-2 state in last.pt
-        name = feature_set_name(cfg.arch, cfg.weights, cfg.image_size)
-        with torch.random.fork_rng(devices=[]):  # extracted now or earlier, the run draws the same numbers
-            extract_features(cfg.data_root, cfg.dataset, cfg.arch, cfg.weights, cfg.image_size, device=device,
-                             num_workers=cfg.num_workers)
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = cfg.weights
+            if weights == "random":  # phase 1 must see this run's own random backbone (drawn with -s)
+                weights = str(Path(tmp) / f"random-s{cfg.pytorch_seed}.pt")
+                torch.save(model.backbone.state_dict(), weights)
+            name = feature_set_name(cfg.arch, weights, cfg.image_size)
+            with torch.random.fork_rng(devices=[]):  # extracted now or earlier, the run draws the same numbers
+                extract_features(cfg.data_root, cfg.dataset, cfg.arch, weights, cfg.image_size, device=device,
+                                 num_workers=cfg.num_workers)
         feature_sets, _ = with_features(name)
         state, setup["linear_init"] = linear_init(feature_sets, cfg, device)
         setup["linear_init"]["features"] = name
@@ -394,6 +399,9 @@ def _resume(run_dir: Path, argv: list[str] | None) -> int:
         "previous_status": results.get("status"), "previous_error": results.get("error"),
         "neutral_settings": {k: v for k, v in given.items() if k in RESUME_NEUTRAL}})
     print(f"resuming {run_dir} after epoch {state['progress']['epoch']} (it was {results.get('status')})")
+    if cfg.persistent_workers and cfg.num_workers > 0 and cfg.image_cache == "off":
+        print("warning: --persistent-workers: the DataLoader workers' random streams (the flips) cannot be saved, "
+              "so the resumed epochs differ from an uninterrupted run's (statistically only)")
     return _start(cfg, device, [], run_dir=run_dir, results=results, resume=state)
 
 
@@ -404,6 +412,7 @@ def _start(cfg: Config, device, ignored: list[str], run_dir: Path | None = None,
     import torch
     from datasets import DataError
     from models import WeightsError
+    from train import NonFiniteLossError
 
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.pytorch_seed)
@@ -415,7 +424,7 @@ def _start(cfg: Config, device, ignored: list[str], run_dir: Path | None = None,
                 prepare_results_dir(cfg.results_dir)
             datasets, engine, loaders, setup = build_run(cfg, device, resuming=resume is not None)
             run_dir = run_dir or make_run_dir(cfg)
-        except (DataError, WeightsError, ValueError, OSError) as exc:
+        except (DataError, WeightsError, ValueError, OSError, NonFiniteLossError) as exc:  # the last: ROLE+LI's phase 1
             print(f"error: {one_line(exc)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
@@ -456,8 +465,13 @@ def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loader
             results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
                        "ignored_flags": [flag(k) for k in ignored], "class_names": class_names(cfg),
                        "environment": environment(device), "chance_test_map": chance, **setup}
-        else:  # resumed: the run's own record, with this process's environment
+        else:  # resumed: the run's own record, with this process's environment (the earlier one in `resumes`)
+            results["resumes"][-1]["previous_environment"] = results.get("environment")
             results["environment"] = environment(device)
+            if results["resumes"][-1]["previous_environment"] and \
+                    results["resumes"][-1]["previous_environment"].get("git_commit") != results["environment"]["git_commit"]:
+                print("warning: the code changed since this run started (another git commit): the resumed epochs "
+                      "run the new code")
         try:
             results = fit(engine, loaders, datasets, cfg, run_dir, results, resume)
         except KeyboardInterrupt as exc:

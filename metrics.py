@@ -21,6 +21,8 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     if scores.ndim != 2 or scores.shape != labels.shape:
         raise ValueError(f"scores and labels must be (N, C) of one shape, got {scores.shape} and {labels.shape}")
+    if not np.isfinite(scores).all():  # as scikit-learn's check
+        raise ValueError("scores contain NaN or infinity")
     return scores, _binarise(labels)
 
 

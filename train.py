@@ -293,7 +293,7 @@ def linear_init(feature_sets: dict[str, FeatureDataset], cfg: Config, device: to
     ROLE on the frozen backbone's features of the same train / val split, for ROLE_LI_PHASE1's epochs, lr and
     batch; the best-val epoch's state is kept (all epochs run: Cole et al.'s loop has no early stopping).
     Returns that state ({"model": the head's weight and bias, "label_estimates": logits}) and a record."""
-    phase = dataclasses.replace(cfg, loss="role", **ROLE_LI_PHASE1[cfg.dataset])
+    phase = dataclasses.replace(cfg, loss="role", **ROLE_LI_PHASE1.get(cfg.dataset, ROLE_LI_PHASE1["coco"]))
     num_features, num_classes = feature_sets["train"].features.shape[1], feature_sets["train"].labels_true.shape[1]
     head = torch.nn.Linear(num_features, num_classes)
     engine = build_engine(head.to(device), device, estimates=LabelEstimates(feature_sets["train"].labels_obs))
@@ -301,17 +301,20 @@ def linear_init(feature_sets: dict[str, FeatureDataset], cfg: Config, device: to
                for split in ("train", "val")}
     optimizer = torch.optim.Adam(engine.parameter_groups(phase.lr), lr=phase.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    record: dict = {"num_epochs": phase.num_epochs, "lr": phase.lr, "batch_size": phase.batch_size, "epochs": {}}
+    record: dict = {"num_epochs": phase.num_epochs, "lr": phase.lr, "batch_size": phase.batch_size, "epochs": {},
+                    "best_epoch": None, "selection": cfg.selection_key}
     best_val_map, best_state = -np.inf, None
     for epoch in range(1, phase.num_epochs + 1):
         out = train_epoch(engine, loaders["train"], optimizer, scaler, phase, epoch)
         val = evaluate(engine, loaders["val"], f"linear init {epoch} val")
-        val_map = compute_metrics(val["preds"], val["true"], val["obs"])["map_clean"]
+        val_map = _eval_metrics(val)[cfg.selection_key]  # as the run selects (--stop-metric, --val-labels)
         record["epochs"][str(epoch)] = {"train_loss": out["loss"], "val_map": val_map}
         if val_map > best_val_map:
             best_val_map, best_state, record["best_epoch"] = val_map, engine.state(), epoch
         print(f"linear init epoch {epoch}/{phase.num_epochs}  train loss {out['loss']:.4f}  val mAP {val_map:.2f}"
               + ("  *best*" if record["best_epoch"] == epoch else ""), flush=True)
+    if best_state is None:
+        raise ValueError(f"ROLE+LI's linear phase never gave a finite val {cfg.selection_key}; check the features")
     record["val_map"] = best_val_map
     return best_state, record
 
@@ -375,8 +378,10 @@ class Progress:
 def _random_states(loaders: dict) -> dict:
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    generators = getattr(loaders.get("train"), "_worker_generators", None)  # a cached loader's persistent workers
-    states["loader"] = [g.get_state() for g in generators] if generators else None
+    # the cached loaders' worker generators (kept across epochs with --persistent-workers)
+    states["loaders"] = {phase: [g.get_state() for g in loader._worker_generators]
+                         for phase, loader in loaders.items()
+                         if getattr(loader, "_worker_generators", None) is not None}
     return states
 
 
@@ -386,11 +391,12 @@ def _restore_random_states(states: dict, loaders: dict) -> None:
     random.setstate(states["python"])
     if states["cuda"] is not None and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
-    if states["loader"] is not None and hasattr(loaders.get("train"), "_worker_generators"):
-        generators = [torch.Generator() for _ in states["loader"]]
-        for g, state in zip(generators, states["loader"]):
-            g.set_state(state)
-        loaders["train"]._worker_generators = generators
+    for phase, saved in states["loaders"].items():
+        if hasattr(loaders.get(phase), "_worker_generators"):
+            generators = [torch.Generator() for _ in saved]
+            for g, state in zip(generators, saved):
+                g.set_state(state)
+            loaders[phase]._worker_generators = generators
 
 
 def _save_last(run_dir: Path, engine: Engine, optimizer, scaler, datasets: dict, loaders: dict, progress: Progress,
@@ -446,8 +452,8 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
     with status "failed" or "interrupted" and the error.
     """
     results.update(epochs=resume["epochs"] if resume else {}, status="running",
-                   process={"pid": os.getpid(), "host": socket.gethostname()})
-    results.setdefault("best_epoch", None)
+                   process={"pid": os.getpid(), "host": socket.gethostname()},
+                   best_epoch=resume["progress"]["best_epoch"] if resume else None)
     results.pop("error", None)
     save_json(run_dir / "results.json", results)
     try:
@@ -493,6 +499,8 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         progress = _restore(resume, engine, optimizer, scaler, datasets, loaders)
         # the loop only goes on after an improving epoch, whose state is the current one; else best.pt has it
         best_state = engine.state() if progress.best_epoch == progress.epoch else _load_best(run_dir, progress)
+        if progress.best_epoch == progress.epoch:
+            _rewrite_best_if_ahead(run_dir, best_state, progress, datasets, cfg)
         if progress.best_epoch != progress.epoch:  # it stopped early, and was cut before it could say so
             return best_state, progress
 
@@ -548,6 +556,21 @@ def _kept(out: dict) -> dict:
     """What a pass's output keeps for later (predictions.npz, the final per-class AP): scores in dataset order."""
     order = np.argsort(out["idx"], kind="stable")
     return {"preds": out["preds"][order], "true": out["true"][order], "idx": out["idx"][order]}
+
+
+def _rewrite_best_if_ahead(run_dir: Path, best_state: dict, progress: Progress, datasets: dict, cfg: Config) -> None:
+    """A run stopped after writing best.pt / predictions.npz of an epoch but before its last.pt: they belong to an
+    epoch that the resumed run trains again (and that may not improve then). Put back the last.pt's best."""
+    def saved_epoch(path: Path, read) -> int | None:
+        try:
+            return int(read(path))
+        except Exception:  # missing or damaged: rewritten too
+            return None
+    if saved_epoch(run_dir / "best.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False)["epoch"]) \
+            != progress.best_epoch:
+        _save_checkpoint(run_dir / "best.pt", best_state, cfg, progress.best_epoch)
+    if saved_epoch(run_dir / "predictions.npz", lambda p: np.load(p)["epoch"]) != progress.best_epoch:
+        _save_predictions(run_dir / "predictions.npz", progress, datasets, progress.best_epoch)
 
 
 def _load_best(run_dir: Path, progress: Progress) -> dict:

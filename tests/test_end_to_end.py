@@ -210,5 +210,28 @@ def test_every_loss_runs_on_the_demo(small_demo, tmp_path, monkeypatch, loss):
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "finished" and res["config"]["loss"] == loss and len(res["test_per_class_ap"]) == 12
     assert all(np.isfinite(r["train"]["loss"]) for r in res["epochs"].values())
-    if loss == "role_li":  # phase 1 ran on the demo backbone's cached features
-        assert res["linear_init"]["features"] == "resnet18_random_16" and len(res["linear_init"]["epochs"]) == 25
+    if loss == "role_li":  # phase 1 ran on the cached features of this run's own (random, seed 0) backbone
+        assert res["linear_init"]["features"] == "resnet18_random-s0_16" and len(res["linear_init"]["epochs"]) == 25
+
+
+def test_role_li_with_random_weights_uses_this_runs_backbone(small_demo, tmp_path, monkeypatch):
+    """The linear phase must see the backbone that phase 2 fine-tunes: with random weights, the one drawn with -s."""
+    from preproc import make_demo
+    from features import load_features
+    monkeypatch.setattr(make_demo, "NUM_TRAIN", 60)
+    monkeypatch.setattr(make_demo, "NUM_TEST", 20)
+    assert main.main(["-d", "demo", "-l", "role_li", "-s", "1", "-g", "cpu", "--data-root", str(small_demo),
+                      "--results-dir", str(tmp_path), "--image-size", "16", "--epochs", "2", "--batch-size", "16"]) == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((run_dir / "results.json").read_text())["linear_init"]["features"] == "resnet18_random-s1_16"
+    torch.manual_seed(1)  # main.py's seed: the model it builds first
+    backbone = models.build_model("resnet18", 12, "random").backbone.eval()
+    from datasets import get_transforms
+    from PIL import Image
+    names = np.load(small_demo / "demo" / "formatted_val_images.npy")[:4]
+    images = torch.stack([get_transforms(16)["val"](Image.open(small_demo / "demo" / "images" / n).convert("RGB"))
+                          for n in names])
+    with torch.no_grad():
+        expected = backbone(images)
+    got = torch.from_numpy(load_features(small_demo, "demo", "resnet18_random-s1_16")["val"][:4])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

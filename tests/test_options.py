@@ -82,3 +82,9 @@ def test_freeze_backbone_trains_the_head_only(bird_root, tmp_path):
     torch.manual_seed(0)  # main.py's seed: the head starts as this one's, and it has learnt
     initial = build_model("resnet18", 20, str(weights)).head
     assert not torch.equal(best["head.weight"], initial.weight) and not torch.equal(best["head.bias"], initial.bias)
+
+
+def test_the_val_rows_kept_do_not_depend_on_the_train_share(bird_root):
+    rows = {share: build_datasets(bird_root, "pascal", 8, train_subsample=share, val_subsample=0.5,
+                                  subsample_seed=2)["val"].rows for share in (0.1, 0.5, 1.0)}
+    assert np.array_equal(rows[0.1], rows[1.0]) and np.array_equal(rows[0.5], rows[1.0]) and len(rows[1.0]) == 9

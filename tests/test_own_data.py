@@ -135,3 +135,32 @@ def test_features_dataset_trains_a_linear_classifier(tmp_path):
     assert res["config"]["features"] == "formatted" and res["features"]["dim"] == dim
     assert 35 < res["chance_test_map"] < 60
     assert res["test_map"] > res["chance_test_map"] + 25  # the features carry the labels
+
+
+@pytest.mark.parametrize("defaults, message", [({"batch_size": "32"}, "batch_size must be a int"),
+                                               ({"loss": "an"}, "cannot set 'loss'"),
+                                               ({"no_such": 1}, "cannot set 'no_such'"),
+                                               ({"lr": True}, "lr must be a float")])
+def test_bad_dataset_json_defaults_are_one_line(demo_root, tmp_path, capsys, defaults, message):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(demo_root / "mine", root / "mine")
+    info = json.loads((root / "mine" / "dataset.json").read_text())
+    (root / "mine" / "dataset.json").write_text(json.dumps({**info, "defaults": defaults}))
+    assert main.main(["-d", "mine", "--data-root", str(root), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "dataset.json" in err
+
+
+def test_dataset_json_defaults_apply_under_the_flags(demo_root, tmp_path):
+    import shutil
+    from config import build_config
+    root = tmp_path / "data"
+    shutil.copytree(demo_root / "mine", root / "mine")
+    info = json.loads((root / "mine" / "dataset.json").read_text())
+    (root / "mine" / "dataset.json").write_text(json.dumps({**info, "defaults": {"delta_rel": 0.5, "lr": 1e-3,
+                                                                                 "expected_num_pos": 1.9}}))
+    cfg = build_config("mine", loss="ll_r", data_root=str(root))
+    assert cfg.delta_rel == 0.5 and cfg.lr == 1e-3  # over COCO's table and LL_DELTA_REL
+    assert build_config("mine", loss="ll_r", lr=1e-2, data_root=str(root)).lr == 1e-2  # the flag wins
+    assert build_config("mine", loss="role", data_root=str(root)).expected_num_pos == 1.9

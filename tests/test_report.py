@@ -145,7 +145,7 @@ def test_an_older_run_without_a_newer_setting_counts_at_its_default(tmp_path, ca
 
 
 def test_settings_that_cannot_change_a_number_are_pooled(tmp_path, capsys):
-    write_run(tmp_path, "pascal", "EM", 0, 80.0, gpu="cpu", num_workers=0, image_cache="ram")
+    write_run(tmp_path, "pascal", "EM", 0, 80.0, gpu="cpu", image_cache="ram")
     write_run(tmp_path, "pascal", "EM", 1, 84.0, results_dir="elsewhere", data_root="/data")
     write_run(tmp_path, "pascal", "EM", 8, 88.0, focal_gamma=2, stamp="20240101-000001")  # int 2 == the default
     code, out, _ = run_report(capsys, tmp_path)

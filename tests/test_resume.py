@@ -139,6 +139,7 @@ def test_refusals_leave_the_folder_alone(stopped_run, capsys):
         return err
 
     assert "--lr" in refused("--lr", "0.1") and "start a new run" in refused("--lr", "0.1")
+    assert "--num-workers" in refused("--num-workers", "2")  # the workers' streams draw the flips
     assert "-l" in refused("-l", "an") or "--loss" in refused("-l", "an")
     assert "stays in its folder" in refused("--results-dir", "elsewhere")
     last = (run_dir / "last.pt").read_bytes()
@@ -159,7 +160,9 @@ def test_refusals_leave_the_folder_alone(stopped_run, capsys):
 def test_a_neutral_flag_is_accepted_and_recorded(stopped_run):
     assert main.main(["--resume", str(stopped_run), "--num-workers", "0", "-g", "cpu", "--lr", "1e-5"]) == 0
     res = json.loads((stopped_run / "results.json").read_text())
-    assert res["status"] == "finished" and res["resumes"][0]["neutral_settings"] == {"num_workers": 0, "gpu": "cpu"}
+    # --num-workers 0 and --lr 1e-5 are the run's own values: accepted, and only -g is a neutral setting
+    assert res["status"] == "finished" and res["resumes"][0]["neutral_settings"] == {"gpu": "cpu"}
+    assert res["resumes"][0]["previous_environment"]["torch"] == torch.__version__
 
 
 def test_a_failed_resume_overwrites_no_checkpoint(stopped_run, monkeypatch, capsys):
@@ -173,3 +176,19 @@ def test_a_failed_resume_overwrites_no_checkpoint(stopped_run, monkeypatch, caps
     assert res["status"] == "interrupted" and len(res["epochs"]) == 1 and len(res["resumes"]) == 1
     # and it can be resumed again
     assert main.main(["--resume", str(stopped_run)]) == 0
+
+
+def test_a_best_pt_ahead_of_last_pt_is_put_back(stopped_run, monkeypatch):
+    """Stopped after writing best.pt / predictions.npz of an epoch but before its last.pt: the resume puts back
+    the last.pt's best (the epoch it trains again may not improve this time)."""
+    best = torch.load(stopped_run / "best.pt", weights_only=False)
+    assert best["epoch"] == 1
+    torch.save({**best, "epoch": 2}, stopped_run / "best.pt")  # as the stopped epoch 2 would have left them
+    pred = dict(np.load(stopped_run / "predictions.npz"))
+    np.savez(stopped_run / "predictions.npz", **{**pred, "epoch": np.array(2)})
+    with monkeypatch.context() as m:
+        Stop(m, 2, "step")  # the resumed epoch 2 stops at once
+        assert main.main(["--resume", str(stopped_run)]) == 130
+    assert torch.load(stopped_run / "best.pt", weights_only=False)["epoch"] == 1
+    assert int(np.load(stopped_run / "predictions.npz")["epoch"]) == 1
+    assert json.loads((stopped_run / "results.json").read_text())["best_epoch"] == 1

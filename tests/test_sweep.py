@@ -72,8 +72,7 @@ def test_print_skips_finished_resumes_unfinished_and_starts_the_rest(tmp_path, c
     dead = fake_run(res, "pascal_EM_s1_a", recorded_config("pascal", "EM", 1, **same), "running", last_pt=True,
                     epochs=1, pid=dead_pid())
     # only settings that cannot change a number differ: the same experiment
-    neutral = fake_run(res, "coco_an_s0_a", recorded_config("coco", "an", 0, gpu="1", num_epochs=4, num_workers=2,
-                                                            persistent_workers=True, image_cache="ram",
+    neutral = fake_run(res, "coco_an_s0_a", recorded_config("coco", "an", 0, gpu="1", num_epochs=4, image_cache="ram",
                                                             data_root="elsewhere", results_dir="old"), "finished")
     fake_run(res, "coco_an_s1_a", recorded_config("coco", "an", 1, **same), "killed", epochs=2)  # no last.pt
     alive = fake_run(res, "coco_EM_s0_a", recorded_config("coco", "EM", 0, **same), "running", last_pt=True,
@@ -111,8 +110,7 @@ def test_print_with_an_empty_results_folder_starts_every_combination_in_order(tm
 def test_resume_keeps_only_the_result_neutral_extra_flags():
     extras = ["-g", "1", "--lr", "1e-4", "--num-workers", "2", "--persistent-workers", "--nls-eps", "-0.2",
               "--data-root", "/d", "--amp=bf16", "--image-cache", "disk", "--epochs", "3", "--results-dir", "r"]
-    assert sweep.resume_flags(extras) == ["-g", "1", "--num-workers", "2", "--persistent-workers",
-                                          "--data-root", "/d", "--image-cache", "disk"]
+    assert sweep.resume_flags(extras) == ["-g", "1", "--data-root", "/d", "--image-cache", "disk"]
 
 
 @pytest.mark.parametrize("extras, message", [
