@@ -97,8 +97,9 @@ def parse_sweep_args(argv: list[str]) -> argparse.Namespace:
         description="Run main.py for every combination of datasets, losses and seeds, one after another; skip "
                     "finished runs with the same config, resume unfinished ones. Extra main.py flags go after --.",
         epilog="example: python sweep.py -d pascal coco -l an EM EM_APL -s 0 1 8 -- -g 0 --num-workers 8")
-    p.add_argument("-d", "--dataset", nargs="+", required=True, choices=sorted(DATASET_SETTINGS), metavar="D",
-                   help=f"datasets: {', '.join(sorted(DATASET_SETTINGS))}")
+    p.add_argument("-d", "--dataset", nargs="+", required=True, metavar="D",
+                   help=f"datasets: {', '.join(sorted(DATASET_SETTINGS))}, or own ones (<data-root>/NAME/dataset.json; "
+                        f"each combination is checked before the first run)")
     p.add_argument("-l", "--loss", nargs="+", required=True, choices=LOSS_NAMES, metavar="L",
                    help=f"losses: {', '.join(LOSS_NAMES)}")
     p.add_argument("-s", "--seed", nargs="+", type=int, default=[0], metavar="S",
