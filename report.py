@@ -686,9 +686,11 @@ def plot_dataset(experiments: Sequence[Experiment], dataset: str) -> Figure:
     ax.set_xlabel("loss (settings)")
     ax.set_ylabel("test mAP (%) at the best-val epoch")
     ax.set_title(f"{dataset_header(dataset)} ({dataset}): test mAP by loss")
-    ax.set_ylim(bottom=0)
+    tops = [s.mean + (s.std or 0) for s in stats] + [p[0] + (p[1] or 0) for p in papers if p]
+    ax.set_ylim(0, 1.3 * max(tops))  # room above the bars for the legend, inside the axes
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
     return fig
 
 
