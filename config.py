@@ -183,8 +183,9 @@ def _dataset_settings(dataset: str, data_root: str):
                              if key in fields else "no such setting; see config.Config") + ")")
         default = fields[key].default
         expected = type(default) if default is not None and default is not dataclasses.MISSING else None
-        ok = (expected is None or isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-              or expected is float and isinstance(value, int) and not isinstance(value, bool))
+        # a bool only for a bool setting; an int also for a float one
+        ok = expected is None or (isinstance(value, bool) == (expected is bool)
+                                  and (isinstance(value, expected) or expected is float and isinstance(value, int)))
         if not ok:
             raise ValueError(f"{path}: \"defaults\" {key} must be a {expected.__name__}, got {value!r}")
     return dict(DATASET_SETTINGS.get(dataset, DATASET_SETTINGS["coco"])), info

@@ -52,8 +52,8 @@ def dataset_info(data_root: str | Path, dataset: str) -> DatasetInfo:
         return DATASET_INFO[dataset]
     folder = Path(data_root) / dataset
     try:  # the check reads every file (features included): once per version of the folder's files
-        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.glob("*.json"))) + \
-            tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.glob("formatted_*.npy")))
+        files = sorted([*folder.glob("*.json"), *folder.glob("formatted_*.npy")])
+        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
     except OSError:
         stamp = None
     return _checked_info(str(folder.resolve()), stamp)

@@ -133,6 +133,12 @@ class Engine:
             state["label_estimates"] = self.estimates.logits.detach().clone()
         return state
 
+    def load_state(self, state: dict) -> None:
+        """Put back what `state()` kept."""
+        self.model.load_state_dict(state["model"])
+        if self.estimates is not None:
+            self.estimates.logits.data.copy_(state["label_estimates"])
+
     def logits(self, batch: dict) -> torch.Tensor:
         """float32 logits of a batch from any loader (the loss always runs in float32): images, or feature
         vectors (datasets.FeatureLoader, already on the device)."""
@@ -428,9 +434,7 @@ def load_last(run_dir: Path) -> dict:
 
 
 def _restore(state: dict, engine: Engine, optimizer, scaler, datasets: dict, loaders: dict) -> Progress:
-    engine.model.load_state_dict(state["model"])
-    if engine.estimates is not None:
-        engine.estimates.logits.data.copy_(state["label_estimates"])
+    engine.load_state(state)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     datasets["train"].set_observed(state["labels_obs"])
@@ -469,9 +473,7 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
             pass
         raise
 
-    engine.model.load_state_dict(best_state["model"])
-    if engine.estimates is not None:
-        engine.estimates.logits.data.copy_(best_state["label_estimates"])
+    engine.load_state(best_state)
     best = results["epochs"][str(results["best_epoch"])]
     best_test = progress.best_test
     results.update(
