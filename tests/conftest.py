@@ -55,3 +55,27 @@ def bird_root(tmp_path_factory) -> Path:
         np.save(out / f"formatted_{phase}_labels.npy", labels)
         np.save(out / f"formatted_{phase}_labels_obs.npy", generate_observed(labels, 1, 0, 1200))
     return root
+
+
+SMALL_DEMO = {"NUM_TRAIN": 60, "NUM_TEST": 20}  # the demo generator at 60 + 20 images (the full one: 4,000 + 1,000)
+
+
+@pytest.fixture(scope="session")
+def small_demo_root(tmp_path_factory) -> Path:
+    """A data root holding a small demo (the full demo takes minutes per run on 2 cores)."""
+    from preproc import make_demo
+    root = tmp_path_factory.mktemp("small_demo") / "data"
+    with pytest.MonkeyPatch.context() as m:
+        for name, value in SMALL_DEMO.items():
+            m.setattr(make_demo, name, value)
+        make_demo.ensure_demo(root / "demo")
+    return root
+
+
+@pytest.fixture
+def small_demo(small_demo_root, monkeypatch) -> Path:
+    """small_demo_root, which `-d demo` runs of this test take as complete (the demo's check counts its images)."""
+    from preproc import make_demo
+    for name, value in SMALL_DEMO.items():
+        monkeypatch.setattr(make_demo, name, value)
+    return small_demo_root

@@ -186,23 +186,8 @@ def test_imagenet_weights_offline_fail_clearly(monkeypatch, tmp_path):
     assert "resnet50-0676ba61.pth" in msg and "--weights PATH" in msg and str(tmp_path) in msg
 
 
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    """The demo generator's data at 60 + 20 images (the full demo takes minutes per loss on 2 cores)."""
-    from preproc import make_demo
-    root = tmp_path_factory.mktemp("small_demo") / "data"
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(make_demo, "NUM_TRAIN", 60)
-        m.setattr(make_demo, "NUM_TEST", 20)
-        make_demo.ensure_demo(root / "demo")
-    return root
-
-
 @pytest.mark.parametrize("loss", LOSS_NAMES)
-def test_every_loss_runs_on_the_demo(small_demo, tmp_path, monkeypatch, loss):
-    from preproc import make_demo
-    monkeypatch.setattr(make_demo, "NUM_TRAIN", 60)  # the small demo stays complete
-    monkeypatch.setattr(make_demo, "NUM_TEST", 20)
+def test_every_loss_runs_on_the_demo(small_demo, tmp_path, loss):
     assert main.main(["-d", "demo", "-l", loss, "-g", "cpu", "--data-root", str(small_demo), "--results-dir",
                       str(tmp_path), "--image-size", "16", "--epochs", "3", "--warmup-epoch", "1",
                       "--batch-size", "16"]) == 0
@@ -214,12 +199,9 @@ def test_every_loss_runs_on_the_demo(small_demo, tmp_path, monkeypatch, loss):
         assert res["linear_init"]["features"] == "resnet18_random-s0_16" and len(res["linear_init"]["epochs"]) == 25
 
 
-def test_role_li_with_random_weights_uses_this_runs_backbone(small_demo, tmp_path, monkeypatch):
+def test_role_li_with_random_weights_uses_this_runs_backbone(small_demo, tmp_path):
     """The linear phase must see the backbone that phase 2 fine-tunes: with random weights, the one drawn with -s."""
-    from preproc import make_demo
     from features import load_features
-    monkeypatch.setattr(make_demo, "NUM_TRAIN", 60)
-    monkeypatch.setattr(make_demo, "NUM_TEST", 20)
     assert main.main(["-d", "demo", "-l", "role_li", "-s", "1", "-g", "cpu", "--data-root", str(small_demo),
                       "--results-dir", str(tmp_path), "--image-size", "16", "--epochs", "2", "--batch-size", "16"]) == 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]

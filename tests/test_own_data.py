@@ -32,13 +32,9 @@ def numbers(res: dict) -> list:
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    """A small demo (60 + 20 images) and the same data as an own dataset "mine", made as the README says."""
-    root = tmp_path_factory.mktemp("own") / "data"
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(make_demo, "NUM_TRAIN", 60)
-        m.setattr(make_demo, "NUM_TEST", 20)
-        make_demo.ensure_demo(root / "demo")
+def demo_root(small_demo_root):
+    """conftest's small demo and the same data as an own dataset "mine", made as the README says."""
+    root = small_demo_root
     demo = root / "demo"
     names = (demo / "classes.txt").read_text().split()
     lines = ["image,labels,split"]
@@ -53,9 +49,7 @@ def demo_root(tmp_path_factory):
     return root
 
 
-def test_own_dataset_trains_exactly_as_the_demo(demo_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(make_demo, "NUM_TRAIN", 60)  # the small demo stays complete
-    monkeypatch.setattr(make_demo, "NUM_TEST", 20)
+def test_own_dataset_trains_exactly_as_the_demo(demo_root, small_demo, tmp_path):
     ours = run(demo_root, tmp_path / "mine", "-d", "mine", *SMALL)
     demo = run(demo_root, tmp_path / "demo", "-d", "demo", *SMALL)
     assert numbers(ours) == numbers(demo) and ours["test_map"] == demo["test_map"]
