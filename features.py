@@ -14,12 +14,20 @@ device by `image_cache.to_model_input`, whose arithmetic equals the transform's 
 caches of the speed work (`<data_root>/<dataset>/cache/*_<S>px.cache`) cover a split, its images are read from
 them instead of decoding the JPEGs (the same uint8 values); a cache is never built just for extraction.
 
+`decode="device"` (`--decode device`) is for GPUs that outrun the CPU's decoding: the workers only read the
+files' bytes, and the main process decodes each batch on the extraction device (`torchvision.io.decode_jpeg`:
+nvJPEG on CUDA, libjpeg-turbo on the CPU; other formats by `decode_image` on the CPU) and resizes there
+(`transforms.v2.functional.resize`, bilinear, antialiased), then ToTensor and Normalize as above. Another decoder
+and resize give features that differ from the PIL path's in the last bits (about 1e-2 relative), so the decode
+mode is part of the set's key (as channels-last: same name, and a set made one way is made again the other way),
+and image caches, which hold PIL-resized images, are not read.
+
 An interrupted extraction resumes: the rows are written into `.<split>_features.npy.partial` (a memory-mapped
 .npy) and `.progress.json` records how many rows are done and what they were made from (the key: arch, weights
-and their file's sha256, size, image lists). The next run with the same key continues at the first row not
-done, with the same batch boundaries (hence bit-identical to an uninterrupted run); another key starts over. A
-complete set with the same key is reused, one with another key is made again, and two runs that want the same
-set take turns (`.lock`, naming the host and process holding it).
+and their file's sha256, size, channels-last, decode mode, image lists). The next run with the same key
+continues at the first row not done, with the same batch boundaries (hence bit-identical to an uninterrupted
+run); another key starts over. A complete set with the same key is reused, one with another key is made again,
+and two runs that want the same set take turns (`.lock`, naming the host and process holding it).
 """
 from __future__ import annotations
 
@@ -27,9 +35,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -38,7 +48,10 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 import image_cache
@@ -51,6 +64,11 @@ from preproc.common import format_hint
 PHASES = ("train", "val")
 NAMED_WEIGHTS = ("imagenet", "random")
 TRANSFORM = "Resize((S,S)) bilinear, ToTensor, Normalize(ImageNet)"
+DECODE_MODES = ("pil", "device")  # who decodes and resizes: PIL in the workers (the faithful path), or the device
+TRANSFORMS = {"pil": TRANSFORM,
+              "device": "decode_jpeg (RGB) on the device, v2 resize((S,S)) bilinear antialias, ToTensor, "
+                        "Normalize(ImageNet)"}
+JPEG_MAGIC = b"\xff\xd8\xff"
 RANDOM_INIT_SEED = 0  # --weights random: the same random backbone in every (resumed) run
 SAVE_EVERY_S = 30.0  # how often the partial file is flushed and the progress recorded (also on any stop)
 PROGRESS = ".progress.json"
@@ -132,14 +150,22 @@ def _split_key(image_root: Path, names: np.ndarray, image_size: int) -> dict:
     return {k: v for k, v in key.items() if k != "format"}
 
 
-def _set_key(arch: str, weights: str, image_size: int, channels_last: bool, splits: dict[str, dict]) -> dict:
+def _set_key(arch: str, weights: str, image_size: int, channels_last: bool, decode: str,
+             splits: dict[str, dict]) -> dict:
     """The key of a feature set: a complete set or a partial extraction with another key is not reused. A weights
-    file counts by its content (moving it keeps the key); channels-last counts because it changes the last bits."""
+    file counts by its content (moving it keeps the key); channels-last and the decode mode count because they
+    change the last bits."""
     named = weights in NAMED_WEIGHTS
     return {"arch": arch, "weights": weights if named else "file",
             "weights_sha256": None if named else _file_sha256(Path(weights)),
             "random_init_seed": RANDOM_INIT_SEED if weights == "random" else None,
-            "image_size": image_size, "channels_last": channels_last, "splits": splits}
+            "image_size": image_size, "channels_last": channels_last, "decode": decode, "splits": splits}
+
+
+def _recorded_key(record: dict) -> dict:
+    """The key in an info.json or progress record; one written before the decode mode was keyed was made with PIL
+    (so such sets stay valid for the default)."""
+    return {"decode": "pil", **record.get("key", {})}
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -178,7 +204,7 @@ def _complete_reason(folder: Path, key: dict) -> tuple[dict | None, str]:
     info = _read_json(folder / INFO)
     if info is None:
         return None, "none yet" if not (folder / INFO).exists() else f"{folder / INFO} cannot be read"
-    differing = _differences(info.get("key", {}), key)
+    differing = _differences(_recorded_key(info), key)
     if differing:
         return None, f"made from other {', '.join(differing)}"
     for phase in PHASES:
@@ -270,6 +296,99 @@ def _jpeg_batches(image_root: Path, names: np.ndarray, image_size: int, start: i
                         num_workers=num_workers, pin_memory=pin, generator=torch.Generator())
     for idx, images, errors in loader:
         yield start + int(idx[0]), images, errors
+
+
+class _FileBytes(Dataset):
+    """Image i's file as it is on the disk (a 1-D uint8 tensor), for decoding on the extraction device."""
+
+    def __init__(self, image_root: Path, image_paths: np.ndarray) -> None:
+        self.image_root, self.image_paths = image_root, image_paths
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        """(i, bytes, error): a file that cannot be read gives no bytes and the message (as datasets.read_rgb)."""
+        path = self.image_root / str(self.image_paths[i])
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return i, torch.empty(0, dtype=torch.uint8), f"cannot read image {path}: {exc}"
+        return i, torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()), ""
+
+
+def _as_lists(samples: list[tuple[int, torch.Tensor, str]]) -> tuple[int, list[torch.Tensor], tuple[str, ...]]:
+    """Collate (i, bytes, error) samples into (first i, [bytes], errors): the files differ in length."""
+    idx, data, errors = zip(*samples)
+    return idx[0], list(data), errors
+
+
+@contextlib.contextmanager
+def _quiet_decoders() -> Iterator[None]:
+    """torchvision 0.29 warns at every call of its decoders that they are deprecated (for TorchCodec); once per
+    batch is noise. The version is pinned in requirements.txt."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+        yield
+
+
+def _decoder_message(exc: Exception) -> str:
+    """The decoder's reason without the C++ source location that torchvision puts first."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^\w+, \S+:\d+, ", "", first)
+
+
+def _decode_one(data: torch.Tensor, path: Path, is_jpeg: bool,
+                device: torch.device) -> tuple[torch.Tensor | None, str]:
+    """(RGB uint8 (3, H, W) on `device`, "") or (None, the message naming the file): a JPEG on the device, else
+    (another format, or a JPEG the device's decoder rejects) by decode_image on the CPU, then moved."""
+    if is_jpeg:
+        with contextlib.suppress(RuntimeError):
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device), ""
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB).to(device), ""
+    except (RuntimeError, ValueError) as exc:
+        return None, f"cannot read image {path}: {_decoder_message(exc)}"
+
+
+def _decoded_on_device(data: list[torch.Tensor], paths: list[Path], image_size: int,
+                       device: torch.device) -> tuple[torch.Tensor | None, str]:
+    """(uint8 (B, S, S, 3) on `device`, "") or (None, the message of the first image that cannot be decoded).
+    The batch's JPEGs are decoded in one call (nvJPEG's batched decoder on CUDA); when it fails (it returns
+    nothing then), image by image, to find the culprit."""
+    is_jpeg = [bytes(d[:3].tolist()) == JPEG_MAGIC for d in data]
+    rows = [i for i, j in enumerate(is_jpeg) if j]
+    decoded: dict[int, torch.Tensor] = {}
+    with _quiet_decoders():
+        if rows:
+            with contextlib.suppress(RuntimeError):
+                decoded = dict(zip(rows, decode_jpeg([data[i] for i in rows], mode=ImageReadMode.RGB,
+                                                     device=device)))
+        resized = []
+        for i, path in enumerate(paths):
+            image = decoded.get(i)
+            if image is None:
+                image, error = _decode_one(data[i], path, is_jpeg[i], device)
+                if image is None:
+                    return None, error
+            resized.append(F.resize(image, [image_size, image_size], interpolation=InterpolationMode.BILINEAR,
+                                    antialias=True))
+    return torch.stack(resized).permute(0, 2, 3, 1), ""  # NHWC, as the other sources (a view)
+
+
+def _device_batches(image_root: Path, names: np.ndarray, image_size: int, start: int, batch_size: int,
+                    num_workers: int, device: torch.device) -> Batches:
+    """Batches whose files DataLoader workers read and this process decodes and resizes on `device`."""
+    loader = DataLoader(_FileBytes(image_root, names[start:]), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_as_lists, generator=torch.Generator())
+    for first, data, errors in loader:
+        first += start
+        if any(errors):
+            yield first, torch.empty(0, dtype=torch.uint8), errors
+            continue
+        paths = [image_root / str(n) for n in names[first:first + len(data)]]
+        images, error = _decoded_on_device(data, paths, image_size, device)
+        yield first, images if images is not None else torch.empty(0, dtype=torch.uint8), (error,)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,14 +489,15 @@ def _start_state(folder: Path, key: dict, batch_size: int, command: str) -> dict
     """The progress record to continue from: the interrupted extraction's when its key matches, else a fresh
     one, after removing what a different or stale set left in `folder` (files of this module only)."""
     state = _read_json(folder / PROGRESS)
-    if state is not None and state.get("key") == key:
+    if state is not None and _recorded_key(state) == key:
+        state["key"] = key
         if state["batch_size"] != batch_size:
             print(f"resuming with --batch-size {state['batch_size']} of the interrupted extraction (not "
                   f"{batch_size}), so that its batches, and hence its numbers, are the same")
         return state
     if state is not None:
         print(f"discarding an interrupted extraction in {folder}, made from other "
-              f"{', '.join(_differences(state.get('key', {}), key))}")
+              f"{', '.join(_differences(_recorded_key(state), key))}")
     for name in (INFO, PROGRESS, *(f"{p}_features.npy" for p in PHASES), *(f".{p}_features.npy.partial"
                                                                            for p in PHASES)):
         (folder / name).unlink(missing_ok=True)
@@ -418,24 +538,30 @@ def _exclusive(folder: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
-def _check_arguments(image_size: int, batch_size: int, num_workers: int) -> None:
+def _check_arguments(image_size: int, batch_size: int, num_workers: int, decode: str) -> None:
     for flag, value, low in (("--image-size", image_size, 1), ("--batch-size", batch_size, 1),
                              ("--num-workers", num_workers, 0)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
 
 
 def extract_features(data_root: str | Path, dataset: str, arch: str = "resnet50", weights: str = "imagenet",
                      image_size: int = 448, batch_size: int = 64, device: torch.device = torch.device("cpu"),
-                     num_workers: int = 4, model: nn.Module | None = None, channels_last: bool = False) -> Path:
+                     num_workers: int = 4, model: nn.Module | None = None, channels_last: bool = False,
+                     decode: str = "pil") -> Path:
     """Run the frozen backbone of `arch` (`weights`: "imagenet", "random" or a state-dict / best.pt path) over the
     official train and val images of `dataset` and write the feature set (module docstring); returns its folder.
 
     A complete set made from the same key is returned at once; an interrupted one is resumed. `model` replaces
     the backbone that build_model would give (tests); it must output (B, D), and is put in eval mode on `device`;
     `arch` and `weights` then only name and key the set. `channels_last` (CUDA speed) changes the last bits.
+    `decode`: "pil" (workers decode and resize with PIL: the evaluation transform's bits; valid image caches are
+    read instead) or "device" (workers read the files, the device decodes and resizes: for GPUs that outrun the
+    CPU's decoding; the last bits differ and the set is keyed by it; image caches are not read).
     Raises DataError (data files, images, disk room), WeightsError, ValueError (arguments) or OutputError."""
-    _check_arguments(image_size, batch_size, num_workers)
+    _check_arguments(image_size, batch_size, num_workers, decode)
     image_root = _image_root(data_root, dataset)  # an unknown dataset stops here
     if dataset_info(data_root, dataset).features:
         raise DataError(f"{Path(data_root) / dataset} holds features, not images: train on them with "
@@ -445,7 +571,7 @@ def extract_features(data_root: str | Path, dataset: str, arch: str = "resnet50"
     names = {phase: _image_list(data_root, dataset, phase) for phase in PHASES}
     name = feature_set_name(arch, weights, image_size)
     folder = feature_dir(data_root, dataset, name)
-    key = _set_key(arch, weights, image_size, channels_last,
+    key = _set_key(arch, weights, image_size, channels_last, decode,
                    {phase: _split_key(image_root, names[phase], image_size) for phase in PHASES})
     info, reason = _complete_reason(folder, key)
     if info is not None:
@@ -482,10 +608,17 @@ def extract_features(data_root: str | Path, dataset: str, arch: str = "resnet50"
 def _extract_splits(model: nn.Module, data_root: str | Path, dataset: str, names: dict[str, np.ndarray],
                     image_root: Path, folder: Path, state: dict, dim: int, device: torch.device, num_workers: int,
                     channels_last: bool) -> None:
-    """Both splits in turn, each from valid image caches or else its JPEGs (said on the console)."""
+    """Both splits in turn, each from valid image caches or else its JPEGs (said on the console); with the decode
+    mode "device" always from the JPEGs, decoded on the device."""
     batch_size, image_size, pin = state["batch_size"], state["key"]["image_size"], device.type == "cuda"
     for phase in PHASES:
         def source(phase=phase) -> tuple[Callable[[int], Batches], str]:
+            if state["key"]["decode"] == "device":
+                print(f"{phase}: reading the files with {num_workers} workers, decoding and resizing them on "
+                      f"{device} (--decode device: image caches are not read)")
+                return ((lambda start: _device_batches(image_root, names[phase], image_size, start, batch_size,
+                                                       num_workers, device)),
+                        f"the JPEGs decoded on {device} ({num_workers} workers reading)")
             parts, description = _cached_parts(data_root, dataset, phase, names[phase], image_root, image_size)
             if parts is not None:
                 print(f"{phase}: reading the images from {description}")
@@ -502,11 +635,12 @@ def _write_info(folder: Path, state: dict, arch: str, weights: str, image_size: 
     """info.json, last: from then on the set is complete; the progress record goes."""
     key = state["key"]
     info = {"arch": arch, "weights": weights, "weights_sha256": key["weights_sha256"], "image_size": image_size,
-            "transform": TRANSFORM.replace("S,S", f"{image_size},{image_size}"),
+            "transform": TRANSFORMS[key["decode"]].replace("S,S", f"{image_size},{image_size}"),
             "rows": {phase: len(names[phase]) for phase in PHASES}, "dim": dim,
             "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "batch_size": state["batch_size"], "channels_last": channels_last, "sources": state["sources"],
+            "batch_size": state["batch_size"], "channels_last": channels_last, "decode": key["decode"],
+            "sources": state["sources"],
             "seconds": round(state["seconds"], 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": state["command"], "key": key}
     _write_json(folder / INFO, info)
@@ -541,14 +675,14 @@ FORMATTED = "formatted"  # the feature set of a dataset given as features (its f
 def _formatted_features(data_root: str | Path, dataset: str) -> dict:
     """A features dataset's own formatted_{train,val}_features.npy (checked by datasets.dataset_info)."""
     folder = Path(data_root) / dataset
-    out = {phase: np.load(folder / f"formatted_{phase}_features.npy").astype(np.float32, copy=False)
-           for phase in PHASES}
+    out = {phase: np.load(folder / f"formatted_{phase}_features.npy", mmap_mode="r") for phase in PHASES}
     out["info"] = {"name": FORMATTED, "dim": int(out["train"].shape[1]), "source": str(folder)}
     return out
 
 
 def load_features(data_root: str | Path, dataset: str, name: str) -> dict:
-    """{"train": (N_train, D) float32, "val": (N_val, D) float32, "info": dict} of the set `name`.
+    """{"train": (N_train, D), "val": (N_val, D), "info": dict} of the set `name`: the files memory-mapped
+    (read-only; datasets.FeatureDataset copies the rows it needs as float32).
 
     Raises DataError, naming the file and the command that extracts the set, when it was never extracted or is
     incomplete or unreadable, when its row counts differ from formatted_{train,val}_labels.npy or its image lists
@@ -572,7 +706,7 @@ def load_features(data_root: str | Path, dataset: str, name: str) -> dict:
     for phase in PHASES:
         path = folder / f"{phase}_features.npy"
         try:
-            features = np.load(path)
+            features = np.load(path, mmap_mode="r")  # read once, by the datasets' copies of their rows
         except (OSError, ValueError, EOFError) as exc:
             raise DataError(f"cannot load {path} ({exc}); extract the set again with: {command}") from exc
         if features.ndim != 2 or features.dtype != np.float32:

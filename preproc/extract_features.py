@@ -1,11 +1,17 @@
 """Extract frozen-backbone features of a dataset's official train and val/test images (features.py).
 
     python preproc/extract_features.py --dataset pascal [--arch resnet50] [--weights imagenet] [--image-size 448]
-        [--batch-size 64] [--num-workers 4] [--data-root data] [-g 0] [--channels-last]
+        [--batch-size 64] [--num-workers 4] [--data-root data] [-g 0] [--channels-last] [--decode {pil,device}]
 
 writes <data-root>/<dataset>/features/<arch>_<weights>_<size>/{train,val}_features.npy and info.json. Run it
 again after an interruption (Ctrl-C, kill, a cluster's time limit): it continues where it stopped. A complete set
 made from the same images and weights is not extracted again.
+
+--decode device: the workers only read the files; each batch is decoded on the extraction device (nvJPEG on a
+GPU) and resized there, for GPUs that outrun the CPU's decoding. The features then differ from the default PIL
+path's in the last bits (about 1e-2 relative), so the set (same name) is keyed by the decode mode: a set made one
+way is extracted again the other way. A valid --image-cache disk file of the same size is not read then (its
+images were resized by PIL).
 """
 from __future__ import annotations
 
@@ -32,11 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(the feature set is then named after the file's stem)")
     p.add_argument("--image-size", type=int, default=448, help="square input size")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers decoding the JPEGs")
+    p.add_argument("--num-workers", type=int, default=4,
+                   help="DataLoader workers decoding the JPEGs (with --decode device: reading the files)")
     p.add_argument("--data-root", default="data", help="folder holding <dataset>/formatted_*_images.npy")
     p.add_argument("-g", "--gpu", default="0", help="CUDA device index, or 'cpu'")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format (faster on CUDA; changes the features' last bits)")
+    p.add_argument("--decode", choices=("pil", "device"), default="pil",
+                   help="pil: DataLoader workers decode and resize with PIL (the evaluation transform's exact bits; "
+                        "valid --image-cache disk files are read instead). device: decode JPEGs on the extraction "
+                        "device (nvJPEG on a GPU) and resize there; for GPUs that outrun the CPU's decoding; "
+                        "features differ from the PIL path in the last bits (about 1e-2 relative), so the set is "
+                        "keyed by it (image caches are not read)")
     return p.parse_args(argv)
 
 
@@ -51,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.gpu)
         folder = extract_features(args.data_root, args.dataset, args.arch, args.weights, args.image_size,
-                                  args.batch_size, device, args.num_workers, channels_last=args.channels_last)
+                                  args.batch_size, device, args.num_workers, channels_last=args.channels_last,
+                                  decode=args.decode)
     except (DataError, WeightsError, ValueError, OSError) as exc:
         message = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # fileio's one-line messages
         print(f"error: {one_line(message)}", file=sys.stderr)

@@ -3,7 +3,9 @@
 The features must be the backbone's output on the evaluation transform of each image, recomputed here
 independently (torchvision's own transform on the PIL image, the model rebuilt from the weights file) with the
 same batch composition, compared with torch.equal; the image-cache path must give the same bits without decoding a
-JPEG; an interrupted extraction must resume into byte-identical files. Images: the real VOC JPEGs of tests/data
+JPEG; an interrupted extraction must resume into byte-identical files. `decode="device"` (decoded and resized by
+torchvision.io / transforms.v2 on the device, here the CPU) is held to the same standards against a recomputation
+with those torchvision calls. Images: the real VOC JPEGs of tests/data
 (write_pascal_root: 10 official train rows, 4 val rows), a resnet18 with seeded random weights saved as a file.
 """
 from __future__ import annotations
@@ -18,8 +20,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torch import nn
+from torchvision.io import ImageReadMode
+from torchvision.transforms import v2
 
 import features
 import fileio
@@ -30,6 +35,8 @@ from features import extract_command, extract_features, feature_dir, feature_set
 from helpers import write_pascal_root
 from models import WeightsError, build_model
 from preproc import extract_features as cli
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")  # tv 0.29
 
 SIZE = 32
 BATCH = 3  # 10 train rows: batches of 3, 3, 3, 1; 4 val rows: 3, 1
@@ -69,6 +76,13 @@ def reference(tmp_path_factory, weights_file):
     return root, _extract(root, weights_file, num_workers=2)
 
 
+@pytest.fixture(scope="module")
+def device_reference(tmp_path_factory, weights_file):
+    """(root, folder) of an uninterrupted extraction with decode="device" and 2 workers reading (read only)."""
+    root = write_pascal_root(tmp_path_factory.mktemp("device_reference"))
+    return root, _extract(root, weights_file, num_workers=2, decode="device")
+
+
 def _bytes(folder) -> dict:
     return {p: (folder / f"{p}_features.npy").read_bytes() for p in ("train", "val")}
 
@@ -87,6 +101,29 @@ def _independent(root, weights_file, phase: str) -> torch.Tensor:
     images = [transform(Image.open(root.joinpath("pascal", *JPEGS, str(n))).convert("RGB")) for n in names]
     with torch.no_grad():
         return torch.cat([backbone(torch.stack(images[i:i + BATCH])) for i in range(0, len(images), BATCH)])
+
+
+def _independent_device(root, weights_file, phase: str) -> torch.Tensor:
+    """The backbone's output, batch by batch as extracted, on each JPEG decoded by torchvision.io.decode_jpeg,
+    resized by transforms.v2 (bilinear, antialiased, uint8) and finished by the eval transform's ToTensor and
+    Normalize."""
+    backbone = build_model("resnet18", 20, str(weights_file)).backbone.eval()
+    _, to_tensor, normalize = get_transforms(SIZE)["val"].transforms  # Resize((S, S)), ToTensor, Normalize
+    names = np.load(root / "pascal" / f"formatted_{phase}_images.npy")
+    images = []
+    for n in names:
+        image = torchvision.io.decode_jpeg(torchvision.io.read_file(str(root.joinpath("pascal", *JPEGS, str(n)))),
+                                           mode=ImageReadMode.RGB)
+        image = v2.functional.resize(image, [SIZE, SIZE], interpolation=v2.InterpolationMode.BILINEAR,
+                                     antialias=True)
+        images.append(normalize(to_tensor(image.permute(1, 2, 0).numpy())))  # HWC uint8, as ToTensor takes it
+    with torch.no_grad():
+        return torch.cat([backbone(torch.stack(images[i:i + BATCH])) for i in range(0, len(images), BATCH)])
+
+
+def _row_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest ||a_i - b_i|| / ||b_i|| over the rows."""
+    return float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,6 +315,104 @@ def test_random_weights_are_the_same_in_every_run(tmp_path):
         expected = backbone(torch.stack([transform(Image.open(root.joinpath("pascal", *JPEGS, str(n))).convert("RGB"))
                                          for n in names]))
     assert torch.equal(torch.from_numpy(np.load(folder / "val_features.npy")), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding on the device (--decode device; the device here is the CPU)
+
+def test_device_decoding_gives_the_backbones_output_on_torchvisions_decoder_and_resize(device_reference,
+                                                                                        weights_file):
+    root, folder = device_reference
+    assert folder.name == "resnet18_tiny_r18_32"  # the same name as the PIL set
+    for phase in ("train", "val"):
+        ours = np.load(folder / f"{phase}_features.npy")
+        assert torch.equal(torch.from_numpy(ours), _independent_device(root, weights_file, phase))
+    info = json.loads((folder / "info.json").read_text())
+    assert info["decode"] == info["key"]["decode"] == "device"
+    assert info["transform"].startswith("decode_jpeg (RGB) on the device, v2 resize((32,32)) bilinear antialias")
+    assert info["sources"]["train"] == "the JPEGs decoded on cpu (2 workers reading)"
+
+
+def test_a_pil_set_is_not_reused_for_device_decoding_nor_the_image_cache_read(tmp_path, weights_file, reference,
+                                                                             device_reference, capsys):
+    root = write_pascal_root(tmp_path)
+    for phase, ds in build_datasets(root, "pascal", SIZE).items():  # valid caches: PIL-resized images
+        image_cache.build_cache(ds, SIZE, "disk", phase, root / "pascal" / "cache", num_workers=0)
+    folder = feature_dir(root, "pascal", reference[1].name)
+    shutil.copytree(reference[1], folder)
+    info = json.loads((folder / "info.json").read_text())
+    del info["key"]["decode"]  # as written before the decode mode was keyed: made with PIL, still valid
+    (folder / "info.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    unused = Counting(nn.Identity(), stop_at=1)  # would raise if it ran
+    assert _extract(root, weights_file, model=unused) == folder and unused.calls == 0
+    assert "already complete" in capsys.readouterr().out
+
+    _extract(root, weights_file, decode="device")
+    out = capsys.readouterr().out
+    assert "made from other decode; extracting it again" in out
+    assert "train: reading the files with 0 workers, decoding and resizing them on cpu" in out
+    assert _bytes(folder) == _bytes(device_reference[1])  # not the cache's PIL-resized images
+    assert json.loads((folder / "info.json").read_text())["decode"] == "device"
+    for phase in ("train", "val"):  # another decoder and resize: close, not the same set
+        assert _row_relative_difference(np.load(folder / f"{phase}_features.npy"),
+                                        np.load(reference[1] / f"{phase}_features.npy")) < 1e-2
+
+    _extract(root, weights_file)  # and back: the PIL set is made again (here from the image cache)
+    assert "made from other decode; extracting it again" in capsys.readouterr().out
+    assert _bytes(folder) == _bytes(reference[1])
+    assert json.loads((folder / "info.json").read_text())["decode"] == "pil"
+
+
+def test_an_interrupted_device_decoding_resumes_into_the_same_files(tmp_path, weights_file, device_reference,
+                                                                    capsys):
+    root = write_pascal_root(tmp_path)
+    backbone = build_model("resnet18", 20, str(weights_file)).backbone
+    with pytest.raises(KeyboardInterrupt):  # call 4: the third train batch; the first is stored
+        _extract(root, weights_file, model=Counting(backbone, stop_at=4), decode="device")
+    folder = feature_dir(root, "pascal", "resnet18_tiny_r18_32")
+    progress = json.loads((folder / ".progress.json").read_text())
+    assert progress["rows_done"] == {"train": 3, "val": 0} and progress["key"]["decode"] == "device"
+    capsys.readouterr()
+    model = Counting(backbone)
+    _extract(root, weights_file, model=model, batch_size=5, decode="device")
+    out = capsys.readouterr().out
+    assert "resuming with --batch-size 3" in out and "train: resuming at row 3 of 10" in out
+    assert model.calls == 1 + 3 + 2  # the probe, the 3 train batches not done, the 2 val batches
+    assert _bytes(folder) == _bytes(device_reference[1])
+    assert sorted(p.name for p in folder.iterdir()) == ["info.json", "train_features.npy", "val_features.npy"]
+
+
+@pytest.mark.parametrize("content, reason", [("truncated", "Image is incomplete or truncated"),
+                                             ("text", "Unsupported image file")])
+def test_device_decoding_stops_at_a_corrupt_image_with_its_name(tmp_path, weights_file, device_reference, capsys,
+                                                                content, reason):
+    root = write_pascal_root(tmp_path)
+    jpegs = root.joinpath("pascal", *JPEGS)
+    jpegs.unlink()  # a copy instead of the link to tests/data, with one broken image and one PNG
+    shutil.copytree(write_pascal_root(tmp_path / "src").joinpath("pascal", *JPEGS), jpegs)
+    names = np.load(root / "pascal" / "formatted_train_images.npy")
+    good = (jpegs / names[7]).read_bytes()
+    (jpegs / "broken.jpg").write_bytes(good[:len(good) // 2] if content == "truncated" else b"not a jpeg")
+    decoded = torchvision.io.decode_jpeg(torchvision.io.read_file(str(jpegs / names[2])), mode=ImageReadMode.RGB)
+    Image.fromarray(decoded.permute(1, 2, 0).numpy()).save(jpegs / "lossless.png")  # decoded on the CPU instead
+    names[2], names[7] = "lossless.png", "broken.jpg"
+    np.save(root / "pascal" / "formatted_train_images.npy", names)
+
+    with pytest.raises(DataError, match=rf"^cannot read image {jpegs}/broken\.jpg: {reason}") as info:
+        _extract(root, weights_file, num_workers=2, decode="device")
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value) and ".cpp" not in str(info.value)
+    folder = feature_dir(root, "pascal", "resnet18_tiny_r18_32")
+    assert json.loads((folder / ".progress.json").read_text())["rows_done"]["train"] == 6  # batches 0 and 1
+    kept = np.load(folder / ".train_features.npy.partial")[:6]  # the PNG's pixels are those of the JPEG it replaces
+    np.testing.assert_array_equal(kept, np.load(device_reference[1] / "train_features.npy")[:6])
+
+    capsys.readouterr()  # the command line: one line naming the file, exit code 2
+    assert cli.main(["--dataset", "pascal", "--arch", "resnet18", "--weights", str(weights_file), "--image-size",
+                     str(SIZE), "--batch-size", str(BATCH), "--num-workers", "0", "--data-root", str(root), "-g",
+                     "cpu", "--decode", "device"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read image {jpegs}/broken.jpg: {reason}") and err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
