@@ -179,7 +179,15 @@ class FeatureDataset(LabelledRows):
         if len(features) != len(labels_true):
             raise DataError(f"{len(features)} feature rows but {len(labels_true)} label rows")
         super().__init__(labels_obs, labels_true)
-        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        # a copy of our own (writable, contiguous float32), made once: `features` may be a read-only memory map
+        self.features = torch.from_numpy(np.array(features, dtype=np.float32, order="C"))
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def features_on(self, device: torch.device) -> torch.Tensor:
+        """The feature matrix on `device`, copied there once (the training and the APL loaders share it)."""
+        if device not in self._on_device:
+            self._on_device[device] = self.features.to(device)
+        return self._on_device[device]
 
 
 FEATURE_EVAL_BATCH = 4096  # rows per batch of the val / test passes on features (no gradient: big batches are cheap)
@@ -192,7 +200,8 @@ class FeatureLoader:
 
     def __init__(self, dataset: FeatureDataset, batch_size: int, shuffle: bool, device: torch.device) -> None:
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
-        self.features = dataset.features.to(device)
+        self.features = dataset.features_on(torch.device(device))
+        self.labels_true = torch.from_numpy(dataset.labels_true).float()  # fixed: converted once, not per batch
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
@@ -204,7 +213,7 @@ class FeatureLoader:
             rows = order[start:start + self.batch_size]
             yield {"features": self.features[rows.to(self.features.device)],
                    "label_vec_obs": self.dataset._obs[rows].float(),
-                   "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows.numpy()]).float(),
+                   "label_vec_true": self.labels_true[rows],
                    "idx": rows}
 
 
@@ -305,7 +314,7 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
 
     def subset(split: str, rows: np.ndarray, obs: np.ndarray, phase: str) -> LabelledRows:
         true = official[split]["labels"][rows]
-        if features is not None:  # (all rows in order: the array itself, no copy of a large matrix)
+        if features is not None:  # (memory-mapped features: the rows are read once, into the dataset's copy)
             whole = len(rows) == len(features[split]) and np.array_equal(rows, np.arange(len(rows)))
             out = FeatureDataset(features[split] if whole else features[split][rows], obs[rows], true)
         else:

@@ -215,5 +215,5 @@ def test_role_li_with_random_weights_uses_this_runs_backbone(small_demo, tmp_pat
                           for n in names])
     with torch.no_grad():
         expected = backbone(images)
-    got = torch.from_numpy(load_features(small_demo, "demo", "resnet18_random-s1_16")["val"][:4])
+    got = torch.from_numpy(np.array(load_features(small_demo, "demo", "resnet18_random-s1_16")["val"][:4]))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
