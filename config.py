@@ -23,11 +23,11 @@ VAL_LABELS = ("clean", "observed")  # --val-labels
 STOP_METRICS = ("map", *(f"{m}_{k}" for m in ("prec_at", "rec_at") for k in (1, 3, 5)), "top_1", "top_3", "top_5")
 # Settings of the image pipeline and the backbone, which a linear probe on cached features (--features) does not read.
 IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_workers", "image_cache", "amp",
-                  "channels_last", "compile", "cudnn_benchmark", "freeze_backbone")
+                  "channels_last", "compile", "cudnn_benchmark", "freeze_backbone", "sync_bn")
 # Settings that cannot change a run's numbers (where it runs and where its files are; the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
 # Not --num-workers / --persistent-workers: each worker draws the flips of its batches from its own stream.
-RESULT_NEUTRAL_SETTINGS = ("gpu", "image_cache", "data_root", "results_dir")
+RESULT_NEUTRAL_SETTINGS = ("gpu", "image_cache", "data_root", "results_dir", "dist_timeout")
 
 
 # delta_rel of the Large-Loss methods per dataset, as Kim et al. give them (Adam, batch 16; percent per epoch).
@@ -128,6 +128,9 @@ class Config:
     channels_last: bool = False
     compile: bool = False
     cudnn_benchmark: bool = False
+    # torchrun launches (distributed.py): SyncBatchNorm, and how long a collective waits for a silent rank
+    sync_bn: bool = False
+    dist_timeout: float = 600.0
     data_root: str = "data"
     results_dir: str = "results"
 
@@ -261,5 +264,7 @@ def validate(cfg: Config) -> None:
     if cfg.freeze_backbone and cfg.features:
         raise ValueError("--freeze-backbone trains the head on images; --features is already a head on frozen "
                          "features: give one of them")
+    if not (math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
+        raise ValueError(f"--dist-timeout must be a number of seconds > 0, got {cfg.dist_timeout}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import PIL
@@ -254,11 +255,14 @@ def to_model_input(batch: dict, device: torch.device, channels_last: bool = Fals
 
 def make_loaders(datasets: dict[str, MultilabelDataset], batch_size: int, num_workers: int, persistent_workers: bool,
                  device: torch.device, image_cache: str = "off", image_size: int | None = None,
-                 cache_dir: Path | None = None) -> dict:
-    """The train / val / test loaders: the original's DataLoaders, or cached loaders that give the same batches."""
+                 cache_dir: Path | None = None, shards: Callable | None = None) -> dict:
+    """The train / val / test loaders: the original's DataLoaders, or cached loaders that give the same batches.
+    `shards(dataset, train)`: in a torchrun launch, the DataLoader arguments of this rank's share of the rows
+    (distributed.shard_arguments), instead of batches of `batch_size` over all of them."""
     if image_cache == "off":
-        return {phase: DataLoader(ds, batch_size=batch_size, shuffle=(phase == "train"), num_workers=num_workers,
-                                  drop_last=False, pin_memory=device.type == "cuda",
+        return {phase: DataLoader(ds, **(shards(ds, phase == "train") if shards is not None else
+                                         dict(batch_size=batch_size, shuffle=(phase == "train"))),
+                                  num_workers=num_workers, pin_memory=device.type == "cuda",
                                   persistent_workers=persistent_workers and num_workers > 0)
                 for phase, ds in datasets.items()}
     build_workers = num_workers if num_workers > 0 else min(8, os.cpu_count() or 1)

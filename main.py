@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import signal
 import subprocess
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cudnn-benchmark", action="store_true", default=None,
                    help="let cuDNN pick its fastest convolution algorithms (a nondeterministic choice)")
     m.add_argument("--results-dir", help="where run folders are created (default: results)")
+    t = p.add_argument_group("several GPUs: torchrun --nproc_per_node N main.py ... (README 'Several GPUs')")
+    t.add_argument("--sync-bn", action="store_true", default=None,
+                   help="SyncBatchNorm: BatchNorm statistics over the global batch instead of each GPU's share "
+                        "(matters when the per-GPU batch is 2-4 images); GPUs only")
+    t.add_argument("--dist-timeout", type=float,
+                   help="seconds a collective waits for a silent rank before the run fails (default 600)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a failed, interrupted or killed run from its last finished epoch, in its folder, "
                         "with its config (only -g, --image-cache and --data-root may be given: they cannot change "
@@ -215,9 +222,8 @@ class _Tee:
 
 
 def environment(device) -> dict:
-    import sklearn
+    from importlib.metadata import version  # (importing scikit-learn and torchvision only to ask takes seconds)
     import torch
-    import torchvision
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=Path(__file__).parent).stdout.strip() or None
@@ -225,8 +231,8 @@ def environment(device) -> dict:
                                     text=True, timeout=10, cwd=Path(__file__).parent).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "sklearn": sklearn.__version__, "device": str(device),
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": version("torchvision"),
+            "numpy": np.__version__, "sklearn": version("scikit-learn"), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "git_commit": commit, "git_dirty": dirty, "command": sys.argv}
 
@@ -262,12 +268,14 @@ def class_names(cfg: Config) -> list[str]:
     return names(cfg.data_root, cfg.dataset)
 
 
-def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object, dict, dict]:
+def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[dict, object, dict, dict]:
     """The datasets, the engine (model, and ROLE's estimates) and the loaders of a run, and what results.json
     should record of how they were made: on images (the original), or a linear classifier on cached features
-    (`--features`); for ROLE+LI, after its linear phase on the backbone's features (extracted once if needed)."""
+    (`--features`); for ROLE+LI, after its linear phase on the backbone's features (extracted once if needed).
+    In a torchrun launch (`ctx`), each rank's loaders read its share (distributed.shard_arguments)."""
     import torch
     from datasets import FEATURE_EVAL_BATCH, FeatureLoader, build_datasets
+    from distributed import SINGLE, shard_arguments
     from features import extract_features, feature_set_name, load_features
     from image_cache import make_loaders
     from models import build_model, check_model_runs
@@ -294,16 +302,20 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
         # APL's pass over the training features: in order, in large batches (the image path, as the original,
         # iterates the shuffled training loader; its order does not change the pseudo-labels)
         loaders["apl"] = FeatureLoader(datasets["train"], FEATURE_EVAL_BATCH, False, device)
+        setup.update(world_size=1, per_rank_batch_size=cfg.batch_size)
         return datasets, engine, loaders, setup
 
+    ctx = ctx or SINGLE
+    batch_size = cfg.batch_size // ctx.world_size  # per rank (distributed.setup checked that it divides)
     datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,
                               cfg.split_seed, **subsets)
     check_observed_labels(cfg, datasets)
     model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
     if cfg.freeze_backbone:  # head-only training: Adam gets the head's parameters only
         model.backbone.requires_grad_(False)
-    # the size of the last training batch (every batch, with --batch-size 1)
-    check_model_runs(model, cfg.arch, cfg.image_size, device, len(datasets["train"]) % cfg.batch_size or cfg.batch_size)
+    # the size of the last training batch (every batch, with --batch-size 1); a rank's shard is ceil(N / world)
+    shard = -(-len(datasets["train"]) // ctx.world_size)
+    check_model_runs(model, cfg.arch, cfg.image_size, device, shard % batch_size or batch_size)
     if cfg.loss == "role_li" and not resuming:  # a resumed run has its phase-2 state in last.pt
         with tempfile.TemporaryDirectory() as tmp:
             weights = cfg.weights
@@ -323,9 +335,15 @@ def build_run(cfg: Config, device, resuming: bool = False) -> tuple[dict, object
     else:  # ROLE's estimate matrix, drawn after the model as in Cole et al.'s code
         estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
     engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark, estimates,
-                          cfg.freeze_backbone)
+                          cfg.freeze_backbone, ctx, cfg.sync_bn)
+    shards = (lambda ds, train: shard_arguments(ds, ctx, train, cfg.batch_size, cfg.pytorch_seed)) if ctx.enabled \
+        else None
     loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
-                           cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache")
+                           cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache", shards)
+    setup.update(world_size=ctx.world_size, per_rank_batch_size=batch_size)
+    if ctx.enabled:
+        setup.update(distributed={"backend": ctx.backend, "sync_bn": cfg.sync_bn, "timeout_s": ctx.timeout_s,
+                                  "hosts": len({host for host, _ in ctx.peers})})
     return datasets, engine, loaders, setup
 
 
@@ -365,6 +383,29 @@ def resume_config(run_dir: Path, given: dict) -> tuple[Config, dict]:
     return cfg, results
 
 
+def print_error(message) -> None:
+    """The one-line error of a user mistake; in a torchrun launch rank 0 says it for every rank."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {one_line(message)}", file=sys.stderr)
+
+
+def setup_device(cfg: Config, gpu_given: str | None):
+    """The device and the distributed context: a torchrun launch's (distributed.setup), or -g's for one process.
+    ValueError (one line) for what a torchrun launch cannot do."""
+    import distributed
+    if not distributed.launched_by_torchrun():
+        return resolve_device(cfg.gpu), distributed.SINGLE
+    refused = [(option, why) for option, why, given in (
+        ("--features", "a linear probe takes seconds on one device: run it with python main.py", cfg.features),
+        ("--image-cache", "each process would cache the images itself: drop --image-cache", cfg.image_cache != "off"),
+        ("-l role_li", "its linear phase runs on one device: train -l role_li with python main.py",
+         cfg.loss == "role_li")) if given]
+    if refused:
+        raise ValueError(f"{refused[0][0]} is not supported under torchrun: {refused[0][1]}")
+    ctx, device = distributed.setup(gpu_given, cfg.batch_size, cfg.dist_timeout, cfg.sync_bn)
+    return device, ctx
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.resume:
@@ -372,16 +413,18 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume")}
     try:
         cfg = build_config(args.dataset, **overrides)
-        device = resolve_device(cfg.gpu)
+        device, ctx = setup_device(cfg, given_flags(argv).get("gpu"))
     except ValueError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print_error(exc)
         return 2
     ignored = cfg.unused_settings({k for k, v in overrides.items() if v is not None})
+    if cfg.sync_bn and not ctx.enabled:
+        ignored.append("sync_bn")
     for field in ignored:  # reported, not silently dropped
-        reason = "a linear probe on --features reads no images" if field in IMAGE_SETTINGS else \
-            f"-l {cfg.loss} does not use it"
+        reason = "a linear probe on --features reads no images" if field in IMAGE_SETTINGS and cfg.features else \
+            "it only acts in a torchrun launch" if field == "sync_bn" else f"-l {cfg.loss} does not use it"
         print(f"warning: {flag(field)} is ignored: {reason}")
-    return _start(cfg, device, ignored)
+    return _start(cfg, device, ignored, ctx)
 
 
 def _resume(run_dir: Path, argv: list[str] | None) -> int:
@@ -389,10 +432,17 @@ def _resume(run_dir: Path, argv: list[str] | None) -> int:
     given = {k: v for k, v in given_flags(argv).items() if k != "resume"}
     try:
         cfg, results = resume_config(run_dir, given)
-        device = resolve_device(cfg.gpu)
         state = load_last(run_dir)
+        if state.get("world_size", 1) != int(os.environ.get("WORLD_SIZE", 1)):
+            launch = "python main.py" if state.get("world_size", 1) == 1 else \
+                f"torchrun with {state['world_size']} processes in all"
+            raise ValueError(f"--resume {run_dir}: the run trained on {state.get('world_size', 1)} process(es) and "
+                             f"this launch has {os.environ.get('WORLD_SIZE', 1)}: resume it with {launch} (the data "
+                             f"shards and the per-process batch depend on it)")
+        # a run on the CPU resumes there (gloo); one on GPUs takes its local rank's under torchrun
+        device, ctx = setup_device(cfg, given.get("gpu", "cpu" if cfg.gpu == "cpu" else None))
     except (ValueError, ResumeError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print_error(exc)
         return 2
     results.setdefault("resumes", []).append({
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_epoch": state["progress"]["epoch"],
@@ -402,12 +452,15 @@ def _resume(run_dir: Path, argv: list[str] | None) -> int:
     if cfg.persistent_workers and cfg.num_workers > 0 and cfg.image_cache == "off":
         print("warning: --persistent-workers: the DataLoader workers' random streams (the flips) cannot be saved, "
               "so the resumed epochs differ from an uninterrupted run's (statistically only)")
-    return _start(cfg, device, [], run_dir=run_dir, results=results, resume=state)
+    return _start(cfg, device, [], ctx, run_dir=run_dir, results=results, resume=state)
 
 
-def _start(cfg: Config, device, ignored: list[str], run_dir: Path | None = None, results: dict | None = None,
+def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = None, results: dict | None = None,
            resume: dict | None = None) -> int:
-    """Seeds, the run's setup, then the run (in a new folder, or resumed in `run_dir`)."""
+    """Seeds, the run's setup, then the run (in a new folder, or resumed in `run_dir`). In a torchrun launch
+    (`ctx`) every rank builds the same run; rank 0 alone prints and writes."""
+
+    import random
 
     import torch
     from datasets import DataError
@@ -418,22 +471,34 @@ def _start(cfg: Config, device, ignored: list[str], run_dir: Path | None = None,
     torch.manual_seed(cfg.pytorch_seed)
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
     previous = handle_interrupts()  # from here on, kill = Ctrl-C
+    stdout = sys.stdout
+    if not ctx.main:
+        sys.stdout = open(os.devnull, "w")
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
-            if resume is None:
+            if resume is None and ctx.main:
                 prepare_results_dir(cfg.results_dir)
-            datasets, engine, loaders, setup = build_run(cfg, device, resuming=resume is not None)
-            run_dir = run_dir or make_run_dir(cfg)
+            datasets, engine, loaders, setup = build_run(cfg, device, resuming=resume is not None, ctx=ctx)
+            run_dir = run_dir or ctx.from_main(lambda: make_run_dir(cfg))
         except (DataError, WeightsError, ValueError, OSError, NonFiniteLossError) as exc:  # the last: ROLE+LI's phase 1
-            print(f"error: {one_line(exc)}", file=sys.stderr)
+            print_error(exc)
             return 2
         except KeyboardInterrupt as exc:
-            print(f"interrupted ({str(exc) or 'Ctrl-C'}) before training started: "
-                  + ("no run folder was made" if resume is None else f"{run_dir} is unchanged"), file=sys.stderr)
+            if ctx.main:
+                print(f"interrupted ({str(exc) or 'Ctrl-C'}) before training started: "
+                      + ("no run folder was made" if resume is None else f"{run_dir} is unchanged"), file=sys.stderr)
             return 143 if isinstance(exc, Terminated) else 130
+        if ctx.rank > 0:  # the model and the estimates are rank 0's (DDP); each rank draws its own flips
+            torch.manual_seed(cfg.pytorch_seed + ctx.rank)
+            np.random.seed(cfg.seed + ctx.rank)
+            random.seed(cfg.seed + ctx.rank)
         return _train_in(run_dir, cfg, device, datasets, engine, loaders, ignored, setup, results, resume)
     finally:
         restore_interrupts(previous)
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        ctx.close()
 
 
 def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loaders: dict, ignored: list[str],
@@ -441,16 +506,17 @@ def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loader
     """The run itself, its console copied into console.log; returns the exit code."""
     from datasets import DataError
     from fileio import OutputError
-    from train import NonFiniteLossError, fit
+    from train import NonFiniteLossError, RankFailure, fit
 
-    sys.stdout = tee = _Tee(sys.stdout, run_dir / "console.log")
+    rank = engine.dist.rank
+    sys.stdout = tee = _Tee(sys.stdout, run_dir / "console.log" if rank == 0 else Path(os.devnull))
 
     def report(message: str) -> None:  # the last word, on the console and in console.log
         try:
             tee.file.write(message + "\n")
         except OSError:  # a full disk: the console still gets it
             pass
-        print(message, file=sys.stderr)
+        print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.stderr)
 
     try:
         print(f"run folder: {run_dir}")
@@ -479,7 +545,7 @@ def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loader
             report(f"interrupted ({str(exc) or 'Ctrl-C'}) during epoch {finished + 1}: {finished} finished epoch(s) "
                    f"kept in {run_dir / 'results.json'}, marked \"interrupted\"")
             return 143 if isinstance(exc, Terminated) else 130
-        except (NonFiniteLossError, DataError, ValueError, OutputError) as exc:
+        except (NonFiniteLossError, DataError, ValueError, OutputError, RankFailure) as exc:
             report(f"error: {one_line(exc)}")
             return 3
         print(f"best epoch {results['best_epoch']}: val mAP {results['val_map']:.2f}, "

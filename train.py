@@ -23,10 +23,15 @@ from tqdm import tqdm
 
 from config import AMP_MODES, ROLE_LI_PHASE1, Config
 from datasets import FeatureDataset, FeatureLoader, MultilabelDataset, raise_sample_errors
+from distributed import SINGLE, DistContext
 from image_cache import to_model_input
 from losses import LOSSES, compute_loss
 from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics
 from fileio import pid_alive, write_atomic
+
+
+class RankFailure(RuntimeError):
+    """Another rank of a torchrun launch died; the message names it."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,8 +108,9 @@ NONFINITE_CHECK_EVERY = 50  # training steps between read-backs of the device-si
 @dataclass
 class Engine:
     """The model as the loop runs it: `model` (whose state is saved), `forward` (the same module, or its
-    torch.compile), the device, the autocast dtype (None = float32 throughout), the memory format, and ROLE's
-    label estimates (trained and saved with the model) for a loss that reads them."""
+    torch.compile, or its DistributedDataParallel wrapper), the device, the autocast dtype (None = float32
+    throughout), the memory format, ROLE's label estimates (trained and saved with the model) for a loss that
+    reads them, and where the process stands in a torchrun launch (`dist`; SINGLE for one process)."""
 
     model: torch.nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -113,6 +119,8 @@ class Engine:
     channels_last: bool = False
     estimates: LabelEstimates | None = None
     frozen_backbone: bool = False  # --freeze-backbone: the backbone stays in eval mode (BatchNorm statistics fixed)
+    dist: DistContext = SINGLE
+    eval_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # without DDP's wrapper (default: forward)
 
     def train(self) -> None:
         self.model.train()
@@ -139,21 +147,26 @@ class Engine:
         if self.estimates is not None:
             self.estimates.logits.data.copy_(state["label_estimates"])
 
-    def logits(self, batch: dict) -> torch.Tensor:
+    def logits(self, batch: dict, training: bool = True) -> torch.Tensor:
         """float32 logits of a batch from any loader (the loss always runs in float32): images, or feature
-        vectors (datasets.FeatureLoader, already on the device)."""
+        vectors (datasets.FeatureLoader, already on the device). Evaluation bypasses DDP's wrapper, whose
+        forward would take part in collectives."""
+        forward = self.forward if training or self.eval_forward is None else self.eval_forward
         if "features" in batch:
-            return self.forward(batch["features"]).float()
+            return forward(batch["features"]).float()
         images = to_model_input(batch, self.device, self.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            return self.forward(images).float()
+            return forward(images).float()
 
 
 def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off", channels_last: bool = False,
                  compile_model: bool = False, cudnn_benchmark: bool = False,
-                 estimates: LabelEstimates | None = None, frozen_backbone: bool = False) -> Engine:
-    """Check that the device supports the speed options (ValueError naming the flag and the alternative)."""
+                 estimates: LabelEstimates | None = None, frozen_backbone: bool = False,
+                 dist: DistContext = SINGLE, sync_bn: bool = False) -> Engine:
+    """Check that the device supports the speed options (ValueError naming the flag and the alternative). In a
+    torchrun launch the model is wrapped in DistributedDataParallel (its BatchNorm layers made SyncBatchNorm
+    first with `sync_bn`), which starts every rank from rank 0's weights."""
     if amp not in AMP_DTYPES:
         raise ValueError(f"--amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
@@ -177,9 +190,18 @@ def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off",
         torch.backends.cudnn.benchmark = True
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if compile_model else model
-    return Engine(model, forward, device, AMP_DTYPES[amp], channels_last,
-                  estimates.to(device) if estimates is not None else None, frozen_backbone)
+    if not dist.enabled:
+        forward = torch.compile(model) if compile_model else model
+        return Engine(model, forward, device, AMP_DTYPES[amp], channels_last,
+                      estimates.to(device) if estimates is not None else None, frozen_backbone)
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if estimates is not None:  # one start for every rank: rank 0's draw
+        estimates = estimates.to(device)
+        torch.distributed.broadcast(estimates.logits.data, src=0)
+    return Engine(model, torch.compile(wrapped) if compile_model else wrapped, device, AMP_DTYPES[amp], channels_last,
+                  estimates, frozen_backbone, dist, torch.compile(model) if compile_model else model)
 
 
 def _cpu_has_bf16() -> bool:
@@ -213,7 +235,7 @@ def _forward_pass(engine: Engine, loader, desc: str,
         size = len(batch["idx"])
         if step is None:
             with torch.inference_mode():
-                preds.append(torch.sigmoid(engine.logits(batch)))
+                preds.append(torch.sigmoid(engine.logits(batch, training=False)))
         else:
             logits = engine.logits(batch)
             loss = step(logits, batch)
@@ -230,6 +252,9 @@ def _forward_pass(engine: Engine, loader, desc: str,
         true.append(batch["label_vec_true"].numpy())
         obs.append(batch["label_vec_obs"].numpy())
         idx.append(batch["idx"].numpy())
+    if not idx:  # a rank whose share of a small set is empty
+        empty = np.zeros((0, loader.dataset.labels_true.shape[1]), dtype=np.float32)
+        preds, true, obs, idx = [torch.from_numpy(empty)], [empty], [empty], [np.zeros(0, dtype=np.int64)]
     return {"preds": torch.cat(preds).cpu().numpy(), "true": np.concatenate(true), "obs": np.concatenate(obs),
             "idx": np.concatenate(idx), "loss": loss_sum.item() / max(seen, 1), "seconds": time.time() - start,
             "num_batches": len(loader)}
@@ -240,8 +265,11 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
     """One training epoch. A loss that corrects labels for good (LL-Cp) has its corrections written into
     `dataset` (default: the loader's) at the end of the epoch, kept on the device until then (no sync): each
     row comes once per epoch, so the loaders see them from the next epoch on, as with the original's
-    per-epoch DataLoader workers."""
+    per-epoch DataLoader workers. In a torchrun launch every rank trains on its shard (reshuffled each epoch),
+    the corrections of all ranks reach every rank, and the returned predictions are all ranks' (gather_pass)."""
     engine.train()
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # a DistributedSampler: this epoch's shuffle
+        loader.sampler.set_epoch(epoch)
     hyperparameters = cfg.loss_hyperparameters()
     corrections = LOSSES[cfg.loss].corrections
     corrected: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -256,20 +284,29 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
             corrected.append((batch["idx"], corrections(logits, obs, epoch=epoch, **hyperparameters)))
         optimizer.zero_grad()
         scaler.scale(loss).backward()  # no scaling unless --amp fp16
+        if engine.estimates is not None:  # DDP averages the model's gradients; the estimates' are averaged here
+            engine.dist.average_gradients_(list(engine.estimates.parameters()))
         scaler.step(optimizer)
         scaler.update()
         return loss.detach()
 
     out = _forward_pass(engine, loader, f"epoch {epoch} train", step, epoch)
-    for rows, mask in corrected:
-        (dataset if dataset is not None else loader.dataset).mark_positive(rows, mask)
-    out["corrected_labels"] = int(sum(int(mask.sum()) for _, mask in corrected))
-    return out
+    target = dataset if dataset is not None else loader.dataset
+    if corrections is not None:
+        before = target.labels_obs.copy()
+        for rank_corrections in engine.dist.all_gather([(rows, mask.cpu()) for rows, mask in corrected]):
+            for rows, mask in rank_corrections:
+                target.mark_positive(rows, mask)
+        out["corrected_labels"] = int(((target.labels_obs == 1) & (before != 1)).sum())
+    return engine.dist.gather_pass(out)
 
 
 def evaluate(engine: Engine, loader, desc: str) -> dict:
+    """Predictions over `loader` in eval mode; in a torchrun launch every rank evaluates rank 0's model on its
+    shard and gets all ranks' predictions, each row once (gather_pass)."""
     engine.model.eval()
-    return _forward_pass(engine, loader, desc)
+    engine.dist.broadcast_buffers_(engine.model)
+    return engine.dist.gather_pass(_forward_pass(engine, loader, desc))
 
 
 def run_apl(engine: Engine, loader, dataset: MultilabelDataset, unlabel_num: np.ndarray, cfg: Config,
@@ -286,7 +323,9 @@ def run_apl(engine: Engine, loader, dataset: MultilabelDataset, unlabel_num: np.
     preds = np.zeros_like(out["preds"])
     preds[out["idx"]] = out["preds"]
     before = dataset.labels_obs.copy()
-    after = apl_update(before, preds, unlabel_num, cfg.neg_proportion, cfg.num_epochs, cfg.warmup_epoch)
+    # rank 0 labels, every rank (and, through the shared matrix, its loader workers) gets its matrix
+    after = engine.dist.from_main(lambda: apl_update(before, preds, unlabel_num, cfg.neg_proportion, cfg.num_epochs,
+                                                     cfg.warmup_epoch))
     dataset.set_observed(after)
     return int(((after < 0) & (before == 0)).sum())
 
@@ -362,7 +401,7 @@ def _eval_metrics(out: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # resuming: last.pt, written at the end of every epoch
 
-CHECKPOINT_FORMAT = 1  # of last.pt; a different one is refused on --resume, naming both
+CHECKPOINT_FORMAT = 2  # of last.pt (2: arrays stored as tensors); another one is refused on --resume, naming both
 
 
 class ResumeError(ValueError):
@@ -382,6 +421,7 @@ class Progress:
 
 
 def _random_states(loaders: dict) -> dict:
+    """This process's random generators (each rank has its own: last.pt keeps them all, in rank order)."""
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     # the cached loaders' worker generators (kept across epochs with --persistent-workers)
@@ -407,11 +447,30 @@ def _restore_random_states(states: dict, loaders: dict) -> None:
 
 def _save_last(run_dir: Path, engine: Engine, optimizer, scaler, datasets: dict, loaders: dict, progress: Progress,
                results: dict, cfg: Config) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), **engine.state(),
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "labels_obs": datasets["train"].labels_obs.copy(), "progress": dataclasses.asdict(progress),
-             "epochs": results["epochs"], "random": _random_states(loaders)}
+    random_states = engine.dist.all_gather(_random_states(loaders))  # every rank takes part; rank 0 writes
+    if not engine.dist.main:
+        return
+    # numpy arrays travel as tensors: torch.save pickles arrays ten times slower than it writes tensor storages
+    state = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "world_size": engine.dist.world_size,
+             **engine.state(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "labels_obs": torch.from_numpy(datasets["train"].labels_obs.copy()),
+             "progress": _as_tensors(dataclasses.asdict(progress)),
+             "epochs": results["epochs"], "random": random_states}
     write_atomic(run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
+
+
+def _as_tensors(tree):
+    """`tree` (dicts of numpy arrays and plain values) with its arrays as tensors sharing their memory."""
+    if isinstance(tree, dict):
+        return {k: _as_tensors(v) for k, v in tree.items()}
+    return torch.from_numpy(tree) if isinstance(tree, np.ndarray) else tree
+
+
+def _as_arrays(tree):
+    """The inverse of `_as_tensors`."""
+    if isinstance(tree, dict):
+        return {k: _as_arrays(v) for k, v in tree.items()}
+    return tree.numpy() if isinstance(tree, torch.Tensor) else tree
 
 
 def load_last(run_dir: Path) -> dict:
@@ -430,6 +489,7 @@ def load_last(run_dir: Path) -> dict:
     if state["format"] != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path} has checkpoint format {state['format']} (another version of this project); this "
                           f"version reads format {CHECKPOINT_FORMAT}: resume it with that version, or start again")
+    state["labels_obs"], state["progress"] = _as_arrays(state["labels_obs"]), _as_arrays(state["progress"])
     return state
 
 
@@ -438,7 +498,7 @@ def _restore(state: dict, engine: Engine, optimizer, scaler, datasets: dict, loa
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     datasets["train"].set_observed(state["labels_obs"])
-    _restore_random_states(state["random"], loaders)
+    _restore_random_states(state["random"][engine.dist.rank], loaders)
     return Progress(**state["progress"])
 
 
@@ -453,24 +513,40 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
     `load_last` state, continued after its epoch (its records replace `results["epochs"]`).
 
     A run that breaks (NaN loss, unreadable image, Ctrl-C, ...) keeps its finished epochs in results.json
-    with status "failed" or "interrupted" and the error.
+    with status "failed" or "interrupted" and the error. In a torchrun launch only rank 0 writes; a rank that
+    died (torchrun then stops the others, or a collective fails or times out) fails the run, naming the rank.
     """
+    dist = engine.dist
     results.update(epochs=resume["epochs"] if resume else {}, status="running",
                    process={"pid": os.getpid(), "host": socket.gethostname()},
                    best_epoch=resume["progress"]["best_epoch"] if resume else None)
+    if dist.enabled:
+        results["process"]["ranks"] = [{"host": host, "pid": pid} for host, pid in dist.peers]
     results.pop("error", None)
-    save_json(run_dir / "results.json", results)
+    if dist.main:
+        save_json(run_dir / "results.json", results)
     try:
         best_state, progress = _train_with_early_stopping(engine, loaders, datasets, cfg, run_dir, results, resume)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         where = f"during epoch {len(results['epochs']) + 1}"
-        results.update(status="interrupted" if interrupted else "failed",
-                       error=f"{str(exc) or 'Ctrl-C'} {where}" if interrupted else f"{type(exc).__name__}: {exc}")
+        # a rank dead before our own signal arrived (torchrun stops the survivors when one dies), or one that is
+        # dead, or dies within seconds, when a collective fails; a stop of the whole job leaves them alive here
+        dead = dist.dead_ranks(wait_s=0.0 if interrupted else 3.0) if dist.enabled else []
+        if dead:
+            interrupted, error = False, f"{', '.join(dead)} died {where}; the other ranks stopped ({exc})"
+        elif interrupted:
+            error = f"{str(exc) or 'Ctrl-C'} {where}"
+        else:
+            error = f"{type(exc).__name__}: {exc}" + (f" ({dist.diagnose()})" if dist.enabled else "")
+        results.update(status="interrupted" if interrupted else "failed", error=error)
         try:
-            save_json(run_dir / "results.json", results)
+            if dist.main:
+                save_json(run_dir / "results.json", results)
         except OSError:  # e.g. the disk is full: the last complete results.json stays, the caller reports
             pass
+        if dead or (dist.enabled and isinstance(exc, torch.distributed.DistError)):
+            raise RankFailure(error) from exc
         raise
 
     engine.load_state(best_state)
@@ -485,7 +561,8 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
                           for t in THRESHOLDS},
         recommended_threshold=0.75 if cfg.loss in ("EM", "EM_APL") else 0.5,
     )
-    save_json(run_dir / "results.json", results)
+    if dist.main:
+        save_json(run_dir / "results.json", results)
     return results
 
 
@@ -501,7 +578,7 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         progress = _restore(resume, engine, optimizer, scaler, datasets, loaders)
         # the loop only goes on after an improving epoch, whose state is the current one; else best.pt has it
         best_state = engine.state() if progress.best_epoch == progress.epoch else _load_best(run_dir, progress)
-        if progress.best_epoch == progress.epoch:
+        if progress.best_epoch == progress.epoch and engine.dist.main:
             _rewrite_best_if_ahead(run_dir, best_state, progress, datasets, cfg)
         if progress.best_epoch != progress.epoch:  # it stopped early, and was cut before it could say so
             return best_state, progress
@@ -525,7 +602,8 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         val = evaluate(engine, loaders["val"], f"epoch {epoch} val")
         record["val"] = _eval_metrics(val)
         val_map = record["val"][cfg.selection_key]  # map_clean unless --stop-metric / --val-labels
-        improved = val_map > progress.best_val_map  # strict: a tie stops the run, as the original
+        # strict: a tie stops the run, as the original; rank 0 decides for every rank
+        improved = engine.dist.from_main(lambda: val_map > progress.best_val_map)
         line = (f"epoch {epoch}/{cfg.num_epochs}  train loss {record['train']['loss']:.4f}  "
                 f"val mAP {record['val']['map_clean']:.2f}"
                 + ("" if cfg.selection_key == "map_clean" else f"  val {cfg.selection_key} {val_map:.2f}"))
@@ -541,10 +619,11 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         results["epochs"][str(epoch)] = record
         results["best_epoch"] = progress.best_epoch
         progress.epoch = epoch
-        save_json(run_dir / "results.json", results)  # the small record first: a full disk still keeps it
-        if improved:
-            _save_checkpoint(run_dir / "best.pt", best_state, cfg, epoch)
-            _save_predictions(run_dir / "predictions.npz", progress, datasets, epoch)
+        if engine.dist.main:  # only rank 0 writes
+            save_json(run_dir / "results.json", results)  # the small record first: a full disk still keeps it
+            if improved:
+                _save_checkpoint(run_dir / "best.pt", best_state, cfg, epoch)
+                _save_predictions(run_dir / "predictions.npz", progress, datasets, epoch)
         _save_last(run_dir, engine, optimizer, scaler, datasets, loaders, progress, results, cfg)
         if not improved:
             # the original leaves both loops here, so this epoch has no test pass
