@@ -8,6 +8,7 @@ Writes results/<dataset>_<loss>_s<seed>_<time>/{results.json, best.pt, console.l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -407,6 +408,14 @@ def setup_device(cfg: Config, gpu_given: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """main.py; in a torchrun launch, ranks other than 0 print nothing (their errors still reach stderr)."""
+    if os.environ.get("RANK", "0") == "0":
+        return _main(argv)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.resume:
         return _resume(Path(args.resume), argv)
@@ -471,9 +480,6 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
     torch.manual_seed(cfg.pytorch_seed)
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
     previous = handle_interrupts()  # from here on, kill = Ctrl-C
-    stdout = sys.stdout
-    if not ctx.main:
-        sys.stdout = open(os.devnull, "w")
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
             if resume is None and ctx.main:
@@ -495,9 +501,6 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
         return _train_in(run_dir, cfg, device, datasets, engine, loaders, ignored, setup, results, resume)
     finally:
         restore_interrupts(previous)
-        if sys.stdout is not stdout:
-            sys.stdout.close()
-            sys.stdout = stdout
         ctx.close()
 
 
