@@ -13,15 +13,19 @@ What is synchronised, and how (train.py calls these):
     rank and drops the distributed sampler's padding, so metrics see each row exactly once, in dataset order
     (val and test are dealt out by whole batches, `shard_arguments`: the same predictions as one process's);
   - decisions (APL's new observed matrix, whether an epoch improved): rank 0 computes, `from_main` broadcasts.
-A collective that waits longer than --dist-timeout raises; `dead_ranks` then names the ranks that died.
+Faults: every rank notes each batch it starts in torchrun's key-value store (`mark`); a watchdog thread
+(`start_watchdog`) ends the run when a rank of this host dies, or when a rank's mark has not moved for
+--dist-timeout seconds (a hang), naming the rank that is behind. A collective that fails (a peer's closed
+connection, gloo's own timeout) is explained the same way (`dead_ranks`, `behind`).
 """
 from __future__ import annotations
 
 import datetime
 import os
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -43,6 +47,9 @@ class DistContext:
     timeout_s: float = 0.0
     peers: tuple = ()  # (host, pid) of every rank, in rank order
     group: Any = None  # a gloo group for the Python-object collectives (the default one may be NCCL)
+    store: Any = None  # a client of torchrun's key-value store, for the marks
+    _marks: list = field(default_factory=lambda: [0])  # this rank's count of marks
+    _beats: dict = field(default_factory=dict)  # rank 0's watchdog: rank -> (last heartbeat read, when it changed)
 
     @property
     def main(self) -> bool:
@@ -92,12 +99,59 @@ class DistContext:
                 torch.distributed.all_reduce(t.grad)
                 t.grad.div_(self.world_size)
 
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The largest of every rank's `tensor` (in place), e.g. a non-finite loss's batch: all ranks stop together."""
+        if self.enabled:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return tensor
+
     def broadcast_buffers_(self, module: torch.nn.Module) -> None:
         """Rank 0's buffers (BatchNorm running statistics) on every rank."""
         if not self.enabled:
             return
         for buffer in module.buffers():
             torch.distributed.broadcast(buffer, src=0)
+
+    def mark(self, where: str) -> None:
+        """Note in the store that this rank starts `where` (a pass's batch): its count of marks and the text."""
+        if self.store is not None:
+            self._marks[0] += 1
+            self.store.set(f"spml/at/{self.rank}", f"{self._marks[0]} {where}")
+
+    def read_marks(self) -> list[tuple[int, str]]:
+        """Every rank's (count, text) of its last mark; (0, "start") before its first."""
+        keys = [f"spml/at/{r}" for r in range(self.world_size)]
+        out = []
+        for key in keys:
+            text = self.store.get(key).decode() if self.store.check([key]) else "0 start"
+            count, _, where = text.partition(" ")
+            out.append((int(count), where))
+        return out
+
+    def beat(self, now: float) -> None:
+        """The watchdog's heartbeat (its thread runs while the main thread waits in a collective); rank 0 also
+        notes when each rank's heartbeat last changed."""
+        self.store.set(f"spml/beat/{self.rank}", str(now))
+        if self.main:
+            for r in range(self.world_size):
+                key = f"spml/beat/{r}"
+                value = self.store.get(key).decode() if self.store.check([key]) else ""
+                if self._beats.get(r, (None,))[0] != value:
+                    self._beats[r] = (value, now)
+
+    def behind(self, silent_s: float = 5.0) -> list[str]:
+        """The ranks to blame for a stall, e.g. ["rank 1 (pid 4242, at epoch 3 train, batch 17)"]: those whose
+        heartbeat stopped (a stopped or frozen process), else those whose mark is the least advanced while
+        another's is further (stuck outside a collective); [] when neither tells."""
+        try:
+            marks = self.read_marks()
+        except Exception:  # the store is gone with the agent or rank 0
+            return []
+        now = time.time()
+        silent = [r for r, (_, since) in self._beats.items() if r != self.rank and now - since > silent_s]
+        low = min(count for count, _ in marks)
+        slow = [] if all(count == low for count, _ in marks) else [r for r, (c, _) in enumerate(marks) if c == low]
+        return [f"rank {r} (pid {self.peers[r][1]}, at {marks[r][1]})" for r in sorted(silent or slow)]
 
     def dead_ranks(self, wait_s: float = 3.0) -> list[str]:
         """The other ranks on this host whose process has ended, e.g. ["rank 1 (pid 4242)"]; waits up to `wait_s`
@@ -114,10 +168,12 @@ class DistContext:
 
     def diagnose(self) -> str:
         """What can be said of the other ranks when a collective failed and none of this host's ranks died."""
+        behind = self.behind()
+        if behind:
+            return f"{', '.join(behind)} stopped answering (the others had gone on)"
         remote = [r for r, (h, _) in enumerate(self.peers) if h != socket.gethostname()]
         return (f"no rank on this host died; ranks {remote} on other hosts may have (see their logs)" if remote
-                else f"every rank is alive: one stopped answering for --dist-timeout {self.timeout_s:g} s (a hang) "
-                     f"or failed on its own (see its output)")
+                else "every rank is alive and at the same point; one failed on its own (see its output)")
 
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
@@ -136,6 +192,45 @@ def _ended(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return False
+
+
+def start_watchdog(ctx: DistContext, on_failure: Callable[[str], None], period_s: float = 1.0) -> threading.Event:
+    """A daemon thread that calls `on_failure(message)` (which ends the process) when another rank of this host has
+    died, or, on rank 0, when some rank's mark has not moved for --dist-timeout seconds: a rank blocked inside a
+    collective (NCCL notices a peer's death only at its own timeout) cannot handle torchrun's SIGTERM, so the
+    run's status is written from here. Returns the event that stops it; no thread for a single process."""
+    stop = threading.Event()
+    if not ctx.enabled:
+        return stop
+
+    def watch() -> None:
+        moved = {}  # rank -> (count, time it last changed)
+        while not stop.wait(period_s):
+            try:
+                ctx.beat(time.time())
+            except Exception:  # the store is gone: the agent is stopping the job
+                return
+            dead = ctx.dead_ranks(wait_s=0.0)
+            if dead and not stop.is_set():
+                on_failure(f"{', '.join(dead)} died")
+                return
+            if not ctx.main:
+                continue
+            try:
+                marks = ctx.read_marks()
+            except Exception:  # the store is gone: the agent is stopping the job
+                return
+            now = time.time()
+            for r, (count, _) in enumerate(marks):
+                if moved.get(r, (None,))[0] != count:
+                    moved[r] = (count, now)
+            if any(now - since > ctx.timeout_s for _, since in moved.values()) and not stop.is_set():
+                stuck = ctx.behind() or [f"every rank (at {marks[0][1]})"]
+                on_failure(f"{', '.join(stuck)} stopped answering for --dist-timeout {ctx.timeout_s:g} s")
+                return
+
+    threading.Thread(target=watch, name="spml-watchdog", daemon=True).start()
+    return stop
 
 
 def launched_by_torchrun() -> bool:
@@ -172,13 +267,15 @@ def setup(gpu_flag: str | None, batch_size: int, timeout_s: float, sync_bn: bool
                              f"(or fewer)")
         backend, device = "nccl", torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a timed-out collective raises here, not aborts
     timeout = datetime.timedelta(seconds=timeout_s)
     torch.distributed.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
     group = torch.distributed.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     ctx = DistContext(rank, world, local_rank, backend, timeout_s, group=group)
     peers = tuple(ctx.all_gather((socket.gethostname(), os.getpid())))
-    return DistContext(rank, world, local_rank, backend, timeout_s, peers, group), device
+    # the store that init_process_group joined (torchrun's agent, or rank 0's), as a client of our own
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                       timeout=timeout)
+    return DistContext(rank, world, local_rank, backend, timeout_s, peers, group, store), device
 
 
 def shard_arguments(dataset, ctx: DistContext, train: bool, batch_size: int, seed: int) -> dict:

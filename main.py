@@ -385,9 +385,12 @@ def resume_config(run_dir: Path, given: dict) -> tuple[Config, dict]:
 
 
 def print_error(message) -> None:
-    """The one-line error of a user mistake; in a torchrun launch rank 0 says it for every rank."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {one_line(message)}", file=sys.stderr)
+    """The one-line error of a user mistake; in a torchrun launch the first rank of each node says it for the
+    node's ranks (another node's own problem, e.g. missing data there, is then still told), with its rank."""
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {one_line(message)}" if rank == "0" else f"[rank {rank}] error: {one_line(message)}",
+              file=sys.stderr)
 
 
 def setup_device(cfg: Config, gpu_given: str | None):
@@ -427,7 +430,7 @@ def _main(argv: list[str] | None) -> int:
         print_error(exc)
         return 2
     ignored = cfg.unused_settings({k for k, v in overrides.items() if v is not None})
-    if cfg.sync_bn and not ctx.enabled:
+    if cfg.sync_bn and not ctx.enabled and "sync_bn" not in ignored:
         ignored.append("sync_bn")
     for field in ignored:  # reported, not silently dropped
         reason = "a linear probe on --features reads no images" if field in IMAGE_SETTINGS and cfg.features else \

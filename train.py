@@ -11,7 +11,9 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +24,12 @@ import torch
 from tqdm import tqdm
 
 from config import AMP_MODES, ROLE_LI_PHASE1, Config
-from datasets import FeatureDataset, FeatureLoader, MultilabelDataset, raise_sample_errors
-from distributed import SINGLE, DistContext
+from datasets import DataError, FeatureDataset, FeatureLoader, MultilabelDataset, raise_sample_errors
+from distributed import SINGLE, DistContext, start_watchdog
 from image_cache import to_model_input
 from losses import LOSSES, compute_loss
 from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics
-from fileio import pid_alive, write_atomic
+from fileio import OutputError, pid_alive, write_atomic
 
 
 class RankFailure(RuntimeError):
@@ -231,6 +233,7 @@ def _forward_pass(engine: Engine, loader, desc: str,
     first_bad_value = torch.zeros((), device=device)
     bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
     for i, batch in enumerate(bar):
+        engine.dist.mark(f"{desc}, batch {i + 1}")  # torchrun: where this rank is, for the watchdog
         raise_sample_errors(batch)
         size = len(batch["idx"])
         if step is None:
@@ -244,8 +247,10 @@ def _forward_pass(engine: Engine, loader, desc: str,
             first_bad = torch.where(new_bad, i + 1, first_bad)
             first_bad_value = torch.where(new_bad, loss, first_bad_value)
             if (i + 1) % NONFINITE_CHECK_EVERY == 0 or i + 1 == len(loader):
-                if first_bad.item() >= 0:
-                    raise NonFiniteLossError(epoch, int(first_bad), float(first_bad_value))
+                bad = engine.dist.max_(first_bad.clone())  # torchrun: any rank's, so that all ranks stop together
+                if bad.item() >= 0:
+                    value = float(first_bad_value) if int(first_bad) == int(bad) else float("nan")  # (another's)
+                    raise NonFiniteLossError(epoch, int(bad), value)
                 bar.set_postfix({"loss": f"{loss_sum.item() / (seen + size):.4f}"}, refresh=False)
             preds.append(torch.sigmoid(logits.detach()))
         seen += size
@@ -525,10 +530,29 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
     results.pop("error", None)
     if dist.main:
         save_json(run_dir / "results.json", results)
+
+    def stopped_by_watchdog(message: str) -> None:  # this process may be blocked inside a collective: end it here
+        error = f"{message} during epoch {len(results['epochs']) + 1}; the run stopped"
+        if dist.main:
+            try:
+                save_json(run_dir / "results.json", {**results, "status": "failed", "error": error})
+            except Exception:  # (the loop may be changing `results` right now: the running record stays)
+                pass
+        print(f"error: {error}" if dist.main else f"[rank {dist.rank}] error: {error}", file=sys.stderr, flush=True)
+        os._exit(3)
+
+    watchdog = start_watchdog(dist, stopped_by_watchdog)
     try:
         best_state, progress = _train_with_early_stopping(engine, loaders, datasets, cfg, run_dir, results, resume)
+        watchdog.set()
+        dist.all_gather(None)  # no rank exits (and looks dead to a watchdog) before every rank stopped watching
     except BaseException as exc:
+        watchdog.set()
+        if dist.enabled:  # torchrun's SIGTERM to the survivors must not cut what follows (main restores them)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         interrupted = isinstance(exc, KeyboardInterrupt)
+        ours = isinstance(exc, (KeyboardInterrupt, NonFiniteLossError, DataError, OutputError, ValueError))
         where = f"during epoch {len(results['epochs']) + 1}"
         # a rank dead before our own signal arrived (torchrun stops the survivors when one dies), or one that is
         # dead, or dies within seconds, when a collective fails; a stop of the whole job leaves them alive here
@@ -537,15 +561,15 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
             interrupted, error = False, f"{', '.join(dead)} died {where}; the other ranks stopped ({exc})"
         elif interrupted:
             error = f"{str(exc) or 'Ctrl-C'} {where}"
-        else:
-            error = f"{type(exc).__name__}: {exc}" + (f" ({dist.diagnose()})" if dist.enabled else "")
+        else:  # a failed collective (a closed connection, gloo's timeout) is explained by the other ranks' marks
+            error = f"{type(exc).__name__}: {exc}" + (f" ({dist.diagnose()})" if dist.enabled and not ours else "")
         results.update(status="interrupted" if interrupted else "failed", error=error)
         try:
             if dist.main:
                 save_json(run_dir / "results.json", results)
         except OSError:  # e.g. the disk is full: the last complete results.json stays, the caller reports
             pass
-        if dead or (dist.enabled and isinstance(exc, torch.distributed.DistError)):
+        if dead or (dist.enabled and not ours):
             raise RankFailure(error) from exc
         raise
 

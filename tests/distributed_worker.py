@@ -4,6 +4,7 @@ compares into OUT:
 
     evaluate RUN_DIR DATA_ROOT OUT   the val and test predictions of RUN_DIR/best.pt (rank 0: OUT/eval.npz)
     apl DATA_ROOT OUT                one training epoch and one APL round (every rank: OUT/obs_rank<r>.npy)
+    nan MAIN_FLAGS...                main.py, whose loss is NaN at rank 1's second step (and on no other rank)
 """
 from __future__ import annotations
 
@@ -54,5 +55,16 @@ def apl(data_root: str, out: str) -> None:
     ctx.close()
 
 
+def nan_on_rank_1(*flags: str) -> int:
+    compute_loss, steps = train.compute_loss, [0]
+
+    def faulty(*args, **kwargs):
+        loss = compute_loss(*args, **kwargs)
+        steps[0] += 1
+        return loss * float("nan") if steps[0] == 2 and main.os.environ.get("RANK") == "1" else loss
+    train.compute_loss = faulty
+    return main.main(list(flags))
+
+
 if __name__ == "__main__":
-    {"evaluate": evaluate, "apl": apl}[sys.argv[1]](*sys.argv[2:])
+    sys.exit({"evaluate": evaluate, "apl": apl, "nan": nan_on_rank_1}[sys.argv[1]](*sys.argv[2:]))

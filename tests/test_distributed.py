@@ -2,8 +2,10 @@
 killed rank, resume, and the one-line errors of a launch that cannot work."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,6 +147,42 @@ def test_a_killed_rank_fails_the_run_naming_it(mini_root, tmp_path):
     assert f"rank 1 (pid {results['process']['ranks'][1]['pid']}) died" in final["error"]
     assert "error: rank 1" in stderr and proc.returncode != 0
     assert elapsed < 60
+
+
+def test_a_hung_rank_fails_the_run_within_the_timeout_naming_it(mini_root, tmp_path):
+    command = torchrun("main.py", *RUN_FLAGS, "--epochs", "40", "--image-size", "64", "--dist-timeout", "10",
+                       "--data-root", str(mini_root), "--results-dir", str(tmp_path))
+    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hung = None
+    try:
+        results = _wait_for(lambda: next((r for p in tmp_path.glob("*/results.json") if (r := _read(p))
+                                          and r.get("process", {}).get("ranks")), None), 120, "the run to start")
+        time.sleep(0.5)  # into the first epoch's steps
+        hung = results["process"]["ranks"][1]["pid"]
+        os.kill(hung, signal.SIGSTOP)  # alive, but never answers again
+        start = time.time()
+        _wait_for(lambda: (_read(next(tmp_path.glob("*/results.json"))) or {}).get("status") == "failed", 60,
+                  "the run to be marked failed")
+        elapsed = time.time() - start
+        proc.communicate(timeout=60)
+    finally:
+        if hung:
+            with contextlib.suppress(ProcessLookupError):  # (torchrun may have killed it already)
+                os.kill(hung, signal.SIGKILL)
+        proc.kill()
+    _, final = results_of(tmp_path)
+    assert f"rank 1 (pid {hung}, at epoch" in final["error"] and "stopped answering" in final["error"]
+    assert 10 <= elapsed < 40
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_its_message(mini_root, tmp_path):
+    proc = run(torchrun(str(WORKER), "nan", *RUN_FLAGS, "--data-root", str(mini_root),
+                        "--results-dir", str(tmp_path)))
+    _, final = results_of(tmp_path)
+    assert proc.returncode != 0 and final["status"] == "failed"
+    # rank 1's NaN (its second loss) stops rank 0 too, at the same check, and the run says why
+    assert re.match(r"NonFiniteLossError: loss is nan at epoch 1, batch \d+; stopping", final["error"])
+    assert "error: loss is nan at epoch 1" in proc.stderr and "died" not in final["error"]
 
 
 def test_a_distributed_run_resumes_with_its_world_size_only(mini_root, tmp_path):
