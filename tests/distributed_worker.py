@@ -4,6 +4,8 @@ compares into OUT:
 
     evaluate RUN_DIR DATA_ROOT OUT   the val and test predictions of RUN_DIR/best.pt (rank 0: OUT/eval.npz)
     apl DATA_ROOT OUT                one training epoch and one APL round (every rank: OUT/obs_rank<r>.npy)
+    state LOSS DATA_ROOT OUT         two training epochs of LOSS (every rank: its observed matrix, its estimates,
+                                     its model in OUT/state_rank<r>.pt)
     nan MAIN_FLAGS...                main.py, whose loss is NaN at rank 1's second step (and on no other rank)
 """
 from __future__ import annotations
@@ -25,8 +27,8 @@ SETTINGS = dict(loss="EM_APL", gpu="cpu", batch_size=8, arch="resnet18", weights
                 num_workers=0, num_epochs=4, warmup_epoch=1, lr=1e-3)
 
 
-def build(data_root: str):
-    cfg = build_config("mini", data_root=data_root, **SETTINGS)
+def build(data_root: str, **settings):
+    cfg = build_config("mini", data_root=data_root, **{**SETTINGS, **settings})
     device, ctx = main.setup_device(cfg, "cpu")
     torch.manual_seed(cfg.pytorch_seed)
     datasets, engine, loaders, _ = main.build_run(cfg, device, ctx=ctx)
@@ -55,6 +57,19 @@ def apl(data_root: str, out: str) -> None:
     ctx.close()
 
 
+def state(loss: str, data_root: str, out: str) -> None:
+    cfg, ctx, datasets, engine, loaders = build(data_root, loss=loss, expected_num_pos=1.9)
+    optimizer = torch.optim.Adam(engine.parameter_groups(cfg.lr), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    corrected = [train.train_epoch(engine, loaders["train"], optimizer, scaler, cfg, epoch, datasets["train"])
+                 .get("corrected_labels") for epoch in (1, 2)]
+    # the parameters only: BatchNorm's running statistics are each rank's until evaluate() sends rank 0's to all
+    parameters = {n: p.detach() for n, p in engine.model.named_parameters()}
+    torch.save({"obs": torch.from_numpy(datasets["train"].labels_obs), "corrected": corrected, **engine.state(),
+                "model": parameters}, Path(out) / f"state_rank{ctx.rank}.pt")
+    ctx.close()
+
+
 def nan_on_rank_1(*flags: str) -> int:
     compute_loss, steps = train.compute_loss, [0]
 
@@ -67,4 +82,4 @@ def nan_on_rank_1(*flags: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit({"evaluate": evaluate, "apl": apl, "nan": nan_on_rank_1}[sys.argv[1]](*sys.argv[2:]))
+    sys.exit({"evaluate": evaluate, "apl": apl, "state": state, "nan": nan_on_rank_1}[sys.argv[1]](*sys.argv[2:]))

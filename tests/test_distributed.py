@@ -112,6 +112,24 @@ def test_after_an_apl_round_both_ranks_hold_the_same_observed_matrix(mini_root, 
     assert new[0] == new[1] == int((obs[0] < 0).sum()) > 0
 
 
+@pytest.mark.parametrize("loss", ["role", "ll_cp"])
+def test_per_sample_state_stays_the_same_on_every_rank(mini_root, tmp_path, loss):
+    """ROLE's estimate matrix (its gradients averaged over the ranks) and LL-Cp's corrections (every rank's
+    reach every rank) after two epochs: the same on both ranks, as the model's parameters."""
+    proc = run(torchrun(str(WORKER), "state", loss, str(mini_root), str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [torch.load(tmp_path / f"state_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for key in ("obs", "model") + (("label_estimates",) if loss == "role" else ()):  # model: its parameters
+        a, b = states[0][key], states[1][key]
+        assert all(torch.equal(a[k], b[k]) for k in a) if isinstance(a, dict) else torch.equal(a, b), key
+    obs = states[0]["obs"].numpy()
+    if loss == "ll_cp":  # epoch 2 corrects: positives added to the one per row, counted alike on both ranks
+        assert states[0]["corrected"] == states[1]["corrected"] and states[0]["corrected"][1] > 0
+        assert int((obs == 1).sum()) == len(obs) + sum(states[0]["corrected"])
+    else:  # no corrections; the observed matrix is the one positive per row it started with
+        assert states[0]["corrected"] == [None, None] and int((obs == 1).sum()) == len(obs)
+
+
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
