@@ -176,7 +176,7 @@ class DistContext:
                 else "every rank is alive and at the same point; one failed on its own (see its output)")
 
     def close(self) -> None:
-        if self.enabled and torch.distributed.is_initialized():
+        if self.backend and torch.distributed.is_initialized():  # (torchrun with one process has a group too)
             torch.distributed.destroy_process_group()
 
 
