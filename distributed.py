@@ -13,9 +13,10 @@ What is synchronised, and how (train.py calls these):
     rank and drops the distributed sampler's padding, so metrics see each row exactly once, in dataset order
     (val and test are dealt out by whole batches, `shard_arguments`: the same predictions as one process's);
   - decisions (APL's new observed matrix, whether an epoch improved): rank 0 computes, `from_main` broadcasts.
-Faults: every rank notes each batch it starts in torchrun's key-value store (`mark`); a watchdog thread
-(`start_watchdog`) ends the run when a rank of this host dies, or when a rank's mark has not moved for
---dist-timeout seconds (a hang), naming the rank that is behind. A collective that fails (a peer's closed
+Faults: every rank notes each batch it starts (`mark`), and its watchdog thread (`start_watchdog`) sends the
+last one with a heartbeat to torchrun's key-value store every second. The watchdogs end the run when a rank of
+their host dies, and rank 0's when a rank's mark has not moved for --dist-timeout seconds (a hang), naming the
+rank that is behind. A collective that fails (a peer's closed
 connection, gloo's own timeout) is explained the same way (`dead_ranks`, `behind`).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ class DistContext:
     peers: tuple = ()  # (host, pid) of every rank, in rank order
     group: Any = None  # a gloo group for the Python-object collectives (the default one may be NCCL)
     store: Any = None  # a client of torchrun's key-value store, for the marks
-    _marks: list = field(default_factory=lambda: [0])  # this rank's count of marks
+    _mark: list = field(default_factory=lambda: [0, "start"])  # this rank's count of marks, and the last one
     _beats: dict = field(default_factory=dict)  # rank 0's watchdog: rank -> (last heartbeat read, when it changed)
 
     @property
@@ -113,31 +114,29 @@ class DistContext:
             torch.distributed.broadcast(buffer, src=0)
 
     def mark(self, where: str) -> None:
-        """Note in the store that this rank starts `where` (a pass's batch): its count of marks and the text."""
+        """Note that this rank starts `where` (a pass's batch); the watchdog's next beat sends it to the store (no
+        network round trip per batch)."""
         if self.store is not None:
-            self._marks[0] += 1
-            self.store.set(f"spml/at/{self.rank}", f"{self._marks[0]} {where}")
+            self._mark[:] = [self._mark[0] + 1, where]
 
-    def read_marks(self) -> list[tuple[int, str]]:
-        """Every rank's (count, text) of its last mark; (0, "start") before its first."""
-        keys = [f"spml/at/{r}" for r in range(self.world_size)]
+    def read_marks(self) -> list[tuple[str, int, str]]:
+        """Every rank's last beat as sent: (beat, count of marks, last mark); ("", 0, "start") before its first."""
         out = []
-        for key in keys:
-            text = self.store.get(key).decode() if self.store.check([key]) else "0 start"
-            count, _, where = text.partition(" ")
-            out.append((int(count), where))
+        for key in (f"spml/at/{r}" for r in range(self.world_size)):
+            beat, count, where = (self.store.get(key).decode() if self.store.check([key]) else " 0 start").split(" ", 2)
+            out.append((beat, int(count), where))
         return out
 
-    def beat(self, now: float) -> None:
-        """The watchdog's heartbeat (its thread runs while the main thread waits in a collective); rank 0 also
-        notes when each rank's heartbeat last changed."""
-        self.store.set(f"spml/beat/{self.rank}", str(now))
-        if self.main:
-            for r in range(self.world_size):
-                key = f"spml/beat/{r}"
-                value = self.store.get(key).decode() if self.store.check([key]) else ""
-                if self._beats.get(r, (None,))[0] != value:
-                    self._beats[r] = (value, now)
+    def beat(self, now: float) -> list[tuple[str, int, str]]:
+        """The watchdog's heartbeat, with this rank's mark (its thread runs while the main thread waits in a
+        collective); rank 0 also notes when each rank's beat last changed. Returns every rank's marks."""
+        count, where = self._mark
+        self.store.set(f"spml/at/{self.rank}", f"{now} {count} {where}")
+        marks = self.read_marks() if self.main else []
+        for r, (beat, _, _) in enumerate(marks):
+            if self._beats.get(r, (None,))[0] != beat:
+                self._beats[r] = (beat, now)
+        return marks
 
     def behind(self, silent_s: float = 5.0) -> list[str]:
         """The ranks to blame for a stall, e.g. ["rank 1 (pid 4242, at epoch 3 train, batch 17)"]: those whose
@@ -149,9 +148,10 @@ class DistContext:
             return []
         now = time.time()
         silent = [r for r, (_, since) in self._beats.items() if r != self.rank and now - since > silent_s]
-        low = min(count for count, _ in marks)
-        slow = [] if all(count == low for count, _ in marks) else [r for r, (c, _) in enumerate(marks) if c == low]
-        return [f"rank {r} (pid {self.peers[r][1]}, at {marks[r][1]})" for r in sorted(silent or slow)]
+        low = min(count for _, count, _ in marks)
+        slow = [] if all(count == low for _, count, _ in marks) else \
+            [r for r, (_, count, _) in enumerate(marks) if count == low]
+        return [f"rank {r} (pid {self.peers[r][1]}, at {marks[r][2]})" for r in sorted(silent or slow)]
 
     def dead_ranks(self, wait_s: float = 3.0) -> list[str]:
         """The other ranks on this host whose process has ended, e.g. ["rank 1 (pid 4242)"]; waits up to `wait_s`
@@ -204,28 +204,23 @@ def start_watchdog(ctx: DistContext, on_failure: Callable[[str], None], period_s
         return stop
 
     def watch() -> None:
-        moved = {}  # rank -> (count, time it last changed)
-        while not stop.wait(period_s):
+        moved = {}  # rank -> (count of marks, time it last changed)
+        wait_s = 0.0  # a first beat at once, then one every period
+        while not stop.wait(wait_s):
+            wait_s, now = period_s, time.time()
             try:
-                ctx.beat(time.time())
+                marks = ctx.beat(now)  # (rank 0 only reads them back)
             except Exception:  # the store is gone: the agent is stopping the job
                 return
             dead = ctx.dead_ranks(wait_s=0.0)
             if dead and not stop.is_set():
                 on_failure(f"{', '.join(dead)} died")
                 return
-            if not ctx.main:
-                continue
-            try:
-                marks = ctx.read_marks()
-            except Exception:  # the store is gone: the agent is stopping the job
-                return
-            now = time.time()
-            for r, (count, _) in enumerate(marks):
+            for r, (_, count, _) in enumerate(marks):
                 if moved.get(r, (None,))[0] != count:
                     moved[r] = (count, now)
             if any(now - since > ctx.timeout_s for _, since in moved.values()) and not stop.is_set():
-                stuck = ctx.behind() or [f"every rank (at {marks[0][1]})"]
+                stuck = ctx.behind() or [f"every rank (at {marks[0][2]})"]
                 on_failure(f"{', '.join(stuck)} stopped answering for --dist-timeout {ctx.timeout_s:g} s")
                 return
 

@@ -175,7 +175,7 @@ def test_a_hung_rank_fails_the_run_within_the_timeout_naming_it(mini_root, tmp_p
     try:
         results = _wait_for(lambda: next((r for p in tmp_path.glob("*/results.json") if (r := _read(p))
                                           and r.get("process", {}).get("ranks")), None), 120, "the run to start")
-        time.sleep(0.5)  # into the first epoch's steps
+        time.sleep(2.0)  # into the first epoch's steps, whose marks have reached the store
         hung = results["process"]["ranks"][1]["pid"]
         os.kill(hung, signal.SIGSTOP)  # alive, but never answers again
         start = time.time()
