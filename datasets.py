@@ -179,8 +179,8 @@ class FeatureDataset(LabelledRows):
         if len(features) != len(labels_true):
             raise DataError(f"{len(features)} feature rows but {len(labels_true)} label rows")
         super().__init__(labels_obs, labels_true)
-        # a copy of our own (writable, contiguous float32), made once: `features` may be a read-only memory map
-        self.features = torch.from_numpy(np.array(features, dtype=np.float32, order="C"))
+        # writable, contiguous float32: a read-only memory map is copied, rows already gathered into memory are not
+        self.features = torch.from_numpy(np.require(features, np.float32, ["C", "W"]))
         self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def features_on(self, device: torch.device) -> torch.Tensor:
@@ -314,9 +314,8 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
 
     def subset(split: str, rows: np.ndarray, obs: np.ndarray, phase: str) -> LabelledRows:
         true = official[split]["labels"][rows]
-        if features is not None:  # (memory-mapped features: the rows are read once, into the dataset's copy)
-            whole = len(rows) == len(features[split]) and np.array_equal(rows, np.arange(len(rows)))
-            out = FeatureDataset(features[split] if whole else features[split][rows], obs[rows], true)
+        if features is not None:  # (memory-mapped features: gathering the rows reads them, once)
+            out = FeatureDataset(features[split][rows], obs[rows], true)
         else:
             out = MultilabelDataset(official[split]["images"][rows], obs[rows], true, image_root, tfm[phase])
         out.rows = rows

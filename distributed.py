@@ -16,8 +16,8 @@ What is synchronised, and how (train.py calls these):
 Faults: every rank notes each batch it starts (`mark`), and its watchdog thread (`start_watchdog`) sends the
 last one with a heartbeat to torchrun's key-value store every second. The watchdogs end the run when a rank of
 their host dies, and rank 0's when a rank's mark has not moved for --dist-timeout seconds (a hang), naming the
-rank that is behind. A collective that fails (a peer's closed
-connection, gloo's own timeout) is explained the same way (`dead_ranks`, `behind`).
+rank that is behind. A collective that fails (a peer's closed connection, gloo's own timeout) is explained the
+same way (`dead_ranks`, `behind`).
 """
 from __future__ import annotations
 
@@ -233,11 +233,9 @@ def launched_by_torchrun() -> bool:
 
 
 def setup(gpu_flag: str | None, batch_size: int, timeout_s: float, sync_bn: bool) -> tuple[DistContext, torch.device]:
-    """The process group of a torchrun launch (SINGLE and None outside one); ValueError, one line, for a request
-    that cannot work. `gpu_flag`: -g as given on the command line (None when not given; only 'cpu' is taken
-    under torchrun: the local rank picks the GPU)."""
-    if not launched_by_torchrun():
-        return SINGLE, None
+    """The process group of a torchrun launch (`launched_by_torchrun`) and this process's device; ValueError, one
+    line, for a request that cannot work. `gpu_flag`: -g as given on the command line (None when not given; only
+    'cpu' is taken under torchrun: the local rank picks the GPU)."""
     rank, world, local_rank = (int(os.environ[v]) for v in TORCHRUN_VARIABLES)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if gpu_flag is not None and gpu_flag != "cpu":
