@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
+# torchvision is imported inside the functions that use it: importing it takes ~2 s, which a linear probe on
+# cached features (main.py --features) never needs.
 
 from preproc.common import format_hint
 
@@ -99,6 +100,8 @@ def generate_split(num_ex: int, frac: float, rng: np.random.RandomState) -> tupl
 
 def get_transforms(image_size: int) -> dict[str, transforms.Compose]:
     """Exact square bilinear resize (aspect not kept), flip for train only, ImageNet normalisation."""
+    from torchvision import transforms
+
     def build(train: bool) -> transforms.Compose:
         steps = [transforms.Resize((image_size, image_size))]
         if train:
@@ -211,10 +214,13 @@ class FeatureLoader:
         order = torch.randperm(n) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             rows = order[start:start + self.batch_size]
-            yield {"features": self.features[rows.to(self.features.device)],
-                   "label_vec_obs": self.dataset._obs[rows].float(),
-                   "label_vec_true": self.labels_true[rows],
-                   "idx": rows}
+            if self.shuffle:  # index_select: the rows that indexing gives, at half its cost
+                features = self.features.index_select(0, rows.to(self.features.device))
+                obs, true = self.dataset._obs.index_select(0, rows), self.labels_true.index_select(0, rows)
+            else:  # in order, a batch is a slice of rows: views, not copies
+                features, obs, true = (t[start:start + len(rows)] for t in (self.features, self.dataset._obs,
+                                                                            self.labels_true))
+            yield {"features": features, "label_vec_obs": obs.float(), "label_vec_true": true, "idx": rows}
 
 
 def read_rgb(path: Path) -> tuple[Image.Image, str]:
@@ -301,7 +307,7 @@ def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_s
         ensure_demo(Path(data_root) / "demo")
     official = {phase: load_formatted(data_root, dataset, phase, images=features is None) for phase in ("train", "val")}
     image_root = Path(data_root) / dataset / info.image_subdir
-    tfm = get_transforms(image_size)
+    tfm = get_transforms(image_size) if features is None else None
 
     train_idx, val_idx = generate_split(len(official["train"]["labels"]), val_frac, np.random.RandomState(split_seed))
     # one permutation of each part from one generator, drawn whatever the shares: the val rows kept do not

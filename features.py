@@ -46,12 +46,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
+# torchvision is imported inside the functions that use it: importing it takes ~2 s, which a linear probe on
+# cached features (main.py --features) never needs.
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 import image_cache
@@ -342,6 +340,7 @@ def _decode_one(data: torch.Tensor, path: Path, is_jpeg: bool,
                 device: torch.device) -> tuple[torch.Tensor | None, str]:
     """(RGB uint8 (3, H, W) on `device`, "") or (None, the message naming the file): a JPEG on the device, else
     (another format, or a JPEG the device's decoder rejects) by decode_image on the CPU, then moved."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     if is_jpeg:
         with contextlib.suppress(RuntimeError):
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device), ""
@@ -356,6 +355,9 @@ def _decoded_on_device(data: list[torch.Tensor], paths: list[Path], image_size: 
     """(uint8 (B, S, S, 3) on `device`, "") or (None, the message of the first image that cannot be decoded).
     The batch's JPEGs are decoded in one call (nvJPEG's batched decoder on CUDA); when it fails (it returns
     nothing then), image by image, to find the culprit."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
     is_jpeg = [bytes(d[:3].tolist()) == JPEG_MAGIC for d in data]
     rows = [i for i, j in enumerate(is_jpeg) if j]
     decoded: dict[int, torch.Tensor] = {}
@@ -633,6 +635,7 @@ def _extract_splits(model: nn.Module, data_root: str | Path, dataset: str, names
 def _write_info(folder: Path, state: dict, arch: str, weights: str, image_size: int, names: dict[str, np.ndarray],
                 dim: int, device: torch.device, channels_last: bool) -> None:
     """info.json, last: from then on the set is complete; the progress record goes."""
+    import torchvision
     key = state["key"]
     info = {"arch": arch, "weights": weights, "weights_sha256": key["weights_sha256"], "image_size": image_size,
             "transform": TRANSFORMS[key["decode"]].replace("S,S", f"{image_size},{image_size}"),
@@ -654,6 +657,7 @@ def _write_info(folder: Path, state: dict, arch: str, weights: str, image_size: 
 
 def _command_for(data_root: str | Path, dataset: str, name: str, folder: Path) -> str:
     """The command that makes the set `name`: as recorded by its (interrupted) extraction, or read off the name."""
+    import torchvision
     for record in (folder / INFO, folder / PROGRESS):
         data = _read_json(record)
         if data and isinstance(data.get("command"), str):
@@ -672,10 +676,20 @@ def _command_for(data_root: str | Path, dataset: str, name: str, folder: Path) -
 FORMATTED = "formatted"  # the feature set of a dataset given as features (its formatted_{train,val}_features.npy)
 
 
+def _memory_map(path: Path) -> np.memmap:
+    """The array of `path` memory-mapped (read once, by the datasets' copies of their rows), with the kernel asked
+    to start reading the whole file now, in the background of the label files' loading and checks."""
+    features = np.load(path, mmap_mode="r")
+    if hasattr(os, "posix_fadvise"):  # (POSIX only)
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+    return features
+
+
 def _formatted_features(data_root: str | Path, dataset: str) -> dict:
     """A features dataset's own formatted_{train,val}_features.npy (checked by datasets.dataset_info)."""
     folder = Path(data_root) / dataset
-    out = {phase: np.load(folder / f"formatted_{phase}_features.npy", mmap_mode="r") for phase in PHASES}
+    out = {phase: _memory_map(folder / f"formatted_{phase}_features.npy") for phase in PHASES}
     out["info"] = {"name": FORMATTED, "dim": int(out["train"].shape[1]), "source": str(folder)}
     return out
 
@@ -706,7 +720,7 @@ def load_features(data_root: str | Path, dataset: str, name: str) -> dict:
     for phase in PHASES:
         path = folder / f"{phase}_features.npy"
         try:
-            features = np.load(path, mmap_mode="r")  # read once, by the datasets' copies of their rows
+            features = _memory_map(path)
         except (OSError, ValueError, EOFError) as exc:
             raise DataError(f"cannot load {path} ({exc}); extract the set again with: {command}") from exc
         if features.ndim != 2 or features.dtype != np.float32:

@@ -26,9 +26,9 @@ from typing import Callable
 import numpy as np
 import PIL
 import torch
-import torchvision
+# torchvision is imported inside the functions that use it: importing it takes ~2 s, which a linear probe on
+# cached features (main.py --features) never needs.
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
-from torchvision import transforms
 from tqdm import tqdm
 
 from config import IMAGE_CACHE_MODES
@@ -47,6 +47,7 @@ class _Decoded(Dataset):
 
     def __init__(self, image_root: Path, image_paths: np.ndarray, image_size: int) -> None:
         self.image_root, self.image_paths = image_root, image_paths
+        from torchvision import transforms
         self.resize = transforms.Resize((image_size, image_size))  # the faithful path's own Resize
 
     def __len__(self) -> int:
@@ -74,6 +75,7 @@ def _fill(out: np.ndarray, dataset: MultilabelDataset, image_size: int, num_work
 def _key(dataset: MultilabelDataset, image_size: int) -> dict:
     """What a cache was built from; any difference means it is stale: the image list, and the files' total size
     and latest modification time (images replaced under the same names), the size and the decoding libraries."""
+    import torchvision
     names = "\n".join(str(p) for p in dataset.image_paths).encode()
     total_bytes, latest = 0, 0
     for name in dataset.image_paths:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -483,6 +485,8 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
     torch.manual_seed(cfg.pytorch_seed)
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
     previous = handle_interrupts()  # from here on, kill = Ctrl-C
+    # the first torch.optim optimizer imports torch._dynamo (~1.5 s): imported meanwhile, it overlaps the data loading
+    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
             if resume is None and ctx.main:

@@ -11,8 +11,9 @@ import urllib.error
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
+# torchvision is imported inside the functions that use it: importing it takes ~2 s, which a linear probe on
+# cached features (main.py --features) never needs.
 
 
 class WeightsError(RuntimeError):
@@ -45,6 +46,7 @@ def _strip_last_linear(model: nn.Module) -> tuple[str, int]:
 
 def _imagenet_state_dict(arch: str) -> dict:
     """torchvision's IMAGENET1K_V1 weights (the original's `pretrained=True`), via torchvision's download cache."""
+    import torchvision
     try:
         weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
     except (ValueError, AttributeError) as exc:
@@ -98,6 +100,7 @@ def _load_state_dict_file(path: Path) -> dict:
 def _backbone(arch: str) -> nn.Module:
     """torchvision's `arch` with random weights; only image classification models (their last Linear is the
     ImageNet classifier), and never a pretrained sub-network (segmentation/detection builders default to one)."""
+    import torchvision
     classifiers = torchvision.models.list_models(module=torchvision.models)
     if arch not in classifiers:
         raise ValueError(f"--arch {arch!r} is not a torchvision image classification model; use one of "
@@ -148,6 +151,7 @@ def check_model_runs(model: nn.Module, arch: str, image_size: int, device: torch
     at 80 px, ViTs at any size but their own, ...) or if the last training batch of `last_batch_size` images
     cannot train (BatchNorm needs more than one value per channel). Runs a copy of the model, under a forked
     random state, so the run itself is unchanged."""
+    import torchvision
     probe = copy.deepcopy(model).train()
     devices = [device] if device.type == "cuda" else []
     sizes = [2] + ([1] if last_batch_size == 1 else [])

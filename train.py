@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ from datasets import DataError, FeatureDataset, FeatureLoader, MultilabelDataset
 from distributed import SINGLE, DistContext, start_watchdog
 from image_cache import to_model_input
 from losses import LOSSES, compute_loss
-from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics
+from metrics import THRESHOLDS, compute_metrics, per_class_ap, threshold_metrics, worker_threads
 from fileio import OutputError, pid_alive, write_atomic
 
 
@@ -60,12 +61,26 @@ def apl_update(obs: np.ndarray, preds: np.ndarray, unlabel_num: np.ndarray, neg_
     rounds = num_epochs - warmup_epoch
     if rounds < 1:
         raise ValueError(f"APL needs num_epochs > warmup_epoch, got {num_epochs} and {warmup_epoch}")
-    for c in range(obs.shape[1]):
+    def label(c: int) -> None:  # the classes are independent: they are spread over threads
         k = int(np.floor(neg_proportion * unlabel_num[c] / rounds))
-        candidates = np.where(obs[:, c] == 0)[0]
-        chosen = candidates[np.argsort(preds[candidates, c])[:k]]
+        candidates = np.flatnonzero(obs[:, c] == 0)
+        chosen = candidates[_lowest(preds[candidates, c], k)]
         obs[chosen, c] = -preds[chosen, c]
+
+    with ThreadPoolExecutor(worker_threads()) as pool:
+        list(pool.map(label, range(obs.shape[1])))
     return obs
+
+
+def _lowest(values: np.ndarray, k: int) -> np.ndarray:
+    """The positions of the k lowest values: the set that the original's `np.argsort(values)[:k]` picks. Unless
+    the k-th and (k+1)-th lowest are equal (then which of the tied values it picks depends on the sort, and the
+    sort decides), the set is those at most the k-th lowest, found by a partition instead of a sort."""
+    if 0 < k < len(values):
+        kth, next_one = np.partition(values, (k - 1, k))[[k - 1, k]]
+        if kth < next_one:  # (False with a NaN: sorted)
+            return np.flatnonzero(values <= kth)
+    return np.argsort(values)[:k]
 
 
 # ----------------------------------------------------------------------------------------------------------------

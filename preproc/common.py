@@ -417,8 +417,10 @@ def _load_npy(path: Path, fix: str, mmap: bool = False) -> np.ndarray:
         raise PreprocError(f"cannot load {path} ({reason}); re-create it with: {fix}") from exc
 
 
-def _first_non_finite_row(features: np.ndarray, chunk: int = 65536) -> Optional[int]:
-    """The first row of ``features`` holding nan or inf, or None; reads a memory-mapped file in chunks."""
+def _first_non_finite_row(features: np.ndarray) -> Optional[int]:
+    """The first row of ``features`` holding nan or inf, or None; reads a memory-mapped file in chunks of ~8 M
+    values (small temporaries, which the allocator reuses: fresh large ones cost page faults, 10x the check)."""
+    chunk = max(1, 2 ** 23 // max(1, features.shape[1] if features.ndim == 2 else 1))
     for start in range(0, len(features), chunk):
         bad = ~np.isfinite(np.asarray(features[start:start + chunk])).all(axis=1)
         if bad.any():

@@ -144,6 +144,29 @@ def test_repeated_rounds_never_exceed_theta_u(num_epochs, warmup, theta):
     assert not np.any((obs > 0) & (obs < 1))
 
 
+def test_apl_update_equals_the_original_sort_to_the_bit():
+    """The chosen entries are the original's `argsort(...)[:k]`, to the bit of the returned matrix: with ties
+    across the k-th place (rounded probabilities, exact zeros), where the choice among the tied depends on the
+    sort, and without."""
+    rng = np.random.RandomState(11)
+    n, c, num_epochs, warmup = 3000, 6, 10, 5
+    obs = np.zeros((n, c))
+    obs[np.arange(n), rng.randint(c, size=n)] = 1
+    unlabel_num = (obs == 0).sum(axis=0)
+    expected = obs.copy()
+    for round_ in range(3):
+        preds = rng.rand(n, c).astype(np.float32)
+        preds[:, 1] = np.round(preds[:, 1], 2)  # ties everywhere
+        preds[: n // 2, 2] = 0.0  # more zeros than k
+        for j in range(c):  # the original's loop
+            k = k_expected(0.9, unlabel_num[j], num_epochs, warmup)
+            candidates = np.where(expected[:, j] == 0)[0]
+            chosen = candidates[np.argsort(preds[candidates, j])[:k]]
+            expected[chosen, j] = -preds[chosen, j]
+        obs = train.apl_update(obs, preds, unlabel_num, 0.9, num_epochs, warmup)
+        assert obs.tobytes() == expected.tobytes()
+
+
 def test_zero_probability_entry_stays_unknown():
     # -0.0 == 0, so an entry chosen with p exactly 0 remains "unknown" (faithful edge case, docs/original.md §6c.4)
     obs = np.zeros((4, 1))

@@ -99,6 +99,23 @@ def test_per_class_ap_is_sklearns_to_the_bit(seed, n, c, decimals, dtype):
     assert metrics["map_observed"] == float(100.0 * np.mean(expected_obs))
 
 
+@pytest.mark.parametrize("seed,n,decimals", [(5, 70000, None), (6, 3000, 1), (7, 500, 0)])
+def test_float32_scores_packed_sort_is_sklearns_to_the_bit(seed, n, decimals):
+    """float32 scores take the packed-integer sort: negative scores (logits), -0.0 beside 0.0 (equal: one
+    threshold), ties, more rows than 2^16; the bits must stay scikit-learn's."""
+    rng = np.random.RandomState(seed)
+    c = 4
+    scores = rng.randn(n, c) * 3
+    if decimals is not None:
+        scores = np.round(scores, decimals)
+    scores = scores.astype(np.float32)
+    scores[: n // 10, 1] = np.where(rng.rand(n // 10) < 0.5, np.float32(-0.0), np.float32(0.0))
+    labels = (rng.rand(n, c) < 0.1).astype(np.float64)
+    labels[0] = 1
+    expected = np.array([average_precision_score(labels[:, j], scores[:, j].astype(np.float64)) for j in range(c)])
+    assert np.array_equal(per_class_ap(scores, labels), expected)
+
+
 def test_map_shape_mismatch_raises():
     with pytest.raises(ValueError):
         compute_map(np.zeros((3, 2)), np.zeros((3, 3)))
@@ -130,6 +147,28 @@ def test_top_k_hand_example():
     assert m["prec_at_5"] == pytest.approx((2 / 5 + 1 / 5 + 0) / 3)
     assert m["rec_at_5"] == pytest.approx((1 + 1 + 0) / 3)
     assert m["top_5"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_k_equals_the_original_reversed_argsort_with_ties(dtype):
+    """The k highest of each row as the original picks them (reversed argsort of float64 scores), on scores with
+    many ties across the k-th place, and k = the number of classes and more."""
+    rng = np.random.RandomState(3)
+    n, c = 4000, 6
+    scores = np.round(rng.rand(n, c), 1).astype(dtype)
+    labels = (rng.rand(n, c) < 0.3).astype(np.float64)
+    ks = (1, 2, 3, 5, 6, 8)
+    order = np.argsort(scores.astype(np.float64), axis=1)[:, ::-1]
+    y = labels == 1
+    num_pos = y.sum(axis=1)
+    expected = {}
+    for k in ks:
+        hits = np.take_along_axis(y, order[:, :k], axis=1).sum(axis=1)
+        expected[f"prec_at_{k}"] = float(np.mean(hits / k))
+        expected[f"rec_at_{k}"] = float(np.mean(np.divide(hits, num_pos, out=np.zeros(n), where=num_pos > 0)))
+        expected[f"top_{k}"] = float(np.mean(hits > 0))
+    assert top_k_metrics(scores, labels, ks=ks) == expected
+    assert (scores[:, None, :] == np.sort(scores, axis=1)[:, -3:-1, None]).any()  # ties at the cut do occur
 
 
 def test_top_k_pseudo_labels_are_not_hits():
