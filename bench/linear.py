@@ -5,15 +5,18 @@
 Makes (once, in a temporary data root) a features dataset of COCO's shape: the official train split of 82,081 rows
 (65,665 train + 16,416 val after the 80/20 split) and 40,137 test rows of `--dim` float32 features, 80 classes with
 about 2.9 positives per image, one observed positive per training row. The features carry the labels weakly (a
-random linear map of them, scale `--signal`, plus unit noise), so val mAP improves over several epochs and a run
-with COCO's settings (warm-up 5) reaches its APL rounds. Then it times
+random linear map of them, scale `--signal`, plus unit noise), so val mAP improves over several epochs (`-l an`: 14
+epochs). EM_APL with COCO's settings stops early at epoch 2, before its first APL round (warm-up 5): give
+`-- --warmup-epoch 1` for a run with APL (11 epochs, 11 rounds). Then it times
 `python main.py -d <synthetic> -l LOSS -g cpu` with the linear defaults of config.LINEAR_SETTINGS and prints the
-wall time, the epochs run, the APL rounds and the test mAP.
+wall time, the CPU time (user + system, all threads), the epochs run, the APL rounds and the test mAP. On a shared
+virtual machine the same run's wall time varies by up to 2x with the host's load: run it a few times.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -66,16 +69,18 @@ def main() -> int:
         made = time.time() - t0
         command = [sys.executable, str(ROOT / "main.py"), "-d", "synthcoco", "-l", args.loss, "-g", "cpu",
                    "--data-root", str(data), "--results-dir", str(Path(tmp) / "runs"), *args.main_flags]
-        t0 = time.time()
+        t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        wall = time.time() - t0
+        wall, cpu1 = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
             return 1
         res = json.loads(next((Path(tmp) / "runs").glob("*/results.json")).read_text())
     rounds = [e.get("apl_new_pseudo_labels") for e in res["epochs"].values() if "apl_new_pseudo_labels" in e]
     figures = {"loss": args.loss, "train_rows": args.train, "test_rows": args.test, "dim": args.dim,
-               "classes": args.classes, "signal": args.signal, "dataset_seconds": round(made, 1), "run_wall_seconds": round(wall, 1),
+               "classes": args.classes, "signal": args.signal, "dataset_seconds": round(made, 1),
+               "run_wall_seconds": round(wall, 1), "run_cpu_seconds": round(cpu, 1),
                "epochs": len(res["epochs"]), "best_epoch": res["best_epoch"], "apl_rounds": len(rounds),
                "test_map": round(res["test_map"], 2), "chance_test_map": round(res["chance_test_map"], 2),
                "batch_size": res["config"]["batch_size"], "lr": res["config"]["lr"],
