@@ -657,11 +657,11 @@ def _write_info(folder: Path, state: dict, arch: str, weights: str, image_size: 
 
 def _command_for(data_root: str | Path, dataset: str, name: str, folder: Path) -> str:
     """The command that makes the set `name`: as recorded by its (interrupted) extraction, or read off the name."""
-    import torchvision
     for record in (folder / INFO, folder / PROGRESS):
         data = _read_json(record)
         if data and isinstance(data.get("command"), str):
             return data["command"]
+    import torchvision
     archs = [a for a in torchvision.models.list_models(module=torchvision.models) if name.startswith(a + "_")]
     weights, _, size = name[len(max(archs, key=len, default="")) + 1:].rpartition("_")
     if not archs or not weights or not size.isdigit():

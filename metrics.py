@@ -114,7 +114,7 @@ def _top_k_selections(scores: np.ndarray, ks: tuple[int, ...]) -> dict[int, np.n
     reversed argsort (`np.argsort(scores, axis=1)[:, ::-1][:, :k]`). Where the k-th and the (k+1)-th highest
     scores of a row differ, the k highest are those at least the k-th whatever the sort; only the rows with a
     tie there are argsorted (each row's argsort depends on that row alone)."""
-    n, num_classes = scores.shape
+    num_classes = scores.shape[1]
     ascending = np.sort(scores, axis=1)
     selections = {}
     for k in ks:
@@ -170,9 +170,7 @@ def compute_metrics(scores: np.ndarray, labels_true: np.ndarray, labels_obs: np.
     """The original's per-phase metrics: map/rec@k/prec@k/top@k against clean and observed labels, plus
     preds_k_hat (mean sum of scores per image). The scores are sorted once for both label sets."""
     checked, y_true = _check(scores, labels_true, keep_float32=True)
-    y_obs = _binarise(labels_obs)
-    if y_obs.shape != y_true.shape:
-        raise ValueError(f"scores and labels must be (N, C) of one shape, got {checked.shape} and {y_obs.shape}")
+    y_obs = _check(checked, labels_obs, keep_float32=True)[1]
     ap_clean, ap_observed = _per_class_ap(checked, [y_true, y_obs])
     out = {"map_clean": float(100.0 * ap_clean.mean()), "map_observed": float(100.0 * ap_observed.mean())}
     selections = _top_k_selections(checked, TOP_K)
