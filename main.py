@@ -469,6 +469,12 @@ def _resume(run_dir: Path, argv: list[str] | None) -> int:
     return _start(cfg, device, [], ctx, run_dir=run_dir, results=results, resume=state)
 
 
+def _import_quietly(module: str) -> None:
+    """Import `module` ahead of its use (on a thread); a failure is left to the import that needs it."""
+    with contextlib.suppress(Exception):
+        importlib.import_module(module)
+
+
 def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = None, results: dict | None = None,
            resume: dict | None = None) -> int:
     """Seeds, the run's setup, then the run (in a new folder, or resumed in `run_dir`). In a torchrun launch
@@ -486,7 +492,7 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
     previous = handle_interrupts()  # from here on, kill = Ctrl-C
     # the first torch.optim optimizer imports torch._dynamo (~1.5 s): imported meanwhile, it overlaps the data loading
-    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
+    threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True).start()
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
             if resume is None and ctx.main:
