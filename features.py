@@ -676,20 +676,10 @@ def _command_for(data_root: str | Path, dataset: str, name: str, folder: Path) -
 FORMATTED = "formatted"  # the feature set of a dataset given as features (its formatted_{train,val}_features.npy)
 
 
-def _memory_map(path: Path) -> np.memmap:
-    """The array of `path` memory-mapped (read once, by the datasets' copies of their rows), with the kernel asked
-    to start reading the whole file now, in the background of the label files' loading and checks."""
-    features = np.load(path, mmap_mode="r")
-    if hasattr(os, "posix_fadvise"):  # (POSIX only)
-        with open(path, "rb") as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
-    return features
-
-
 def _formatted_features(data_root: str | Path, dataset: str) -> dict:
     """A features dataset's own formatted_{train,val}_features.npy (checked by datasets.dataset_info)."""
     folder = Path(data_root) / dataset
-    out = {phase: _memory_map(folder / f"formatted_{phase}_features.npy") for phase in PHASES}
+    out = {phase: np.load(folder / f"formatted_{phase}_features.npy", mmap_mode="r") for phase in PHASES}
     out["info"] = {"name": FORMATTED, "dim": int(out["train"].shape[1]), "source": str(folder)}
     return out
 
@@ -720,7 +710,7 @@ def load_features(data_root: str | Path, dataset: str, name: str) -> dict:
     for phase in PHASES:
         path = folder / f"{phase}_features.npy"
         try:
-            features = _memory_map(path)
+            features = np.load(path, mmap_mode="r")  # read once, by the datasets' copies of their rows
         except (OSError, ValueError, EOFError) as exc:
             raise DataError(f"cannot load {path} ({exc}); extract the set again with: {command}") from exc
         if features.ndim != 2 or features.dtype != np.float32:

@@ -87,7 +87,7 @@ def _per_class_ap(scores: np.ndarray, label_sets: list[np.ndarray]) -> list[np.n
 
     with ThreadPoolExecutor(worker_threads()) as pool:
         per_column = list(pool.map(column, range(scores.shape[1])))
-    return [np.array([aps[i] for aps in per_column], dtype=np.float64).reshape(-1) for i in range(len(label_sets))]
+    return [np.array([aps[i] for aps in per_column], dtype=np.float64) for i in range(len(label_sets))]
 
 
 def worker_threads() -> int:
@@ -105,7 +105,7 @@ def compute_map(scores: np.ndarray, labels: np.ndarray) -> float:
 def top_k_metrics(scores: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = TOP_K) -> dict[str, float]:
     """prec@k = hits/k, rec@k = hits/#positives (0 without positives), top@k = share of images with a hit,
     averaged over images; hits = true positives among the k highest scores."""
-    scores, y = _check(scores, labels)
+    scores, y = _check(scores, labels, keep_float32=True)
     return _top_k(_top_k_selections(scores, ks), y)
 
 

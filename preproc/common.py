@@ -420,7 +420,7 @@ def _load_npy(path: Path, fix: str, mmap: bool = False) -> np.ndarray:
 def _first_non_finite_row(features: np.ndarray) -> Optional[int]:
     """The first row of ``features`` holding nan or inf, or None; reads a memory-mapped file in chunks of ~8 M
     values (small temporaries, which the allocator reuses: fresh large ones cost page faults, 10x the check)."""
-    chunk = max(1, 2 ** 23 // max(1, features.shape[1] if features.ndim == 2 else 1))
+    chunk = max(1, 2 ** 23 // features.shape[1])  # (the caller checked: 2-D, at least one column)
     for start in range(0, len(features), chunk):
         bad = ~np.isfinite(np.asarray(features[start:start + chunk])).all(axis=1)
         if bad.any():
