@@ -68,14 +68,18 @@ def _per_class_ap(scores: np.ndarray, label_sets: list[np.ndarray]) -> list[np.n
     curve with (recall 0, precision 1) appended. Each column is sorted once for all the label sets (the clean and
     the observed labels), which is where scikit-learn spends its time on large sets; the order inside a run of
     equal scores never reaches the AP, which reads the cumulative counts only at the end of each run (the
-    thresholds), so any sort gives scikit-learn's bits. Column by column (no temporary of the matrix's size), the
-    columns spread over threads (numpy's sorts and loops release the GIL)."""
+    thresholds), so any sort gives scikit-learn's bits. Column by column, from transposed copies (each class's
+    values contiguous: one pass over the matrix instead of a strided read per column), the columns spread over
+    threads (numpy's sorts and loops release the GIL)."""
+    by_class = np.ascontiguousarray(scores.T)
+    labels_by_class = [np.ascontiguousarray(y.T) for y in label_sets]
+
     def column(c: int) -> list[float]:
         aps = [0.0] * len(label_sets)  # a class without positives: AP 0
-        present = [i for i, y in enumerate(label_sets) if y[:, c].any()]
+        present = [i for i, y in enumerate(labels_by_class) if y[c].any()]
         if not present:
             return aps
-        ranked, ranked_labels = _ranked(np.ascontiguousarray(scores[:, c]), [label_sets[i][:, c] for i in present])
+        ranked, ranked_labels = _ranked(by_class[c], [labels_by_class[i][c] for i in present])
         thresholds = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), len(ranked) - 1]  # each distinct score's last row
         predicted = (1 + thresholds).astype(np.float64)  # TP + FP (scikit-learn's float sum is exact: integers)
         for i, y in zip(present, ranked_labels):

@@ -237,15 +237,13 @@ def _forward_pass(engine: Engine, loader, desc: str,
     """Runs the model over `loader`; with `step` (training), `step(logits, batch)` returns the detached batch loss.
 
     Returns predictions, true and observed labels and dataset indices in loader order, and the mean loss.
-    Nothing waits for the device inside the loop: predictions and the loss sum stay on it (copied once at the
-    end), and a non-finite loss is noted there and read back every NONFINITE_CHECK_EVERY steps.
+    Nothing waits for the device inside the loop: predictions stay on it (copied once at the end), and the batch
+    losses too, read back together every NONFINITE_CHECK_EVERY steps, where a non-finite one stops the pass.
     """
-    device = engine.device
     preds, true, obs, idx = [], [], [], []
     seen, start = 0, time.time()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # float64, as the Python float sum it replaces
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # 1-based batch of the first non-finite loss
-    first_bad_value = torch.zeros((), device=device)
+    loss_sum = 0.0  # the sum of loss x batch size in float64, batch after batch, as the original's Python float
+    pending: list[tuple[torch.Tensor, int]] = []  # (batch loss on the device, batch size) since the last read-back
     bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
     for i, batch in enumerate(bar):
         engine.dist.mark(f"{desc}, batch {i + 1}")  # torchrun: where this rank is, for the watchdog
@@ -256,17 +254,11 @@ def _forward_pass(engine: Engine, loader, desc: str,
                 preds.append(torch.sigmoid(engine.logits(batch, training=False)))
         else:
             logits = engine.logits(batch)
-            loss = step(logits, batch)
-            loss_sum += loss.double() * size
-            new_bad = (first_bad < 0) & ~torch.isfinite(loss)
-            first_bad = torch.where(new_bad, i + 1, first_bad)
-            first_bad_value = torch.where(new_bad, loss, first_bad_value)
+            pending.append((step(logits, batch), size))
             if (i + 1) % NONFINITE_CHECK_EVERY == 0 or i + 1 == len(loader):
-                bad = engine.dist.max_(first_bad.clone())  # torchrun: any rank's, so that all ranks stop together
-                if bad.item() >= 0:
-                    value = float(first_bad_value) if int(first_bad) == int(bad) else float("nan")  # (another's)
-                    raise NonFiniteLossError(epoch, int(bad), value)
-                bar.set_postfix({"loss": f"{loss_sum.item() / (seen + size):.4f}"}, refresh=False)
+                loss_sum = _add_losses(engine, pending, loss_sum, i + 1, epoch)
+                pending = []
+                bar.set_postfix({"loss": f"{loss_sum / (seen + size):.4f}"}, refresh=False)
             preds.append(torch.sigmoid(logits.detach()))
         seen += size
         true.append(batch["label_vec_true"].numpy())
@@ -276,8 +268,24 @@ def _forward_pass(engine: Engine, loader, desc: str,
         empty = np.zeros((0, loader.dataset.labels_true.shape[1]), dtype=np.float32)
         preds, true, obs, idx = [torch.from_numpy(empty)], [empty], [empty], [np.zeros(0, dtype=np.int64)]
     return {"preds": torch.cat(preds).cpu().numpy(), "true": np.concatenate(true), "obs": np.concatenate(obs),
-            "idx": np.concatenate(idx), "loss": loss_sum.item() / max(seen, 1), "seconds": time.time() - start,
+            "idx": np.concatenate(idx), "loss": loss_sum / max(seen, 1), "seconds": time.time() - start,
             "num_batches": len(loader)}
+
+
+def _add_losses(engine: Engine, pending: list[tuple[torch.Tensor, int]], loss_sum: float, done: int,
+                epoch: int) -> float:
+    """`loss_sum` plus loss x size of the `pending` batches (the last of which is batch `done`, 1-based), read back
+    in one copy; NonFiniteLossError for the first non-finite one. In a torchrun launch every rank learns the latest
+    first-bad batch of any rank, so that all ranks stop together."""
+    losses = torch.stack([loss for loss, _ in pending]).tolist()
+    first = next((j for j, value in enumerate(losses) if not np.isfinite(value)), None)
+    mine = -1 if first is None else done - len(losses) + 1 + first
+    bad = int(engine.dist.max_(torch.tensor(mine, device=engine.device)))
+    if bad >= 0:
+        raise NonFiniteLossError(epoch, bad, losses[first] if mine == bad else float("nan"))  # (nan: another rank's)
+    for value, size in zip(losses, (size for _, size in pending)):
+        loss_sum += value * size  # float64 products and sums, as loss.double() * size added to a float64 sum
+    return loss_sum
 
 
 def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -340,14 +348,17 @@ def run_apl(engine: Engine, loader, dataset: MultilabelDataset, unlabel_num: np.
         # (consuming the same random numbers) but never labels.
         print(f"[epoch {epoch}] APL made no pseudo-labels: the training loader has a single batch (as the original)")
         return 0
-    preds = np.zeros_like(out["preds"])
-    preds[out["idx"]] = out["preds"]
-    before = dataset.labels_obs.copy()
+    preds = out["preds"]
+    if not np.array_equal(out["idx"], np.arange(len(preds))):  # a shuffled pass: into dataset order
+        preds = np.zeros_like(out["preds"])
+        preds[out["idx"]] = out["preds"]
+    before = dataset.labels_obs  # (apl_update returns a new matrix; this one is unchanged until set_observed)
     # rank 0 labels, every rank (and, through the shared matrix, its loader workers) gets its matrix
     after = engine.dist.from_main(lambda: apl_update(before, preds, unlabel_num, cfg.neg_proportion, cfg.num_epochs,
                                                      cfg.warmup_epoch))
+    new_labels = int(((after < 0) & (before == 0)).sum())
     dataset.set_observed(after)
-    return int(((after < 0) & (before == 0)).sum())
+    return new_labels
 
 
 # ----------------------------------------------------------------------------------------------------------------
