@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-size", type=int, default=448)
-    p.add_argument("--train", type=int, default=48, help="official train rows (the 145 test images, repeated)")
+    p.add_argument("--train", type=int, default=48, help="official train rows (the 90 train images of tests/data, repeated when more)")
     p.add_argument("--val", type=int, default=16, help="official val rows")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
