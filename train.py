@@ -242,7 +242,7 @@ def _forward_pass(engine: Engine, loader, desc: str,
     """
     preds, true, obs, idx = [], [], [], []
     seen, start = 0, time.time()
-    loss_sum = 0.0  # the sum of loss x batch size in float64, batch after batch, as the original's Python float
+    loss_sum = 0.0  # the sum of loss x batch size, batch after batch, in float64 (a Python float)
     pending: list[tuple[torch.Tensor, int]] = []  # (batch loss on the device, batch size) since the last read-back
     bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
     for i, batch in enumerate(bar):
@@ -283,7 +283,7 @@ def _add_losses(engine: Engine, pending: list[tuple[torch.Tensor, int]], loss_su
     bad = int(engine.dist.max_(torch.tensor(mine, device=engine.device)))
     if bad >= 0:
         raise NonFiniteLossError(epoch, bad, losses[first] if mine == bad else float("nan"))  # (nan: another rank's)
-    for value, size in zip(losses, (size for _, size in pending)):
+    for value, (_, size) in zip(losses, pending):
         loss_sum += value * size  # float64 products and sums, as loss.double() * size added to a float64 sum
     return loss_sum
 
