@@ -399,8 +399,8 @@ def _device_batches(image_root: Path, names: np.ndarray, image_size: int, start:
 def _computed(model: nn.Module, batches: Batches, out: np.ndarray, device: torch.device,
               channels_last: bool) -> Iterator[int]:
     """Write the features of every batch into `out`, in row order, yielding the rows done after each. A batch's
-    result is read back after the next batch is sent to the device, so the device does not wait for the host."""
-    pending = None  # (first row, features on the device) of the batch still being computed
+    features are read after the next batch is sent to the device, so the device does not wait for the host."""
+    pending = None  # (first row, the features on their way to the host, the event marking their arrival)
     for first, images, errors in batches:
         error = next((e for e in errors if e), "")
         if error:  # the rows before this batch are kept
@@ -411,16 +411,33 @@ def _computed(model: nn.Module, batches: Batches, out: np.ndarray, device: torch
                                        device, channels_last)
         with torch.inference_mode():
             features = model(x)
+        sent = _to_host(features)
         if pending is not None:
             yield _store(out, *pending)
-        pending = (first, features)
+        pending = (first, *sent)
     if pending is not None:
         yield _store(out, *pending)
 
 
-def _store(out: np.ndarray, first: int, features: torch.Tensor) -> int:
-    values = features.float().cpu().numpy()
-    out[first:first + len(values)] = values
+def _to_host(features: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """(the features on the host, None), or on CUDA (pinned memory they are being copied into, the event that
+    marks the end of the copy). The copy is queued right behind the batch: a plain `.cpu()` of this batch after
+    the next one is sent would wait for the next one too (one stream runs in order), leaving the GPU idle while
+    the host prepares the batch after it (H200, decoded images in memory: 1,192 img/s that way, 1,836 this way,
+    1,937 for the backbone alone)."""
+    if features.device.type != "cuda":
+        return features.float().cpu(), None
+    host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(features.float(), non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
+def _store(out: np.ndarray, first: int, values: torch.Tensor, copied: torch.cuda.Event | None) -> int:
+    if copied is not None:
+        copied.synchronize()
+    out[first:first + len(values)] = values.numpy()
     return first + len(values)
 
 

@@ -5,6 +5,7 @@
 # then the same end to end with --decode device (nvJPEG + resize on the GPU, the workers only read the files),
 # the device decode + resize alone, and the max abs / relative difference of those features to the PIL features
 # of the same rows. The Python steps have timeouts; a failing step is reported, not fatal.
+# Last, bench/features_steady.py: steady-state rates of every source (8,000 rows each, warm-up left out).
 # SMOKE=1: tiny sizes on the CPU. Run from the repository root: bash bench/features_gpu.sh (PYTHON=python3 if needed).
 set -euo pipefail
 OUT=${OUT:-/tmp/fgpu_out}; mkdir -p "$OUT"; R=$OUT/root
@@ -20,10 +21,10 @@ for phase, n in (("train", nt), ("val", nt // 4)):
 PY
 for W in 4 16; do
   rm -rf "$R/pascal/features"
-  timeout 200 "${PYTHON:-python}" preproc/extract_features.py --dataset pascal --arch resnet50 --weights random --image-size $S \
+  timeout 110 "${PYTHON:-python}" preproc/extract_features.py --dataset pascal --arch resnet50 --weights random --image-size $S \
     --data-root "$R" -g $DEV --num-workers $W 2>&1 | grep -E "rows from|wrote|error" || true
 done
-timeout 150 "${PYTHON:-python}" - "$R" "$S" "$DEV" <<'PY' || echo "the backbone / loader step failed (exit $?)"
+timeout 100 "${PYTHON:-python}" - "$R" "$S" "$DEV" <<'PY' || echo "the backbone / loader step failed (exit $?)"
 import sys, time, torch, numpy as np
 from pathlib import Path
 from PIL import Image
@@ -62,11 +63,11 @@ rm -rf "$OUT/pil_features"
 cp -r "$R/pascal/features/resnet50_random_$S" "$OUT/pil_features" 2>/dev/null || echo "no PIL features to compare with"
 for W in 4 16; do
   rm -rf "$R/pascal/features"
-  timeout 200 "${PYTHON:-python}" preproc/extract_features.py --dataset pascal --arch resnet50 --weights random --image-size $S \
+  timeout 110 "${PYTHON:-python}" preproc/extract_features.py --dataset pascal --arch resnet50 --weights random --image-size $S \
     --data-root "$R" -g $DEV --num-workers $W --decode device 2>&1 | grep -E "rows from|wrote|error" \
     | sed "s/^/decode device: /" || true
 done
-timeout 150 "${PYTHON:-python}" - "$R" "$S" "$DEV" "$OUT/pil_features" <<'PY' \
+timeout 100 "${PYTHON:-python}" - "$R" "$S" "$DEV" "$OUT/pil_features" <<'PY' \
   || echo "the decode device step failed (exit $?)"
 import sys, time, torch, numpy as np
 from pathlib import Path
@@ -91,3 +92,6 @@ for phase in ("train", "val"):
           f"{np.abs(b).max():.3g}, ratio {np.abs(a - b).max() / np.abs(b).max():.3g}); row-wise relative L2 diff "
           f"max {row_rel.max():.3g}, median {np.median(row_rel):.3g}")
 PY
+ROWS=${SMOKE:+640}; ROWS=${ROWS:-8000}
+timeout 300 "${PYTHON:-python}" bench/features_steady.py "$R" --image-size $S -g $DEV --rows $ROWS \
+  || echo "the steady-state step failed (exit $?)"
