@@ -9,9 +9,10 @@ made from the same images and weights is not extracted again.
 
 --decode device: the workers only read the files; each batch is decoded on the extraction device (nvJPEG on a
 GPU) and resized there, for GPUs that outrun the CPU's decoding. The features then differ from the default PIL
-path's in the last bits (about 1e-2 relative), so the set (same name) is keyed by the decode mode: a set made one
-way is extracted again the other way. A valid --image-cache disk file of the same size is not read then (its
-images were resized by PIL).
+path's in the last bits (at most 1.4e-3 relative per row on an H200), so the set (same name) is keyed by the decode
+mode: a set made one way is extracted again the other way. A valid --image-cache disk file of the same size is not
+read then (its images were resized by PIL). On an H200, PIL decoding in 16 workers keeps up with ResNet-50 at
+448 px; with fewer cores, --decode device and 4 workers come within 15 % of it (README, "Linear probe").
 """
 from __future__ import annotations
 
