@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Feature extraction on one GPU: ResNet-50 (random weights: no network there) at 448 px over 2,000 + 500 rows of
 # the 145 CUB JPEGs of tests/data re-encoded at 500 px (a full-size photo's decode cost). Prints end-to-end img/s
-# with 4 and 16 workers, the backbone alone, the loader alone, and checks bit-equality with the plain backbone;
+# with 4 and 16 workers, the loader alone, and checks bit-equality with the plain backbone;
 # then the same end to end with --decode device (nvJPEG + resize on the GPU, the workers only read the files),
 # the device decode + resize alone, and the max abs / relative difference of those features to the PIL features
 # of the same rows. The Python steps have timeouts; a failing step is reported, not fatal.
-# Last, bench/features_steady.py: steady-state rates of every source (8,000 rows each, warm-up left out).
+# Last, bench/features_steady.py: the backbone alone and the steady-state rate of every source (8,000 rows each,
+# warm-up left out).
 # SMOKE=1: tiny sizes on the CPU. Run from the repository root: bash bench/features_gpu.sh (PYTHON=python3 if needed).
 set -euo pipefail
 OUT=${OUT:-/tmp/fgpu_out}; mkdir -p "$OUT"; R=$OUT/root
@@ -24,7 +25,7 @@ for W in 4 16; do
   timeout 110 "${PYTHON:-python}" preproc/extract_features.py --dataset pascal --arch resnet50 --weights random --image-size $S \
     --data-root "$R" -g $DEV --num-workers $W 2>&1 | grep -E "rows from|wrote|error" || true
 done
-timeout 100 "${PYTHON:-python}" - "$R" "$S" "$DEV" <<'PY' || echo "the backbone / loader step failed (exit $?)"
+timeout 100 "${PYTHON:-python}" - "$R" "$S" "$DEV" <<'PY' || echo "the loader / equality step failed (exit $?)"
 import sys, time, torch, numpy as np
 from pathlib import Path
 from PIL import Image
@@ -34,16 +35,6 @@ from datasets import get_transforms
 root, size, dev = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 device = torch.device("cpu" if dev == "cpu" else f"cuda:{dev}")
 model = features._build_backbone("resnet50", "random", 20).eval().to(device)
-x = torch.randn(64, 3, size, size, device=device)
-for cl in (False, True):
-    m = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-    xx = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-    with torch.inference_mode():
-        m(xx); torch.cuda.synchronize() if device.type == "cuda" else None; t = time.time()
-        for _ in range(5): m(xx)
-        torch.cuda.synchronize() if device.type == "cuda" else None
-    print(f"backbone alone, channels_last={cl}: {5 * 64 / (time.time() - t):.0f} img/s")
-model = model.to(memory_format=torch.contiguous_format)
 names = np.load(root / "pascal/formatted_train_images.npy")
 jpegs = root / "pascal/VOCdevkit/VOC2012/JPEGImages"
 for w in (4, 16):
