@@ -3,8 +3,8 @@
     python bench/features_steady.py ROOT [--image-size 448] [-g 0] [--rows 8000] [--batch-size 64]
 
 ROOT is a data root made by bench/make_bench_root.py (its pascal train images, repeated to --rows). Each line is
-extraction's own loop (`features._computed`: ResNet-50 with random weights, batch 64, the previous batch read
-back after the next is sent) over --rows rows from one source, timed after the first 8 batches (worker start-up,
+extraction's own loop (`features._computed`: ResNet-50 with random weights, batch 64, each batch's features read
+after the next batch is sent) over --rows rows from one source, timed after the first 8 batches (worker start-up,
 cuDNN and nvJPEG warm-up left out):
   - pil: DataLoader workers decode and resize with PIL (the default --decode pil), 8 and 16 workers;
   - device: workers read the files, this process decodes (nvJPEG) and resizes on the device (--decode device),
@@ -86,19 +86,25 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}, {args.rows} rows "
           f"of {size} px, batch {bs}, rates after {WARMUP_BATCHES} warm-up batches", flush=True)
 
-    def run(label: str, batches, channels_last: bool = False) -> None:
-        m = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    def memory_format(channels_last: bool) -> torch.memory_format:
+        return torch.channels_last if channels_last else torch.contiguous_format
+
+    def report(label: str, rows_done) -> None:
+        """Print the steady rate of an iterator of rows-done counts; a failing source is reported, the rest run."""
         try:
-            rate, warm = steady_rate(features._computed(m, batches, out, device, channels_last), sync)
-            print(f"{label}{', channels_last' if channels_last else ''}: {rate:.0f} img/s (warm-up {warm:.1f} s)",
-                  flush=True)
-        except Exception as exc:  # a failing source is reported, the others still run
+            rate, warm = steady_rate(rows_done, sync)
+            print(f"{label}: {rate:.0f} img/s (warm-up {warm:.1f} s)", flush=True)
+        except Exception as exc:
             print(f"{label}: failed: {type(exc).__name__}: {exc}", flush=True)
 
+    def run(label: str, batches, channels_last: bool = False) -> None:
+        m = model.to(memory_format=memory_format(channels_last))
+        report(label + (", channels_last" if channels_last else ""),
+               features._computed(m, batches, out, device, channels_last))
+
     for cl in (False, True):
-        m = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        x = torch.randn(bs, 3, size, size, device=device).contiguous(
-            memory_format=torch.channels_last if cl else torch.contiguous_format)
+        m = model.to(memory_format=memory_format(cl))
+        x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=memory_format(cl))
         with torch.inference_mode():
             for _ in range(3):
                 m(x)
@@ -114,12 +120,8 @@ def main() -> int:
     if cuda:
         for w in (4, 8, 16):
             decoded = features._device_batches(jpegs, names, size, 0, bs, w, device)
-            try:
-                rate, warm = steady_rate((first + len(im) for first, im, _ in decoded), sync)
-                print(f"device decode + resize alone, {w} workers reading: {rate:.0f} img/s (warm-up {warm:.1f} s)",
-                      flush=True)
-            except Exception as exc:
-                print(f"device decode + resize alone: failed: {type(exc).__name__}: {exc}", flush=True)
+            report(f"device decode + resize alone, {w} workers reading",
+                   (first + len(images) for first, images, _ in decoded))
         for w in (4, 8, 16):
             run(f"device, {w} workers", features._device_batches(jpegs, names, size, 0, bs, w, device))
         run("device, 16 workers", features._device_batches(jpegs, names, size, 0, bs, 16, device), True)
