@@ -491,8 +491,9 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
     torch.manual_seed(cfg.pytorch_seed)
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
     previous = handle_interrupts()  # from here on, kill = Ctrl-C
-    # the first torch.optim optimizer imports torch._dynamo (~1.5 s): imported meanwhile, it overlaps the data loading
-    threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True).start()
+    if device.type != "cpu":  # there torch's Adam step imports torch._dynamo (~1.5 s): meanwhile, with the loading
+        # (train.Adam's CPU step does not need it; on 2 cores the import only competed with the loading)
+        threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True).start()
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
             if resume is None and ctx.main:
