@@ -1,7 +1,11 @@
 """train.Adam: torch.optim.Adam's update run directly on the CPU. Same parameters, same state, same bits."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from conftest import ROOT
 from losses import compute_loss
 from train import Adam
 
@@ -109,3 +113,14 @@ def test_zero_grad_and_a_closure_behave_as_torchs():
     losses = [optimizer.step(closure(params)) for params, optimizer in zip(copies, optimizers)]
     assert torch.equal(losses[0], losses[1])
     assert_same(copies, optimizers)
+
+
+def test_a_cpu_run_of_it_never_imports_torch_dynamo():
+    """The point of the direct step: torch's wrappers import torch._dynamo (~1.5 s) on first use."""
+    code = ("import sys, torch\nfrom train import Adam\nhead = torch.nn.Linear(4, 2)\n"
+            "optimizer = Adam([{'params': [head.weight]}, {'params': [head.bias], 'lr': 0.1}], lr=1e-3)\n"
+            "for _ in range(3):\n    optimizer.zero_grad()\n    head(torch.ones(1, 4)).sum().backward()\n"
+            "    optimizer.step()\noptimizer.load_state_dict(optimizer.state_dict())\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
