@@ -120,11 +120,11 @@ class Adam(torch.optim.Adam):
     state_dict and bits, with a direct `step` and `zero_grad` for parameters on the CPU.
 
     On the CPU torch runs its single-tensor update, whose few operations cost less than the wrappers around them (a
-    profiler record and torch._dynamo's guards): ~190 us of a linear probe's ~3 ms step. `step` below runs the operations of torch.optim.adam._single_tensor_adam (its branch
-    without capturable / differentiable / weight decay / amsgrad) in torch's order, and initialises the state as
-    torch does; tests/test_optim.py compares the parameters and the state with torch.optim.Adam's by
-    torch.equal. Other devices (CUDA: torch's foreach update), a closure or complex / sparse parameters take
-    torch's own step."""
+    profiler record and torch._dynamo's guards): ~190 us of a linear probe's 1.6-4 ms step. `step` below runs the
+    operations of torch.optim.adam._single_tensor_adam (its branch without capturable / differentiable / weight
+    decay / amsgrad) in torch's order, and initialises the state as torch does; tests/test_optim.py compares the
+    parameters and the state with torch.optim.Adam's by torch.equal. Other devices (CUDA: torch's foreach update),
+    a closure or complex / sparse parameters take torch's own step."""
 
     def __init__(self, params, lr: float) -> None:
         super().__init__(params, lr=lr)
