@@ -72,6 +72,7 @@ def _per_class_ap(scores: np.ndarray, label_sets: list[np.ndarray]) -> list[np.n
     values contiguous: one pass over the matrix instead of a strided read per column), the columns spread over
     threads (numpy's sorts and loops release the GIL)."""
     by_class = np.ascontiguousarray(scores.T)
+    count_dtype = np.int32 if scores.shape[0] < 2 ** 31 else np.int64
     labels_by_class = [np.ascontiguousarray(y.T) for y in label_sets]
 
     def column(c: int) -> list[float]:
@@ -83,10 +84,17 @@ def _per_class_ap(scores: np.ndarray, label_sets: list[np.ndarray]) -> list[np.n
         thresholds = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), len(ranked) - 1]  # each distinct score's last row
         predicted = (1 + thresholds).astype(np.float64)  # TP + FP (scikit-learn's float sum is exact: integers)
         for i, y in zip(present, ranked_labels):
-            tps = np.cumsum(y, dtype=np.float64)[thresholds]
+            # TP counts: an integer cumsum (~10x faster than scikit-learn's float64 one), then float64: the same
+            # exact integers
+            tps = np.cumsum(y, dtype=count_dtype)[thresholds].astype(np.float64)
             precision, recall = tps / predicted, tps / tps[-1]
-            precision, recall = np.hstack((precision[::-1], 1)), np.hstack((recall[::-1], 0))
-            aps[i] = max(0.0, -np.sum(np.diff(recall) * precision[:-1]))
+            # scikit-learn reverses the curve, appends (recall 0, precision 1) and sums diff(recall) *
+            # precision[:-1]; the same products in the same order, without the appended copies
+            steps = np.empty_like(recall)
+            np.subtract(recall[-2::-1], recall[:0:-1], out=steps[:-1])
+            steps[-1] = 0.0 - recall[0]  # 0 - r, as diff computes it
+            steps *= precision[::-1]
+            aps[i] = max(0.0, -np.sum(steps))
         return aps
 
     with ThreadPoolExecutor(worker_threads()) as pool:
