@@ -63,9 +63,9 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-# keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch, and ROLE's
-# label estimates of the batch rows
-CONTEXT = ("epoch", "estimates")
+# keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch, ROLE's
+# label estimates of the batch rows, and LL-Cp's corrections of the batch when the loop computed them already
+CONTEXT = ("epoch", "estimates", "corrected")
 
 
 def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None,
@@ -74,7 +74,8 @@ def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str
     are optional), except `epoch` (1-based, given by the training loop). `negative_obs`: the loss reads negative
     observed labels (-q); the others refuse them, and main.py checks that at load time. `ranges`: the valid
     `Range` of every hyperparameter (all must have one). `corrections(logits, obs, **same keywords)`: the (B, C)
-    mask of entries that become observed positives for good after the step (LL-Cp), applied by the loop."""
+    mask of entries that become observed positives for good after the step (LL-Cp), applied by the loop, which
+    hands the mask to the loss (`corrected=`) so that it is computed once."""
     ranges = dict(ranges or {})
 
     def add(fn: Callable) -> Callable:
@@ -412,12 +413,15 @@ def _permanent_corrections(logits: torch.Tensor, obs: torch.Tensor, *, delta_rel
 
 @register("ll_cp", ranges=DELTA_REL, corrections=_permanent_corrections)
 def large_loss_correction_permanent(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, delta_rel: float = 0.2,
-                                    epoch: int = 1) -> None:
+                                    epoch: int = 1, corrected: torch.Tensor | None = None) -> None:
     """LL-Cp: from epoch 2, the fixed k = ceil(B*C delta_rel / 100) largest unknown-entry losses of the batch are
     corrected (target 1, neg_log(p)) and become observed positives for good (the loop writes them into the
-    training set's observed matrix, which the loaders read). Source: Kim et al. 2022, LL-Cp as the paper
+    training set's observed matrix, which the loaders read). `corrected`: that mask, when the caller computed it
+    (the training loop, which needs it too); computed here otherwise. Source: Kim et al. 2022, LL-Cp as the paper
     describes it; their public code compares the scheme name with `is`, so LL-Cp runs there as LL-Ct."""
-    _large_loss(e, obs, _permanent_corrections(e.logits, obs, delta_rel=delta_rel, epoch=epoch), True)
+    if corrected is None:
+        corrected = _permanent_corrections(e.logits, obs, delta_rel=delta_rel, epoch=epoch)
+    _large_loss(e, obs, corrected, True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -468,14 +472,16 @@ def check_observed(name: str, obs: torch.Tensor) -> None:
 
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
                  checked: bool = False, where: bool = False, epoch: int = 1, estimates: torch.Tensor | None = None,
-                 **hparams: float) -> torch.Tensor:
+                 corrected: torch.Tensor | None = None, **hparams: float) -> torch.Tensor:
     """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored; one it
     takes that is absent or None gets its default (TypeError if it has none, e.g. EM's alpha).
 
     `checked=True`: the labels were validated already (`check_observed`), skip the checks. `where=True`: fill
     by torch.where (see `Entries`). With both, nothing here waits for the device: the same bits, no sync.
     `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods); `estimates`,
-    the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`).
+    the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`); `corrected`, the (B, C) boolean
+    mask of the loss's `corrections` for these logits and labels, to a loss that has them (LL-Cp), which then
+    does not compute it again.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
@@ -492,11 +498,14 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     entries = Entries(logits, where)
-    context = {"epoch": epoch, "estimates": estimates}
+    context = {"epoch": epoch, "estimates": estimates, "corrected": corrected}
     if "estimates" in fn.context and estimates is None:
         raise TypeError(f"loss {name!r} needs the label estimates of the batch rows (estimates=)")
     if estimates is not None and estimates.shape != logits.shape:
         raise ValueError(f"estimates must be (B, C) like the logits, got {tuple(estimates.shape)}")
+    if corrected is not None and (corrected.shape != logits.shape or corrected.dtype != torch.bool):
+        raise ValueError(f"corrected must be a (B, C) boolean mask like the logits, got {tuple(corrected.shape)} "
+                         f"{corrected.dtype}")
     fn(entries, obs, true, **given, **{k: context[k] for k in fn.context})
     # divide by a tensor holding B * C, then sum, as the original: on CUDA, dividing by a Python number
     # multiplies by its reciprocal instead, which differs in the last bit

@@ -364,10 +364,12 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         obs = batch["label_vec_obs"].to(engine.device, non_blocking=True)
         # labels were checked once at load time; torch.where filling gives the original's bits without a sync
         estimates = None if engine.estimates is None else engine.estimates(batch["idx"].to(engine.device))
+        mask = None if corrections is None else corrections(logits, obs, epoch=epoch, **hyperparameters)
         loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
-                            checked=True, where=True, epoch=epoch, estimates=estimates, **hyperparameters)
-        if corrections is not None:
-            corrected.append((batch["idx"], corrections(logits, obs, epoch=epoch, **hyperparameters)))
+                            checked=True, where=True, epoch=epoch, estimates=estimates, corrected=mask,
+                            **hyperparameters)
+        if mask is not None:
+            corrected.append((batch["idx"], mask))
         optimizer.zero_grad()
         scaler.scale(loss).backward()  # no scaling unless --amp fp16
         if engine.estimates is not None:  # DDP averages the model's gradients; the estimates' are averaged here

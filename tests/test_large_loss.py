@@ -77,6 +77,40 @@ def test_losses_reject_or_correct_the_k_largest(name, correct, fixed, epoch):
             assert all(x.grad[i, j] == 0 for i, j in chosen)
 
 
+@pytest.mark.parametrize("where", [False, True])
+def test_ll_cp_given_its_corrections_is_the_same_to_the_bit(where):
+    """The training loop computes LL-Cp's mask once and hands it to the loss (`corrected=`): value and gradient
+    equal those of the loss computing it itself; another mask gives another loss (the argument is used)."""
+    logits, obs = _batch(seed=3, b=8, c=6)
+    mask = train.LOSSES["ll_cp"].corrections(logits, obs, delta_rel=10.0, epoch=3)
+    assert int(mask.sum()) == 5  # ceil(48 * 10 / 100)
+    results = []
+    for corrected in (None, mask, torch.zeros_like(mask)):
+        x = logits.clone().requires_grad_(True)
+        value = compute_loss("ll_cp", x, obs, obs, epoch=3, delta_rel=10.0, where=where, corrected=corrected)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(results[0][0], results[2][0])  # no corrections: the assume-negative loss
+    with pytest.raises(ValueError, match="corrected must be a"):
+        compute_loss("ll_cp", logits, obs, obs, epoch=3, delta_rel=10.0, corrected=mask.float())
+
+
+def test_the_training_step_selects_the_large_losses_once(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    ds = tiny_dataset(tmp_path, 24, 6)
+    cfg = config.build_config("demo", loss="ll_cp", delta_rel=5.0, batch_size=8, num_workers=0)
+    engine = train.build_engine(TinyNet(6), CPU)
+    loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=0)
+    optimizer = torch.optim.Adam(engine.model.parameters(), lr=1e-2)
+    calls = []
+    real = train.LOSSES["ll_cp"].corrections
+    monkeypatch.setattr(train.LOSSES["ll_cp"], "corrections", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr("losses._permanent_corrections", lambda *a, **kw: pytest.fail("selected twice"))
+    out = train.train_epoch(engine, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg, 2, ds)
+    assert len(calls) == 3 and out["corrected_labels"] == 3 * 3
+
+
 def test_more_large_losses_than_unknowns_takes_all_unknowns():
     logits, obs = _batch()
     assert int(large_losses(logits, obs, 10_000).sum()) == int((obs == 0).sum())
