@@ -143,8 +143,10 @@ class LabelledRows(Dataset):
 
     def mark_positive(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
         """Observed labels set to 1 where `mask` (len(rows), C) is true, in place (LL-Cp's permanent corrections;
-        the shared matrix reaches DataLoader workers for the batches they have not prepared yet)."""
-        self._obs[rows] = torch.where(mask.cpu(), 1.0, self._obs[rows])
+        the shared matrix reaches DataLoader workers for the batches they have not prepared yet). A row may come
+        more than once (an epoch's batches together; a torchrun shard's padding): each of its masks counts."""
+        hit_rows, hit_classes = mask.cpu().nonzero(as_tuple=True)
+        self._obs[rows.cpu()[hit_rows], hit_classes] = 1.0
 
 
 

@@ -111,6 +111,19 @@ def test_the_training_step_selects_the_large_losses_once(tmp_path, monkeypatch):
     assert len(calls) == 3 and out["corrected_labels"] == 3 * 3
 
 
+def test_mark_positive_counts_every_mask_of_a_repeated_row():
+    """An epoch's corrections are written together; a row twice (a torchrun shard's padding) keeps both masks."""
+    from datasets import LabelledRows
+    obs = np.zeros((4, 3))
+    obs[:, 0] = 1
+    rows = LabelledRows(obs, np.ones((4, 3)))
+    mask = torch.tensor([[False, True, False], [False, False, True], [False, False, False], [False, False, True]])
+    rows.mark_positive(torch.tensor([2, 2, 0, 3]), mask)
+    expected = obs.copy()
+    expected[2, 1] = expected[2, 2] = expected[3, 2] = 1
+    np.testing.assert_array_equal(rows.labels_obs, expected)
+
+
 def test_more_large_losses_than_unknowns_takes_all_unknowns():
     logits, obs = _batch()
     assert int(large_losses(logits, obs, 10_000).sum()) == int((obs == 0).sum())
