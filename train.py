@@ -100,6 +100,10 @@ class LabelEstimates(torch.nn.Module):
     `LabelEstimator`). Initialised from the global torch generator: unknown entries uniform in
     (-logit(0.6), logit(0.6)), observed positives logit(0.995); or, given `probs` (ROLE+LI's phase 1), logit(probs).
     Calling it with row indices gives their estimates sigmoid(logits[rows]).
+
+    The gradient of `logits` is dense (N x C, zero outside the batch rows), as the original's. It is built in one
+    buffer kept from step to step (`_RowsOf`), so after `zero_grad()` the next backward overwrites the previous
+    step's `logits.grad` tensor instead of allocating a new one.
     """
 
     def __init__(self, labels_obs: np.ndarray, probs: np.ndarray | None = None) -> None:
@@ -110,9 +114,43 @@ class LabelEstimates(torch.nn.Module):
         else:
             logits = torch.from_numpy(logit(probs)).float()
         self.logits = torch.nn.Parameter(logits)
+        self.grad_buffer: torch.Tensor | None = None  # not state: not saved, made again where needed
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits[rows])
+        return torch.sigmoid(_RowsOf.apply(self.logits, rows, self))
+
+
+class _RowsOf(torch.autograd.Function):
+    """`logits[rows]` whose backward builds the dense gradient with the indexing's own operations (zeros, then the
+    rows' gradients put in with accumulate: aten's index_backward), in `estimates.grad_buffer` rather than a new
+    N x C matrix at every step. Same bits (tests/test_role.py). Why: on the CPU, a fresh 21 MB matrix per step
+    (COCO's 65,665 x 80) is carved from glibc's heap, and the small tensors a pass keeps (predictions, labels) land
+    in the freed ones, so each step's matrix needed new memory: a COCO-sized ROLE epoch on features grew the
+    process by 24 GB. A gradient that exists already is added to, as autograd does."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, estimates: LabelEstimates) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.estimates = estimates
+        return logits[rows]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        param = ctx.estimates.logits
+        buffer = ctx.estimates.grad_buffer
+        if param.grad is not None or buffer is None or (buffer.device, buffer.dtype, buffer.shape) != (
+                param.device, param.dtype, param.shape):
+            buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
+            if param.grad is None:
+                ctx.estimates.grad_buffer = buffer
+        buffer.zero_()
+        torch.ops.aten._index_put_impl_(buffer, (rows,), grad, True, True)  # accumulate, unsafe: index_backward's
+        if param.grad is None:
+            param.grad = buffer
+        else:
+            param.grad += buffer
+        return None, None, None
 
 
 class Adam(torch.optim.Adam):
@@ -128,6 +166,7 @@ class Adam(torch.optim.Adam):
 
     def __init__(self, params, lr: float) -> None:
         super().__init__(params, lr=lr)
+        self._denominators: dict[torch.Tensor, torch.Tensor] = {}  # per parameter, reused by `step` (not state)
 
     # torch guards these with torch._dynamo.disable, whose first call imports torch._dynamo (~1.5 s, and ~0.3 s
     # more at exit); called eagerly (nothing here is compiled) they are the same functions without the guard
@@ -166,7 +205,13 @@ class Adam(torch.optim.Adam):
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step = state["step"].item()
                 step_size = lr / (1 - beta1 ** step)
-                denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+                # torch's (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps) with the same kernels, in a buffer
+                # kept per parameter: no parameter-sized temporaries per step (LabelEstimates says why that matters)
+                denom = self._denominators.get(p)
+                if denom is None or (denom.dtype, denom.shape, denom.stride()) != (exp_avg_sq.dtype, exp_avg_sq.shape,
+                                                                                   exp_avg_sq.stride()):
+                    denom = self._denominators[p] = torch.empty_like(exp_avg_sq)
+                torch.sqrt(exp_avg_sq, out=denom).div_((1 - beta2 ** step) ** 0.5).add_(eps)
                 p.addcdiv_(exp_avg, denom, value=-step_size)
         return None
 

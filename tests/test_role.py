@@ -184,3 +184,44 @@ def test_rows_outside_the_batch_keep_their_values_while_adams_moments_are_zero()
     step(torch.tensor([0, 2, 3]), x, obs)
     assert (engine.estimates.logits.detach()[rows] != first[rows]).all()
     assert torch.equal(engine.estimates.logits.detach()[[5, 6, 8, 9]], before[[5, 6, 8, 9]])
+
+
+def test_estimate_gradients_equal_plain_indexing_and_reuse_one_buffer():
+    """The estimates' dense gradient is built in one buffer kept from step to step, with the bits of plain
+    `sigmoid(logits[rows])` autograd: over Adam steps (zero_grad between), when two backward passes accumulate,
+    and into a gradient zeroed in place. Rows repeated within a batch accumulate as indexing's backward does."""
+    torch.manual_seed(0)
+    n, c = 30, 5
+    obs = np.zeros((n, c))
+    obs[np.arange(n), np.arange(n) % c] = 1
+    ours = LabelEstimates(obs)
+    plain = torch.nn.Parameter(ours.logits.detach().clone())
+    opt_ours, opt_plain = (torch.optim.Adam([p], lr=1e-2) for p in (ours.logits, plain))
+    gen = torch.Generator().manual_seed(1)
+
+    def backward(rows, weights):
+        (ours(rows) * weights).pow(3).sum().backward()
+        (torch.sigmoid(plain[rows]) * weights).pow(3).sum().backward()
+
+    pointers = set()
+    for step in range(6):
+        rows = torch.randperm(n, generator=gen)[:7]
+        if step == 3:
+            rows[1] = rows[0]  # a repeated row: its two gradients add up
+        weights = torch.randn(7, c, generator=gen)
+        opt_ours.zero_grad()
+        opt_plain.zero_grad()
+        backward(rows, weights)
+        if step == 4:  # accumulate a second batch into the same gradient
+            backward(torch.randperm(n, generator=gen)[:7], torch.randn(7, c, generator=gen))
+        assert torch.equal(ours.logits.grad, plain.grad) and ours.logits.grad.abs().sum() > 0
+        pointers.add(ours.logits.grad.data_ptr())
+        opt_ours.step()
+        opt_plain.step()
+        assert torch.equal(ours.logits.detach(), plain.detach())
+    assert len(pointers) == 1  # one gradient matrix for all steps, not a new one per step
+    # zeroed in place (zero_grad(set_to_none=False)): the next gradient is added to the zeros
+    opt_ours.zero_grad(set_to_none=False)
+    opt_plain.zero_grad(set_to_none=False)
+    backward(torch.tensor([2, 9]), torch.randn(2, c, generator=gen))
+    assert torch.equal(ours.logits.grad, plain.grad)
