@@ -9,8 +9,9 @@ random linear map of them, scale `--signal`, plus unit noise), so val mAP improv
 epochs). EM_APL with COCO's settings stops early at epoch 2, before its first APL round (warm-up 5): give
 `-- --warmup-epoch 1` for a run with APL (11 epochs, 11 rounds). Then it times
 `python main.py -d <synthetic> -l LOSS -g cpu` with the linear defaults of config.LINEAR_SETTINGS and prints the
-wall time, the CPU time (user + system, all threads), the epochs run, the APL rounds and the test mAP. On a shared
-virtual machine the same run's wall time varies by up to 2x with the host's load: run it a few times.
+wall time, the CPU time (user + system, all threads), the peak memory (RSS), the epochs run, the APL rounds and
+the test mAP (ROLE: `--loss role -- --expected-num-pos 2.9`). On a shared virtual machine the same run's wall time
+varies by up to 2x with the host's load: run it a few times.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def main() -> int:
     figures = {"loss": args.loss, "train_rows": args.train, "test_rows": args.test, "dim": args.dim,
                "classes": args.classes, "signal": args.signal, "dataset_seconds": round(made, 1),
                "run_wall_seconds": round(wall, 1), "run_cpu_seconds": round(cpu, 1),
+               "run_peak_rss_gb": round(cpu1.ru_maxrss / 2 ** 20, 2),  # KiB on Linux
                "epochs": len(res["epochs"]), "best_epoch": res["best_epoch"], "apl_rounds": len(rounds),
                "test_map": round(res["test_map"], 2), "chance_test_map": round(res["chance_test_map"], 2),
                "batch_size": res["config"]["batch_size"], "lr": res["config"]["lr"],
