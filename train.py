@@ -427,10 +427,10 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
     target = dataset if dataset is not None else loader.dataset
     if corrections is not None:
         before = target.labels_obs.copy()
-        rows = torch.cat([rows for rows, _ in corrected]) if corrected else torch.zeros(0, dtype=torch.long)
-        masks = (torch.cat([mask for _, mask in corrected]).cpu() if corrected
-                 else torch.zeros((0, before.shape[1]), dtype=torch.bool))
-        for rank_rows, rank_masks in engine.dist.all_gather((rows, masks)):  # the epoch's batches in one write
+        rows = [batch_rows for batch_rows, _ in corrected] or [torch.zeros(0, dtype=torch.long)]
+        masks = [mask for _, mask in corrected] or [torch.zeros((0, before.shape[1]), dtype=torch.bool)]
+        # the epoch's batches in one write
+        for rank_rows, rank_masks in engine.dist.all_gather((torch.cat(rows), torch.cat(masks).cpu())):
             target.mark_positive(rank_rows, rank_masks)
         out["corrected_labels"] = int(((target.labels_obs == 1) & (before != 1)).sum())
     return engine.dist.gather_pass(out)
