@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 
 EPS = 1e-5
 LOSSES: dict[str, Callable[..., None]] = {}
@@ -63,19 +64,20 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-# keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch, ROLE's
-# label estimates of the batch rows, and LL-Cp's corrections of the batch when the loop computed them already
-CONTEXT = ("epoch", "estimates", "corrected")
+# keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch and ROLE's
+# label estimates of the batch rows
+CONTEXT = ("epoch", "estimates")
 
 
 def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None,
-             corrections: Optional[Callable[..., torch.Tensor]] = None) -> Callable:
+             corrections: Optional[Callable[..., torch.Tensor]] = None, plain_mean: bool = False) -> Callable:
     """Add a loss under `name`; its keyword-only parameters are the hyperparameters it takes (those with a default
     are optional), except `epoch` (1-based, given by the training loop). `negative_obs`: the loss reads negative
     observed labels (-q); the others refuse them, and main.py checks that at load time. `ranges`: the valid
     `Range` of every hyperparameter (all must have one). `corrections(logits, obs, **same keywords)`: the (B, C)
-    mask of entries that become observed positives for good after the step (LL-Cp), applied by the loop, which
-    hands the mask to the loss (`corrected=`) so that it is computed once."""
+    mask of entries that become observed positives for good after the step (LL-Cp), applied by the loop.
+    `plain_mean`: the loss is `matrix.mean()`, as its source reduces (Kim et al.), not the original's division by
+    a tensor of B * C and sum (the two differ in the last bits)."""
     ranges = dict(ranges or {})
 
     def add(fn: Callable) -> Callable:
@@ -83,6 +85,7 @@ def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str
                   if v.kind is inspect.Parameter.KEYWORD_ONLY and v.name not in CONTEXT]
         fn.context = tuple(k for k in inspect.signature(fn).parameters if k in CONTEXT)
         fn.corrections = corrections
+        fn.plain_mean = plain_mean
         fn.hyperparameters = tuple(v.name for v in params)
         fn.required = tuple(v.name for v in params if v.default is inspect.Parameter.empty)
         fn.defaults = {v.name: v.default for v in params if v.default is not inspect.Parameter.empty}
@@ -353,75 +356,109 @@ def check_hyperparameters(name: str, values: Mapping[str, object]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Large-Loss methods (Kim et al., CVPR 2022, "Large Loss Matters in Weakly Supervised Multi-Label Classification")
+# Large-Loss methods (Kim et al., CVPR 2022, "Large Loss Matters in Weakly Supervised Multi-Label Classification"),
+# as their code runs them (snucml/LargeLossMatters: `losses.compute_batch_loss`, the schedule in `train.py`)
+
+def clean_rate(epoch: int, delta_rel: float) -> float:
+    """Kim et al.'s `clean_rate` during `epoch` (1-based): 1 in epoch 1, then lowered by delta_rel / 100 after every
+    epoch, by repeated float subtraction as their loop does (a closed formula differs in the last bits, and then
+    ceil can give another k)."""
+    rate, step = 1.0, delta_rel / 100
+    for _ in range(epoch - 1):
+        rate -= step
+    return rate
+
 
 def large_loss_count(batch_entries: int, epoch: int, delta_rel: float, fixed: bool) -> int:
-    """How many unknown entries of a batch count as large losses at `epoch` (1-based): none in epoch 1, then
-    k = ceil(B*C * (epoch - 1) * delta_rel / 100) (LL-R, LL-Ct: the rate grows every epoch), or the fixed
-    k = ceil(B*C * delta_rel / 100) (LL-Cp)."""
-    if epoch < 2:
+    """How many unknown entries of a batch of `batch_entries` = B*C entries are large losses at `epoch`, by Kim et
+    al.'s arithmetic: none while clean_rate == 1 (epoch 1), then k = ceil(B*C * (1 - clean_rate)) (LL-R, LL-Ct: the
+    rate grows by delta_rel % each epoch) or the fixed k = ceil(B*C * (delta_rel / 100)) (LL-Cp)."""
+    rate = clean_rate(epoch, delta_rel)
+    if rate == 1:
         return 0
-    return math.ceil(batch_entries * (1 if fixed else epoch - 1) * delta_rel / 100)
+    return math.ceil(batch_entries * (delta_rel / 100 if fixed else 1 - rate))
 
 
-def large_losses(logits: torch.Tensor, obs: torch.Tensor, k: int) -> torch.Tensor:
-    """The (B, C) mask of the k unknown entries (obs == 0) whose assume-negative loss -log(1 - p + eps) is largest
-    (exactly k, or all unknowns if fewer; the selection carries no gradient and needs no host sync)."""
-    chosen = torch.zeros(obs.shape, dtype=torch.bool, device=obs.device)  # contiguous, whatever obs's strides
-    unknown = obs == 0
-    k = min(k, obs.numel())
-    if k > 0:
-        with torch.no_grad():
-            an_loss = torch.where(unknown, neg_log(1 - torch.sigmoid(logits.detach())), -math.inf)
-            chosen.view(-1)[an_loss.reshape(-1).topk(k).indices] = True
-    return chosen & unknown
+def _an_loss_matrix(logits: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+    """Kim et al.'s per-entry loss: BCE with logits towards the observed labels (unknowns as negatives)."""
+    return F.binary_cross_entropy_with_logits(logits, obs.clip(0), reduction="none")
 
 
-def _large_loss(e: Entries, obs: torch.Tensor, chosen: torch.Tensor, correct: bool) -> None:
-    e.set(obs == 1, neg_log(e.p(obs == 1)))
-    kept = (obs == 0) & ~chosen
-    e.set(kept, neg_log(1 - e.p(kept)))
-    if correct:  # the large losses are taken as positives (target 1)
-        e.set(chosen, neg_log(e.p(chosen)))
+def large_loss_threshold(loss_matrix: torch.Tensor, obs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the unknown entries' losses with 0 elsewhere, the k-th largest of them), as Kim et al. rank: by BCE with
+    logits, `(obs == 0) * loss`, topk over the flattened batch. k above B*C (where their topk raises) takes all."""
+    with torch.no_grad():
+        unobserved_loss = (obs == 0) * loss_matrix.detach()
+        threshold = torch.topk(unobserved_loss.flatten(), min(k, unobserved_loss.numel())).values[-1]
+    return unobserved_loss, threshold
+
+
+def large_losses(logits: torch.Tensor, obs: torch.Tensor, k: int, strict: bool = False) -> torch.Tensor:
+    """The (B, C) mask of the entries that Kim et al.'s loss rejects or corrects with k large losses: every entry
+    whose unknown-entry loss is not below the k-th largest, ties included (so more than k with ties, and, when that
+    loss is 0, the observed positives too, as in their code). `strict`: those strictly above it instead, LL-Cp's
+    corrections for good (their `correction_idx`: k - 1 entries without ties). None when k = 0."""
+    if k == 0:
+        return torch.zeros(obs.shape, dtype=torch.bool, device=obs.device)
+    unobserved_loss, threshold = large_loss_threshold(_an_loss_matrix(logits.detach(), obs.to(logits.dtype)), obs, k)
+    return unobserved_loss > threshold if strict else ~(unobserved_loss < threshold)
+
+
+def _large_loss(e: Entries, obs: torch.Tensor, epoch: int, delta_rel: float, correct: bool, fixed: bool) -> None:
+    """Kim et al.'s `compute_batch_loss`: loss = BCE(logits, obs); from epoch 2, with t the k-th largest loss among
+    the unknown entries, every entry whose unknown-entry loss is not below t gets, instead, 0 (LL-R) or
+    BCE(logits, not obs) (LL-Ct, LL-Cp: target 1 for an unknown entry). Their mean over B x C (`plain_mean`)."""
+    loss_matrix = _an_loss_matrix(e.logits, obs)
+    k = large_loss_count(obs.numel(), epoch, delta_rel, fixed)
+    if k == 0:
+        e.loss = loss_matrix
+        return
+    unobserved_loss, threshold = large_loss_threshold(loss_matrix, obs, k)
+    if correct:
+        replacement = F.binary_cross_entropy_with_logits(e.logits, torch.logical_not(obs).to(e.logits.dtype),
+                                                         reduction="none")
+    else:
+        replacement = torch.zeros_like(loss_matrix)
+    e.loss = torch.where(unobserved_loss < threshold, loss_matrix, replacement)
 
 
 DELTA_REL = {"delta_rel": Range(0.0, math.inf, lo_open=True)}
 
 
-@register("ll_r", ranges=DELTA_REL)
+@register("ll_r", ranges=DELTA_REL, plain_mean=True)
 def large_loss_rejection(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, delta_rel: float = 0.2,
                          epoch: int = 1) -> None:
-    """LL-R: assume negative (obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p)), except that from epoch 2 the
-    k = ceil(B*C (epoch-1) delta_rel / 100) largest unknown-entry losses of the batch are rejected (weight 0).
-    Source: Kim et al. 2022, LL-R (their code: BCE with logits and a mean; here eps inside the log and the
-    project's sum / (B*C), which is the same mean). delta_rel per dataset: config.LL_DELTA_REL."""
-    _large_loss(e, obs, large_losses(e.logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, False)), False)
+    """LL-R: BCE with logits on assume-negative targets, except that from epoch 2 the large losses among the
+    batch's unknown entries (all those >= the k-th largest, k = ceil(B*C * (1 - clean_rate)), clean_rate lowered by
+    delta_rel % per epoch) are rejected (loss 0). The mean over B x C.
+    Source: Kim et al. 2022, `compute_batch_loss` with mod_scheme LL-R (snucml/LargeLossMatters); delta_rel per
+    dataset: config.LL_DELTA_REL."""
+    _large_loss(e, obs, epoch, delta_rel, correct=False, fixed=False)
 
 
-@register("ll_ct", ranges=DELTA_REL)
+@register("ll_ct", ranges=DELTA_REL, plain_mean=True)
 def large_loss_correction_temporary(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, delta_rel: float = 0.2,
                                     epoch: int = 1) -> None:
-    """LL-Ct: as LL-R, but the large losses are corrected for this step instead: target 1, neg_log(p).
-    Source: Kim et al. 2022, LL-Ct."""
-    _large_loss(e, obs, large_losses(e.logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, False)), True)
+    """LL-Ct: as LL-R, but the large losses are corrected for this step instead: BCE with logits towards
+    `not obs` (target 1 on an unknown entry). Source: Kim et al. 2022, `compute_batch_loss` with LL-Ct."""
+    _large_loss(e, obs, epoch, delta_rel, correct=True, fixed=False)
 
 
 def _permanent_corrections(logits: torch.Tensor, obs: torch.Tensor, *, delta_rel: float = 0.2,
                            epoch: int = 1) -> torch.Tensor:
-    return large_losses(logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, True))
+    return large_losses(logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, fixed=True), strict=True)
 
 
-@register("ll_cp", ranges=DELTA_REL, corrections=_permanent_corrections)
+@register("ll_cp", ranges=DELTA_REL, corrections=_permanent_corrections, plain_mean=True)
 def large_loss_correction_permanent(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, delta_rel: float = 0.2,
-                                    epoch: int = 1, corrected: torch.Tensor | None = None) -> None:
-    """LL-Cp: from epoch 2, the fixed k = ceil(B*C delta_rel / 100) largest unknown-entry losses of the batch are
-    corrected (target 1, neg_log(p)) and become observed positives for good (the loop writes them into the
-    training set's observed matrix, which the loaders read). `corrected`: that mask, when the caller computed it
-    (the training loop, which needs it too); computed here otherwise. Source: Kim et al. 2022, LL-Cp as the paper
-    describes it; their public code compares the scheme name with `is`, so LL-Cp runs there as LL-Ct."""
-    if corrected is None:
-        corrected = _permanent_corrections(e.logits, obs, delta_rel=delta_rel, epoch=epoch)
-    _large_loss(e, obs, corrected, True)
+                                    epoch: int = 1) -> None:
+    """LL-Cp: from epoch 2, LL-Ct's correction with the fixed k = ceil(B*C * (delta_rel / 100)); the unknown
+    entries whose loss is strictly above the k-th largest become observed positives for good (`corrections`, which
+    the loop writes into the training set's observed matrix at the end of the epoch; each row comes once per epoch,
+    so the loaders see it from the next epoch on, as with the original's per-epoch DataLoader workers).
+    Source: Kim et al. 2022, `compute_batch_loss` and `train.py` with LL-Cp as their paper describes it: their code
+    compares the scheme name with `is` (False for a parsed string), so there LL-Cp runs as LL-Ct."""
+    _large_loss(e, obs, epoch, delta_rel, correct=True, fixed=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,16 +509,14 @@ def check_observed(name: str, obs: torch.Tensor) -> None:
 
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
                  checked: bool = False, where: bool = False, epoch: int = 1, estimates: torch.Tensor | None = None,
-                 corrected: torch.Tensor | None = None, **hparams: float) -> torch.Tensor:
+                 **hparams: float) -> torch.Tensor:
     """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored; one it
     takes that is absent or None gets its default (TypeError if it has none, e.g. EM's alpha).
 
     `checked=True`: the labels were validated already (`check_observed`), skip the checks. `where=True`: fill
     by torch.where (see `Entries`). With both, nothing here waits for the device: the same bits, no sync.
     `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods); `estimates`,
-    the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`); `corrected`, the (B, C) boolean
-    mask of the loss's `corrections` for these logits and labels, to a loss that has them (LL-Cp), which then
-    does not compute it again.
+    the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
@@ -498,17 +533,15 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     entries = Entries(logits, where)
-    context = {"epoch": epoch, "estimates": estimates, "corrected": corrected}
+    context = {"epoch": epoch, "estimates": estimates}
     if "estimates" in fn.context and estimates is None:
         raise TypeError(f"loss {name!r} needs the label estimates of the batch rows (estimates=)")
     if estimates is not None and estimates.shape != logits.shape:
         raise ValueError(f"estimates must be (B, C) like the logits, got {tuple(estimates.shape)}")
-    if corrected is not None and (corrected.shape != logits.shape or corrected.dtype != torch.bool):
-        raise ValueError(f"corrected must be a (B, C) boolean mask like the logits, got {tuple(corrected.shape)} "
-                         f"{corrected.dtype}")
     fn(entries, obs, true, **given, **{k: context[k] for k in fn.context})
-    # divide by a tensor holding B * C, then sum, as the original: on CUDA, dividing by a Python number
-    # multiplies by its reciprocal instead, which differs in the last bit
-    denominator = entries.loss.numel() * torch.ones_like(entries.loss)
-    loss = (entries.loss / denominator).sum()
+    if fn.plain_mean:
+        loss = entries.loss.mean()
+    else:  # divide by a tensor holding B * C, then sum, as the original: on CUDA, dividing by a Python number
+        # multiplies by its reciprocal instead, which differs in the last bit
+        loss = (entries.loss / (entries.loss.numel() * torch.ones_like(entries.loss))).sum()
     return loss if entries.regulariser is None else loss + entries.regulariser

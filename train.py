@@ -411,7 +411,7 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         estimates = None if engine.estimates is None else engine.estimates(batch["idx"].to(engine.device))
         mask = None if corrections is None else corrections(logits, obs, epoch=epoch, **hyperparameters)
         loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
-                            checked=True, where=True, epoch=epoch, estimates=estimates, corrected=mask,
+                            checked=True, where=True, epoch=epoch, estimates=estimates,
                             **hyperparameters)
         if mask is not None:
             corrected.append((batch["idx"], mask))
