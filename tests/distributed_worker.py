@@ -58,7 +58,9 @@ def apl(data_root: str, out: str) -> None:
 
 
 def state(loss: str, data_root: str, out: str) -> None:
-    cfg, ctx, datasets, engine, loaders = build(data_root, loss=loss, expected_num_pos=1.9)
+    # LL-Cp corrects the losses strictly above the k-th largest: k - 1 per batch, so a k of several
+    extra = {"delta_rel": 5.0} if loss == "ll_cp" else {"expected_num_pos": 1.9}
+    cfg, ctx, datasets, engine, loaders = build(data_root, loss=loss, **extra)
     optimizer = torch.optim.Adam(engine.parameter_groups(cfg.lr), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     corrected = [train.train_epoch(engine, loaders["train"], optimizer, scaler, cfg, epoch, datasets["train"])
