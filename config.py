@@ -29,6 +29,27 @@ IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_wo
 # Not --num-workers / --persistent-workers: each worker draws the flips of its batches from its own stream.
 RESULT_NEUTRAL_SETTINGS = ("gpu", "image_cache", "data_root", "results_dir", "dist_timeout")
 
+# The training loop of each source whose numbers the README's table prints (--protocol): the settings that differ
+# between them, each also a flag of its own. The dataset table's batch, lr and epochs stay unless a protocol sets
+# them (not for a linear probe on --features, which has its own: LINEAR_SETTINGS).
+EARLY_STOPS = ("first-drop", "drop-3", "none")  # --early-stop
+TEST_PASSES = ("best", "every", "end")  # --test-pass
+ROLE_LI_INITS = ("float64", "float32")  # --role-li-init
+PROTOCOLS: dict[str, dict] = {
+    # Zhou et al.'s main.py (the original): stop at the first epoch whose val mAP does not strictly improve; the
+    # test pass after each improving epoch; one lr for the whole model; the last partial batches kept
+    "zhou": dict(head_lr_mult=1.0, early_stop="first-drop", drop_last=False, test_pass="best", role_li_init="float64"),
+    # Cole et al.'s train.py: every epoch runs (train, val, test), the best val epoch kept; drop_last=True for the
+    # train, val and test loaders; ROLE+LI's estimates start from logit(phase-1 estimates) computed in float32
+    "cole": dict(head_lr_mult=1.0, early_stop="none", drop_last=True, test_pass="every", role_li_init="float32"),
+    # Kim et al.'s train.py and config.py: batch 16, lr 1e-5 with the classifier at 10x (lr_mult), up to 10 epochs,
+    # the best val epoch kept, a stop only when val mAP falls more than 3 below the best; the test pass once at the
+    # end, on the best weights
+    "kim": dict(head_lr_mult=10.0, early_stop="drop-3", drop_last=False, test_pass="end", role_li_init="float64",
+                batch_size=16, lr=1e-5, num_epochs=10),
+}
+PROTOCOL_SCHEDULE = ("batch_size", "lr", "num_epochs")  # what a protocol does not set for a linear probe
+
 
 # delta_rel of the Large-Loss methods per dataset, as Kim et al. give them (Adam, batch 16; percent per epoch).
 # The demo takes COCO's.
@@ -107,6 +128,13 @@ class Config:
     asl_clip: float = _loss_default("asl_clip")
     delta_rel: float = _loss_default("delta_rel")  # Large-Loss methods; build_config takes LL_DELTA_REL's
     expected_num_pos: float | None = None  # ROLE's k; build_config takes ROLE_EXPECTED_POSITIVES
+    # the training loop of a source (PROTOCOLS): its own settings below, each also a flag
+    protocol: str = "zhou"
+    head_lr_mult: float = 1.0  # the classifier head's lr is head_lr_mult x lr (Kim et al.'s lr_mult)
+    early_stop: str = "first-drop"  # first-drop (Zhou), drop-3 (Kim: val mAP > 3 below the best), none (Cole)
+    drop_last: bool = False  # drop the last partial batch of the train, val and test loaders (Cole)
+    test_pass: str = "best"  # the test set is scored after each improving epoch, every epoch, or at the end
+    role_li_init: str = "float64"  # the dtype of ROLE+LI's logit(phase-1 estimates) (Cole: float32)
     # linear-probe mode: the name of a feature set (features.feature_set_name), None = train on images
     features: str | None = None
     # options of Cole et al.'s code base (which Zhou et al.'s inherits), off by default
@@ -213,7 +241,12 @@ def build_config(dataset: str, **overrides) -> Config:
         values["delta_rel"] = LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"])[loss]
     if loss in ROLE_LOSSES and dataset in ROLE_EXPECTED_POSITIVES:
         values["expected_num_pos"] = ROLE_EXPECTED_POSITIVES[dataset]
-    values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the flags
+    values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the protocol and the flags
+    protocol = overrides.get("protocol") or Config.protocol
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    values.update({k: v for k, v in PROTOCOLS[protocol].items()
+                   if not (overrides.get("features") and k in PROTOCOL_SCHEDULE)})
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = Config(dataset=dataset, **values)
     validate(cfg)
@@ -255,7 +288,10 @@ def validate(cfg: Config) -> None:
     if cfg.features is not None and cfg.loss == "role_li":
         raise ValueError("-l role_li fine-tunes the backbone after a linear phase; with --features (a linear "
                          "classifier only) use -l role")
-    for field, choices in (("val_labels", VAL_LABELS), ("stop_metric", STOP_METRICS)):
+    if not (math.isfinite(cfg.head_lr_mult) and cfg.head_lr_mult > 0):
+        raise ValueError(f"--head-lr-mult must be a finite number > 0, got {cfg.head_lr_mult}")
+    for field, choices in (("val_labels", VAL_LABELS), ("stop_metric", STOP_METRICS), ("protocol", PROTOCOLS),
+                           ("early_stop", EARLY_STOPS), ("test_pass", TEST_PASSES), ("role_li_init", ROLE_LI_INITS)):
         if getattr(cfg, field) not in choices:
             raise ValueError(f"{flag(field)} must be one of {list(choices)}, got {getattr(cfg, field)!r}")
     for field in ("train_subsample", "val_subsample"):

@@ -201,21 +201,25 @@ FEATURE_EVAL_BATCH = 4096  # rows per batch of the val / test passes on features
 class FeatureLoader:
     """Batches of a FeatureDataset as index slices of tensors in memory, no per-sample work: the features sit on
     the device once; a shuffled epoch's order is one `torch.randperm` from the global generator. Batches hold
-    "features", the label rows and "idx", as the image loaders' batches (which hold "image" instead)."""
+    "features", the label rows and "idx", as the image loaders' batches (which hold "image" instead).
+    `drop_last_of` = B > 0: the rows past the last full batch of B are left out, as a DataLoader with batch size B
+    and drop_last=True leaves them (--drop-last; the eval passes' own batches are larger)."""
 
-    def __init__(self, dataset: FeatureDataset, batch_size: int, shuffle: bool, device: torch.device) -> None:
+    def __init__(self, dataset: FeatureDataset, batch_size: int, shuffle: bool, device: torch.device,
+                 drop_last_of: int = 0) -> None:
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.rows = len(dataset) - (len(dataset) % drop_last_of if drop_last_of else 0)
         self.features = dataset.features_on(torch.device(device))
         self.labels_true = torch.from_numpy(dataset.labels_true).float()  # fixed: converted once, not per batch
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return -(-self.rows // self.batch_size)
 
     def __iter__(self):
         n = len(self.dataset)
         order = torch.randperm(n) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            rows = order[start:start + self.batch_size]
+        for start in range(0, self.rows, self.batch_size):
+            rows = order[start:min(start + self.batch_size, self.rows)]
             if self.shuffle:  # index_select: the rows that indexing gives, at half its cost
                 features = self.features.index_select(0, rows.to(self.features.device))
                 obs, true = self.dataset._obs.index_select(0, rows), self.labels_true.index_select(0, rows)

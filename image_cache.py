@@ -204,11 +204,12 @@ class CachedLoader:
     """
 
     def __init__(self, dataset: MultilabelDataset, images: np.ndarray, batch_size: int, shuffle: bool, flip: bool,
-                 num_workers: int = 0, persistent_workers: bool = False, pin_memory: bool = False) -> None:
+                 num_workers: int = 0, persistent_workers: bool = False, pin_memory: bool = False,
+                 drop_last: bool = False) -> None:
         self.dataset, self.images, self.flip, self.pin_memory = dataset, images, flip, pin_memory
         self.num_workers, self.persistent = num_workers, persistent_workers and num_workers > 0
         sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
-        self.batch_sampler = BatchSampler(sampler, batch_size, drop_last=False)
+        self.batch_sampler = BatchSampler(sampler, batch_size, drop_last=drop_last)
         self._worker_generators: list[torch.Generator] | None = None
 
     def __len__(self) -> int:
@@ -257,19 +258,20 @@ def to_model_input(batch: dict, device: torch.device, channels_last: bool = Fals
 
 def make_loaders(datasets: dict[str, MultilabelDataset], batch_size: int, num_workers: int, persistent_workers: bool,
                  device: torch.device, image_cache: str = "off", image_size: int | None = None,
-                 cache_dir: Path | None = None, shards: Callable | None = None) -> dict:
-    """The train / val / test loaders: the original's DataLoaders, or cached loaders that give the same batches.
+                 cache_dir: Path | None = None, shards: Callable | None = None, drop_last: bool = False) -> dict:
+    """The train / val / test loaders: the original's DataLoaders, or cached loaders that give the same batches;
+    `drop_last` for all three (Cole et al.'s loaders).
     `shards(dataset, train)`: in a torchrun launch, the DataLoader arguments of this rank's share of the rows
     (distributed.shard_arguments), instead of batches of `batch_size` over all of them."""
     if image_cache == "off":
         return {phase: DataLoader(ds, **(shards(ds, phase == "train") if shards is not None else
                                          dict(batch_size=batch_size, shuffle=(phase == "train"))),
                                   num_workers=num_workers, pin_memory=device.type == "cuda",
-                                  persistent_workers=persistent_workers and num_workers > 0)
+                                  persistent_workers=persistent_workers and num_workers > 0, drop_last=drop_last)
                 for phase, ds in datasets.items()}
     build_workers = num_workers if num_workers > 0 else min(8, os.cpu_count() or 1)
     return {phase: CachedLoader(ds, build_cache(ds, image_size, image_cache, phase, cache_dir, build_workers),
                                 batch_size, shuffle=(phase == "train"), flip=(phase == "train"),
                                 num_workers=num_workers, persistent_workers=persistent_workers,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", drop_last=drop_last)
             for phase, ds in datasets.items()}

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from config import (AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LOSS_NAMES, RESULT_NEUTRAL_SETTINGS,
-                    ROLE_LOSSES, STOP_METRICS, VAL_LABELS, Config, build_config, flag, validate)
+from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LOSS_NAMES, PROTOCOLS,
+                    RESULT_NEUTRAL_SETTINGS, ROLE_LI_INITS, ROLE_LOSSES, STOP_METRICS, TEST_PASSES, VAL_LABELS, Config,
+                    build_config, flag, validate)
 
 # what --resume accepts besides the run folder: settings that cannot change its numbers
 RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
@@ -94,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data-root", help="folder holding <dataset>/formatted_*.npy (default: data)")
     m.add_argument("--features", help="linear probe: train a linear classifier on the cached feature set "
                    "<arch>_<weights>_<size> (made by preproc/extract_features.py) instead of the images")
+    r = p.add_argument_group("the training loop of a source (docs/original.md 'Protocols')")
+    r.add_argument("--protocol", choices=list(PROTOCOLS), help="the loop of the source whose numbers a row "
+                   "reports: zhou (the original, default), cole (Cole et al.), kim (Kim et al.); sets the options "
+                   "below (and, for kim, batch 16, lr 1e-5, 10 epochs), each of which a flag overrides")
+    r.add_argument("--head-lr-mult", type=float, help="the classifier head learns at this x lr (zhou, cole: 1; kim: 10)")
+    r.add_argument("--early-stop", choices=EARLY_STOPS, help="first-drop: stop at the first epoch whose val mAP does "
+                   "not strictly improve (zhou); drop-3: when it falls more than 3 below the best (kim); none: run "
+                   "every epoch (cole); the best val epoch is kept in all")
+    r.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop the last partial batch of the train, val and test loaders (cole; zhou, kim: no)")
+    r.add_argument("--test-pass", choices=TEST_PASSES, help="score the test set after each improving epoch (best: "
+                   "zhou), every epoch (cole) or once at the end with the best weights (kim); the same test mAP, "
+                   "but each pass draws from the random generator, so it follows the source's loop")
+    r.add_argument("--role-li-init", choices=ROLE_LI_INITS, help="role_li: compute logit(phase-1 estimates) in "
+                   "float64 (zhou, kim) or float32 (cole, as Cole et al.'s code)")
     o = p.add_argument_group("options of Cole et al.'s code base (README 'Options'; all off by default)")
     o.add_argument("--val-labels", choices=VAL_LABELS, help="select the best epoch on the val part's full labels "
                    "(clean, the original) or on its single positives (observed: no fully labelled val set needed)")
@@ -301,7 +317,8 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
         estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
         engine = build_engine(model, device, estimates=estimates)  # float32: the head is cheap
         loaders = {phase: FeatureLoader(ds, cfg.batch_size if phase == "train" else FEATURE_EVAL_BATCH, phase == "train",
-                                        device) for phase, ds in datasets.items()}
+                                        device, drop_last_of=cfg.batch_size if cfg.drop_last else 0)
+                   for phase, ds in datasets.items()}
         # APL's pass over the training features: in order, in large batches (the image path, as the original,
         # iterates the shuffled training loader; its order does not change the pseudo-labels)
         loaders["apl"] = FeatureLoader(datasets["train"], FEATURE_EVAL_BATCH, False, device)
@@ -334,7 +351,8 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
         setup["linear_init"]["features"] = name
         model.head.load_state_dict(state["model"])  # phase 2 starts from the linear phase's classifier ...
         estimates = LabelEstimates(datasets["train"].labels_obs,  # ... and its estimates, as logit(estimates)
-                                   torch.sigmoid(state["label_estimates"]).cpu().numpy())
+                                   torch.sigmoid(state["label_estimates"]).cpu().numpy(),
+                                   np.float32 if cfg.role_li_init == "float32" else np.float64)
     else:  # ROLE's estimate matrix, drawn after the model as in Cole et al.'s code
         estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
     engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark, estimates,
@@ -342,7 +360,8 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
     shards = (lambda ds, train: shard_arguments(ds, ctx, train, cfg.batch_size, cfg.pytorch_seed)) if ctx.enabled \
         else None
     loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
-                           cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache", shards)
+                           cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache", shards,
+                           cfg.drop_last)
     setup.update(world_size=ctx.world_size, per_rank_batch_size=batch_size)
     if ctx.enabled:
         setup.update(distributed={"backend": ctx.backend, "sync_bn": cfg.sync_bn, "timeout_s": ctx.timeout_s,
@@ -405,7 +424,9 @@ def setup_device(cfg: Config, gpu_given: str | None):
         ("--features", "a linear probe takes seconds on one device: run it with python main.py", cfg.features),
         ("--image-cache", "each process would cache the images itself: drop --image-cache", cfg.image_cache != "off"),
         ("-l role_li", "its linear phase runs on one device: train -l role_li with python main.py",
-         cfg.loss == "role_li")) if given]
+         cfg.loss == "role_li"),
+        ("--drop-last", "each process's share ends in its own partial batch: run it with python main.py",
+         cfg.drop_last)) if given]
     if refused:
         raise ValueError(f"{refused[0][0]} is not supported under torchrun: {refused[0][1]}")
     ctx, device = distributed.setup(gpu_given, cfg.batch_size, cfg.dist_timeout, cfg.sync_bn)

@@ -1,7 +1,9 @@
 """Training: epoch -> train -> (pseudo-label) -> evaluate -> select, as the original.
 
-Early stopping: stop at the first epoch whose clean-val mAP does not strictly improve (that epoch's test pass is
-skipped); the best-val weights are kept and the test mAP at the best epoch is the reported number.
+Early stopping (--early-stop, set by --protocol): the original stops at the first epoch whose clean-val mAP does not
+strictly improve (that epoch's test pass is skipped); Kim et al.'s loop when it falls more than 3 below the best;
+Cole et al.'s runs every epoch. The best-val weights are kept and the test mAP at the best epoch is the reported
+number.
 """
 from __future__ import annotations
 
@@ -89,16 +91,19 @@ def _lowest(values: np.ndarray, k: int) -> np.ndarray:
 ESTIMATES_LR_FACTOR = 10  # ROLE: the estimate matrix learns at 10 x the model's lr (Cole et al.'s `lr_mult`)
 
 
-def logit(p: float | np.ndarray) -> float | np.ndarray:
-    """log(p / (1 - p)) with p clipped to [1e-5, 1 - 1e-5], in float64 (Cole et al.'s `inverse_sigmoid`)."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-5, 1 - 1e-5)
-    return np.log(p / (1 - p))
+def logit(p: float | np.ndarray, dtype: type = np.float64) -> float | np.ndarray:
+    """log(p / (1 - p)) with p clipped to [1e-5, 1 - 1e-5] (Cole et al.'s `inverse_sigmoid`), in float64, or in
+    `dtype` float32 as their ROLE+LI computes it on its float32 estimates (numpy's float32 operations)."""
+    p = np.asarray(p, dtype=dtype)
+    p = np.maximum(np.minimum(p, dtype(1 - 1e-5)), dtype(1e-5))
+    return np.log(p / (dtype(1) - p))
 
 
 class LabelEstimates(torch.nn.Module):
     """ROLE's learnable N x C matrix of label-estimate logits, one row per training sample (Cole et al.'s
     `LabelEstimator`). Initialised from the global torch generator: unknown entries uniform in
-    (-logit(0.6), logit(0.6)), observed positives logit(0.995); or, given `probs` (ROLE+LI's phase 1), logit(probs).
+    (-logit(0.6), logit(0.6)), observed positives logit(0.995); or, given `probs` (ROLE+LI's phase 1), logit(probs)
+    computed in `probs_dtype` (float64, or float32 as Cole et al.: --role-li-init).
     Calling it with row indices gives their estimates sigmoid(logits[rows]).
 
     The gradient of `logits` is dense (N x C, zero outside the batch rows), as the original's. It is built in one
@@ -106,13 +111,13 @@ class LabelEstimates(torch.nn.Module):
     step's `logits.grad` tensor instead of allocating a new one.
     """
 
-    def __init__(self, labels_obs: np.ndarray, probs: np.ndarray | None = None) -> None:
+    def __init__(self, labels_obs: np.ndarray, probs: np.ndarray | None = None, probs_dtype: type = np.float64) -> None:
         super().__init__()
         if probs is None:
             logits = float(logit(0.5 + 0.1)) * (2 * torch.rand(labels_obs.shape) - 1)
             logits[torch.from_numpy(np.asarray(labels_obs) == 1)] = float(logit(0.995))
         else:
-            logits = torch.from_numpy(logit(probs)).float()
+            logits = torch.from_numpy(logit(probs, probs_dtype)).float()
         self.logits = torch.nn.Parameter(logits)
         self.grad_buffer: torch.Tensor | None = None  # not state: not saved, made again where needed
 
@@ -247,9 +252,18 @@ class Engine:
         if self.frozen_backbone:
             self.model.backbone.eval()
 
-    def parameter_groups(self, lr: float) -> list[dict]:
-        """Adam's groups: the trainable model parameters at `lr`; ROLE's estimates at ESTIMATES_LR_FACTOR x lr."""
-        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": lr}]
+    def parameter_groups(self, lr: float, head_lr_mult: float = 1.0) -> list[dict]:
+        """Adam's groups: the trainable model parameters at `lr` (with `head_lr_mult` != 1, the classifier head's at
+        head_lr_mult x lr, as Kim et al.'s `lr_mult`; a linear probe is all head); ROLE's estimates at
+        ESTIMATES_LR_FACTOR x lr."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if head_lr_mult == 1:
+            groups = [{"params": trainable, "lr": lr}]
+        else:
+            head = {id(p) for p in getattr(self.model, "head", self.model).parameters()}
+            groups = [{"params": [p for p in trainable if id(p) not in head], "lr": lr},
+                      {"params": [p for p in trainable if id(p) in head], "lr": head_lr_mult * lr}]
+            groups = [g for g in groups if g["params"]]
         if self.estimates is not None:
             groups.append({"params": list(self.estimates.parameters()), "lr": ESTIMATES_LR_FACTOR * lr})
         return groups
@@ -480,7 +494,8 @@ def linear_init(feature_sets: dict[str, FeatureDataset], cfg: Config, device: to
     num_features, num_classes = feature_sets["train"].features.shape[1], feature_sets["train"].labels_true.shape[1]
     head = torch.nn.Linear(num_features, num_classes)
     engine = build_engine(head.to(device), device, estimates=LabelEstimates(feature_sets["train"].labels_obs))
-    loaders = {split: FeatureLoader(feature_sets[split], phase.batch_size, split == "train", device)
+    loaders = {split: FeatureLoader(feature_sets[split], phase.batch_size, split == "train", device,
+                                    drop_last_of=phase.batch_size if cfg.drop_last else 0)
                for split in ("train", "val")}
     optimizer = Adam(engine.parameter_groups(phase.lr), lr=phase.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -725,9 +740,12 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
 
 def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cfg: Config, run_dir: Path,
                                results: dict, resume: dict | None = None) -> tuple[dict, Progress]:
-    """epoch -> train -> (pseudo-label) -> val -> select (-> test); returns the best state and the progress."""
-    optimizer = Adam(engine.parameter_groups(cfg.lr), lr=cfg.lr)
+    """epoch -> train -> (pseudo-label) -> val -> select (-> test) -> stop?; returns the best state and the progress.
+    The test pass runs after each improving epoch, every epoch or once at the end (--test-pass); its number is the
+    best val epoch's either way (each pass draws the DataLoader's seed, so the choice follows the source's loop)."""
+    optimizer = Adam(engine.parameter_groups(cfg.lr, cfg.head_lr_mult), lr=cfg.lr)
     scaler = torch.amp.GradScaler(engine.device.type, enabled=cfg.amp == "fp16")
+    finished = False
     if resume is None:
         progress = Progress(unlabel_num=(datasets["train"].labels_obs == 0).sum(axis=0))
         best_state = None
@@ -737,10 +755,12 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         best_state = engine.state() if progress.best_epoch == progress.epoch else _load_best(run_dir, progress)
         if progress.best_epoch == progress.epoch and engine.dist.main:
             _rewrite_best_if_ahead(run_dir, best_state, progress, datasets, cfg)
-        if progress.best_epoch != progress.epoch:  # it stopped early, and was cut before it could say so
-            return best_state, progress
+        last_val = resume["epochs"][str(progress.epoch)]["val"][cfg.selection_key]
+        # it ended (all epochs, or a stop), and was cut before it could say so
+        finished = progress.epoch >= cfg.num_epochs or _stops(cfg, progress.best_epoch == progress.epoch, last_val,
+                                                              progress.best_val_map)
 
-    for epoch in range(progress.epoch + 1, cfg.num_epochs + 1):
+    for epoch in range(progress.epoch + 1, cfg.num_epochs + 1) if not finished else ():
         record: dict = {}  # enters results["epochs"] only once the epoch is complete
         epoch_start = time.time()
         out = train_epoch(engine, loaders["train"], optimizer, scaler, cfg, epoch, datasets["train"])
@@ -759,18 +779,22 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         val = evaluate(engine, loaders["val"], f"epoch {epoch} val")
         record["val"] = _eval_metrics(val)
         val_map = record["val"][cfg.selection_key]  # map_clean unless --stop-metric / --val-labels
-        # strict: a tie stops the run, as the original; rank 0 decides for every rank
+        # strict: a tie is no improvement, as the original; rank 0 decides for every rank
         improved = engine.dist.from_main(lambda: val_map > progress.best_val_map)
         line = (f"epoch {epoch}/{cfg.num_epochs}  train loss {record['train']['loss']:.4f}  "
                 f"val mAP {record['val']['map_clean']:.2f}"
                 + ("" if cfg.selection_key == "map_clean" else f"  val {cfg.selection_key} {val_map:.2f}"))
+        stop = _stops(cfg, improved, val_map, progress.best_val_map)
         if improved:
             best_state = engine.state()
-            best_test = evaluate(engine, loaders["test"], f"epoch {epoch} test")
-            record["test"] = _eval_metrics(best_test)
-            progress.best_val_map, progress.best_epoch = val_map, epoch
-            progress.best_test, progress.best_val = _kept(best_test), _kept(val)
-            line += f"  test mAP {record['test']['map_clean']:.2f}  *best*"
+            progress.best_val_map, progress.best_epoch, progress.best_val = val_map, epoch, _kept(val)
+        if cfg.test_pass == "every" or (improved and cfg.test_pass == "best"):
+            test = evaluate(engine, loaders["test"], f"epoch {epoch} test")
+            record["test"] = _eval_metrics(test)
+            if improved:
+                progress.best_test = _kept(test)
+            line += f"  test mAP {record['test']['map_clean']:.2f}"
+        line += "  *best*" if improved else ""
         record["seconds"] = time.time() - epoch_start
         print(line + f"  ({record['seconds']:.0f} s)", flush=True)
         results["epochs"][str(epoch)] = record
@@ -780,14 +804,36 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
             save_json(run_dir / "results.json", results)  # the small record first: a full disk still keeps it
             if improved:
                 _save_checkpoint(run_dir / "best.pt", best_state, cfg, epoch)
-                _save_predictions(run_dir / "predictions.npz", progress, datasets, epoch)
+                if progress.best_test is not None:
+                    _save_predictions(run_dir / "predictions.npz", progress, datasets, epoch)
         _save_last(run_dir, engine, optimizer, scaler, datasets, loaders, progress, results, cfg)
-        if not improved:
+        if stop:
             # the original leaves both loops here, so this epoch has no test pass
-            print(f"*** early stop: val {cfg.selection_key} {val_map:.2f} did not improve on "
-                  f"{progress.best_val_map:.2f} (epoch {results['best_epoch']}) ***", flush=True)
+            print(f"*** early stop: val {cfg.selection_key} {val_map:.2f} " + (
+                "did not improve on" if cfg.early_stop == "first-drop" else "fell more than 3 below") +
+                f" {progress.best_val_map:.2f} (epoch {results['best_epoch']}) ***", flush=True)
             break
+
+    if cfg.test_pass == "end" and progress.best_test is None and best_state is not None:
+        engine.load_state(best_state)  # the best val epoch's weights, as Kim et al.'s final test phase loads them
+        test = evaluate(engine, loaders["test"], f"epoch {progress.best_epoch} test")
+        progress.best_test = _kept(test)
+        results["epochs"][str(progress.best_epoch)]["test"] = _eval_metrics(test)
+        print(f"test mAP {results['epochs'][str(progress.best_epoch)]['test']['map_clean']:.2f} with the weights of "
+              f"epoch {progress.best_epoch}", flush=True)
+        if engine.dist.main:
+            save_json(run_dir / "results.json", results)
+            _save_predictions(run_dir / "predictions.npz", progress, datasets, progress.best_epoch)
     return best_state, progress
+
+
+def _stops(cfg: Config, improved: bool, val_metric: float, best_val_metric: float) -> bool:
+    """Whether the loop ends after an epoch (--early-stop): at the first epoch that does not strictly improve
+    (first-drop, Zhou et al.), when val falls more than 3 below the best before it (drop-3, Kim et al.), or never
+    (none, Cole et al.: every epoch runs)."""
+    if improved:
+        return False
+    return cfg.early_stop == "first-drop" or (cfg.early_stop == "drop-3" and best_val_metric - val_metric > 3)
 
 
 def _kept(out: dict) -> dict:
@@ -807,7 +853,8 @@ def _rewrite_best_if_ahead(run_dir: Path, best_state: dict, progress: Progress, 
     if saved_epoch(run_dir / "best.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False)["epoch"]) \
             != progress.best_epoch:
         _save_checkpoint(run_dir / "best.pt", best_state, cfg, progress.best_epoch)
-    if saved_epoch(run_dir / "predictions.npz", lambda p: np.load(p)["epoch"]) != progress.best_epoch:
+    if progress.best_test is not None and \
+            saved_epoch(run_dir / "predictions.npz", lambda p: np.load(p)["epoch"]) != progress.best_epoch:
         _save_predictions(run_dir / "predictions.npz", progress, datasets, progress.best_epoch)
 
 
