@@ -310,16 +310,18 @@ def dataset_defaults(dataset: str, loss: str, like: dict | None = None) -> dict 
     like = like or {}
     try:
         defaults = config.build_config(dataset, loss=loss, features=like.get("features"),
-                                       data_root=like.get("data_root")).to_dict()
+                                       data_root=like.get("data_root"), protocol=like.get("protocol")).to_dict()
     except (ValueError, TypeError, KeyError):
         return None
-    defaults["features"] = None
+    # the feature set and the protocol always show in the label (the settings a protocol sets do not)
+    defaults["features"], defaults["protocol"] = None, config.Config.protocol
     return defaults
 
 
-def label_settings(configs: Sequence[dict], defaults: dict | None) -> list[str]:
+def label_settings(configs: Sequence[dict], defaults: Sequence[dict | None]) -> list[str]:
     """The settings part of each config's row label within one (loss, dataset) cell: the settings that differ
-    from `defaults`, plus those that differ between the configs and have no default. Falls back to every
+    from its `defaults` (one per config: a protocol has its own), plus those that differ between the configs and
+    have no default. Falls back to every
     setting that differs between the configs if that leaves two labels equal (e.g. a key missing in one)."""
     ignored = {"dataset", "loss", "pytorch_seed", *RESULT_NEUTRAL_SETTINGS}
     keys = [k for cfg in configs for k in cfg if k not in ignored]
@@ -332,10 +334,10 @@ def label_settings(configs: Sequence[dict], defaults: dict | None) -> list[str]:
         return ", ".join(f"{k}={format_value(cfg[k]) if k in cfg else 'unset'}" for k in shown)
 
     labels = []
-    for cfg in configs:
-        off_default = [k for k in keys if defaults is not None and k in defaults and k in cfg
-                       and _canonical(cfg[k]) != _canonical(defaults[k])]
-        no_default = [k for k in varying if defaults is None or k not in defaults]
+    for cfg, own in zip(configs, defaults):
+        off_default = [k for k in keys if own is not None and k in own and k in cfg
+                       and _canonical(cfg[k]) != _canonical(own[k])]
+        no_default = [k for k in varying if own is None or k not in own]
         labels.append(label(cfg, [k for k in keys if k in off_default or k in no_default]))
     if len(set(labels)) < len(labels):
         labels = [label(cfg, varying) for cfg in configs]
@@ -350,7 +352,8 @@ def group_runs(runs: Sequence[Run]) -> list[Experiment]:
     experiments = []
     for (loss, dataset), by_key in cells.items():
         groups = list(by_key.values())
-        settings = label_settings([g[0].config for g in groups], dataset_defaults(dataset, loss, groups[0][0].config))
+        settings = label_settings([g[0].config for g in groups],
+                                  [dataset_defaults(dataset, loss, g[0].config) for g in groups])
         for group, label in zip(groups, settings):
             experiments.append(Experiment(loss, dataset, label, tuple(sorted(group, key=lambda r: r.seed))))
     return sorted(experiments, key=lambda e: (row_order(e.loss, e.settings), dataset_order(e.dataset)))
