@@ -181,8 +181,9 @@ class Config:
 
     def unused_settings(self, given: set[str]) -> list[str]:
         """Those of the `given` fields (set on the command line) that the chosen loss does not read."""
-        per_loss = {k for fn in LOSSES.values() for k in fn.hyperparameters} | set(APL_SETTINGS)
-        used = set(LOSSES[self.loss].hyperparameters) | (set(APL_SETTINGS) if self.loss == "EM_APL" else set())
+        per_loss = {k for fn in LOSSES.values() for k in fn.hyperparameters} | set(APL_SETTINGS) | {"role_li_init"}
+        used = set(LOSSES[self.loss].hyperparameters) | (set(APL_SETTINGS) if self.loss == "EM_APL" else set()) \
+            | ({"role_li_init"} if self.loss == "role_li" else set())
         unused = {k for k in given if k in per_loss and k not in used}
         if self.features:  # a linear classifier on cached features: no images, no backbone
             unused |= set(given) & set(IMAGE_SETTINGS)

@@ -219,3 +219,8 @@ def test_report_never_pools_runs_of_different_protocols(tmp_path):
     experiments = report.group_runs(runs)
     assert sorted((e.label, len(e.runs), e.test_map().mean) for e in experiments) == [
         ("ll_r", 2, pytest.approx(81.0)), ("ll_r (protocol=kim)", 2, pytest.approx(71.0))]
+
+
+def test_role_li_init_given_to_another_loss_is_reported_as_ignored():
+    assert config.build_config("demo", loss="role").unused_settings({"role_li_init", "early_stop"}) == ["role_li_init"]
+    assert config.build_config("demo", loss="role_li").unused_settings({"role_li_init"}) == []
