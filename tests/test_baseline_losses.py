@@ -1,8 +1,11 @@
-"""Tests for the comparison losses of losses.py (docs/baselines.md): dw, ls, nls, l1r, l2r, entmin, focal, asl.
+"""Tests for the comparison losses of losses.py: dw, ls, nls, l1r, l2r, entmin, focal, asl (docs/original.md §6d).
 
-Values are worked out entry by entry with `math`, independently of losses.py; gradients analytically. `dw` and
-`ls` are compared bit for bit with Cole et al.'s `loss_wan` / `loss_an_ls`, written here from the formulas in
-docs/baselines.md in their masked-assignment style. Every loss: 'masked' and 'where' filling give the same bits.
+Values are worked out entry by entry with `math`, independently of losses.py; gradients analytically. Where a
+loss equals public code, values and gradients are compared with torch.equal against a re-statement of that code
+written here: `dw` and `ls` against Cole et al.'s `loss_wan` / `loss_an_ls` with their `compute_batch_loss`
+(elijahcole/single-positive-multi-label losses.py), `asl` and `focal` against Ridnik et al.'s `AsymmetricLoss`
+(Alibaba-MIIL/ASL src/loss_functions/losses.py) under the project's mean. Every loss: 'masked' and 'where'
+filling give the same bits.
 """
 from __future__ import annotations
 
@@ -347,9 +350,10 @@ def test_focal_is_asl_without_clip_but_with_the_weight_differentiated(gamma):
 
 
 def _cole_style(name: str, logits: torch.Tensor, obs: torch.Tensor, ls_coef: float = 0.1) -> torch.Tensor:
-    """Cole et al.'s computation, written from docs/baselines.md in their style: preds = sigmoid(logits) once, a
-    zero matrix filled by masked assignment with preds[mask] indexed afresh at every use, divided elementwise by
-    a tensor of B * C and summed (their compute_batch_loss). Labels float32."""
+    """Cole et al.'s `loss_wan` / `loss_an_ls` and `compute_batch_loss` (elijahcole/single-positive-multi-label
+    losses.py, read at commit 89152d5), re-stated: preds = sigmoid(logits) once, a zero matrix filled by masked
+    assignment with preds[mask] indexed afresh at every use, the unknowns of wan divided by the Python float
+    C - 1, the matrix divided elementwise by a tensor of B * C and summed. Labels float32."""
     preds = torch.sigmoid(logits)
     observed_labels = obs.float()
     batch_size, num_classes = preds.shape
