@@ -202,7 +202,7 @@ def entropy_maximisation_apl(e: Entries, obs: torch.Tensor, true: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Comparison methods of the paper's table (docs/baselines.md). Zhou et al.'s code has none of them: each docstring
+# Comparison methods of the paper's table (docs/original.md §6d). Zhou et al.'s code has none of them: each docstring
 # names its source, and "reconstruction" where the paper's configuration could not be read. All take obs in {0, 1}.
 
 EPS_RANGE = Range(-1.0, 1.0)  # label-smoothing rates; negative ones (N-LS) put the targets outside [0, 1]
@@ -212,8 +212,9 @@ EPS_RANGE = Range(-1.0, 1.0)  # label-smoothing rates; negative ones (N-LS) put 
 def down_weighted(e: Entries, obs: torch.Tensor, true: torch.Tensor) -> None:
     """DW (down-weighted assume negative): obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p) / (C - 1).
 
-    Source: Cole et al. 2021, "Multi-label learning from single positive labels", `loss_wan` (the same
-    division by the Python float C - 1).
+    Source: Cole et al. 2021, "Multi-label learning from single positive labels", `loss_wan` in
+    elijahcole/single-positive-multi-label losses.py (the same division by the Python float C - 1); equal bit for
+    bit (tests/test_baseline_losses.py).
     """
     e.set(obs == 1, neg_log(e.p(obs == 1)))
     e.set(obs == 0, neg_log(1.0 - e.p(obs == 0)) / float(obs.shape[1] - 1))
@@ -230,7 +231,8 @@ def label_smoothing(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, ls_eps
     """LS (assume negative with label smoothing), eps = ls_eps:
     obs = 1 -> (1 - eps) neg_log(p) + eps neg_log(1 - p);  obs = 0 -> (1 - eps) neg_log(1 - p) + eps neg_log(p).
 
-    Source: Cole et al. 2021, `loss_an_ls` (their `ls_coef` = 0.1, our default).
+    Source: Cole et al. 2021, `loss_an_ls` in elijahcole/single-positive-multi-label losses.py (their `ls_coef`
+    = 0.1, our default); equal bit for bit (tests/test_baseline_losses.py).
     """
     _label_smoothing(e, obs, ls_eps)
 
@@ -462,7 +464,8 @@ def role(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, expected_num_pos:
     estimates likewise (the cross terms are stop-gradient on the other side). k per dataset:
     config.ROLE_EXPECTED_POSITIVES (--expected-num-pos). `role_li` (ROLE+LI) is the same loss after a linear
     initialisation phase (train.py).
-    Source: Cole et al. 2021, `loss_role` and `expected_positive_regularizer` (norm '2').
+    Source: Cole et al. 2021, `loss_role` and `expected_positive_regularizer` (norm '2') in
+    elijahcole/single-positive-multi-label losses.py; matrix and regulariser equal bit for bit (tests/test_role.py).
     """
     g, pos = estimates, obs == 1
     num_classes = obs.shape[1]
