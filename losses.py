@@ -7,7 +7,8 @@ predictions of a group as `entries.p(mask)`, the original's `preds[mask]`; entri
 denominator). Label coding of `obs`: 1 = observed positive, 0 = unknown, -q (0 < q <= 1) = negative pseudo-label
 with soft target q (written by APL).
 
-With p = sigmoid(logits) and eps = 1e-5 (always added inside the log, never clamped):
+With p = sigmoid(logits) and eps = 1e-5 (added inside the log, never clamped; focal and asl follow Ridnik et
+al.'s code instead, which clamps: log(max(x, 1e-8))):
     neg_log(x) = -log(x + eps)
     H(p)       = p * neg_log(p) + (1 - p) * neg_log(1 - p)           (entropy)
 To add a loss: write one function with the docstring formula and decorate it with @register("name", ranges=...).
@@ -141,12 +142,6 @@ class Entries:
         m[mask] = value
         return m
 
-    def safe(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`values` of the group `mask` as an operand of a formula that is singular elsewhere (x ** gamma with
-        gamma < 1 at x = 0): masked, they are the group's already; where, the other entries become 0.5, so their
-        zero gradient cannot turn into 0 * inf = nan."""
-        return torch.where(mask, values, 0.5) if self.where else values
-
     def set(self, mask: torch.Tensor, value: torch.Tensor) -> None:
         if self.where:
             self.loss = torch.where(mask, value, self.loss)
@@ -210,7 +205,7 @@ def entropy_maximisation_apl(e: Entries, obs: torch.Tensor, true: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Comparison methods of the paper's table (docs/baselines.md). Zhou et al.'s code has none of them: each docstring
+# Comparison methods of the paper's table (docs/original.md §6d). Zhou et al.'s code has none of them: each docstring
 # names its source, and "reconstruction" where the paper's configuration could not be read. All take obs in {0, 1}.
 
 EPS_RANGE = Range(-1.0, 1.0)  # label-smoothing rates; negative ones (N-LS) put the targets outside [0, 1]
@@ -220,8 +215,9 @@ EPS_RANGE = Range(-1.0, 1.0)  # label-smoothing rates; negative ones (N-LS) put 
 def down_weighted(e: Entries, obs: torch.Tensor, true: torch.Tensor) -> None:
     """DW (down-weighted assume negative): obs = 1 -> neg_log(p); obs = 0 -> neg_log(1 - p) / (C - 1).
 
-    Source: Cole et al. 2021, "Multi-label learning from single positive labels", `loss_wan` (the same
-    division by the Python float C - 1).
+    Source: Cole et al. 2021, "Multi-label learning from single positive labels", `loss_wan` in
+    elijahcole/single-positive-multi-label losses.py (the same division by the Python float C - 1); equal bit for
+    bit (tests/test_baseline_losses.py).
     """
     e.set(obs == 1, neg_log(e.p(obs == 1)))
     e.set(obs == 0, neg_log(1.0 - e.p(obs == 0)) / float(obs.shape[1] - 1))
@@ -238,7 +234,8 @@ def label_smoothing(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, ls_eps
     """LS (assume negative with label smoothing), eps = ls_eps:
     obs = 1 -> (1 - eps) neg_log(p) + eps neg_log(1 - p);  obs = 0 -> (1 - eps) neg_log(1 - p) + eps neg_log(p).
 
-    Source: Cole et al. 2021, `loss_an_ls` (their `ls_coef` = 0.1, our default).
+    Source: Cole et al. 2021, `loss_an_ls` in elijahcole/single-positive-multi-label losses.py (their `ls_coef`
+    = 0.1, our default); equal bit for bit (tests/test_baseline_losses.py).
     """
     _label_smoothing(e, obs, ls_eps)
 
@@ -295,43 +292,63 @@ def entropy_minimisation(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, e
     e.set(u, entmin_lambda * (e.p(u) * neg_log(e.p(u)) + (1 - e.p(u)) * neg_log(1 - e.p(u))))
 
 
+RIDNIK_EPS = 1e-8  # Ridnik et al.'s log clamp (`eps` of `AsymmetricLoss`): log(max(x, 1e-8)), no eps inside
+
+
+def _ridnik_asymmetric(e: Entries, obs: torch.Tensor, gamma_neg: float, gamma_pos: float, clip: float,
+                       weight_gradient: bool) -> None:
+    """The per-entry matrix of Ridnik et al.'s `AsymmetricLoss.forward` with targets y = obs in {0, 1}, the whole
+    matrix at once, in the source's order of operations (it has no masks; both fillings give these bits):
+        xs_neg = min(1 - p + clip, 1) if clip > 0 else 1 - p
+        L = -[y log(max(p, 1e-8)) + (1 - y) log(max(xs_neg, 1e-8))] * w
+        w = (1 - pt) ** (gamma_pos y + gamma_neg (1 - y)),  pt = p y + xs_neg (1 - y)   (w = 1 if both gammas are 0)
+    w is a constant for autograd unless `weight_gradient` (the source's disable_torch_grad_focal_loss=False).
+    The source returns the sum of L; compute_loss divides by B * C, so its value and gradients are the source's
+    divided by B * C."""
+    xs_pos = e.preds
+    xs_neg = 1 - xs_pos
+    if clip > 0:
+        xs_neg = (xs_neg + clip).clamp(max=1)
+    loss = obs * torch.log(xs_pos.clamp(min=RIDNIK_EPS)) + (1 - obs) * torch.log(xs_neg.clamp(min=RIDNIK_EPS))
+    if gamma_neg > 0 or gamma_pos > 0:
+        with torch.set_grad_enabled(weight_gradient and torch.is_grad_enabled()):
+            pt = xs_pos * obs + xs_neg * (1 - obs)
+            w = torch.pow(1 - pt, gamma_pos * obs + gamma_neg * (1 - obs))
+        loss = loss * w
+    e.loss = -loss
+
+
 @register("focal", ranges={"focal_gamma": NON_NEGATIVE})
 def focal(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, focal_gamma: float = 2.0) -> None:
-    """Focal loss on AN targets: obs = 1 -> (1 - p)^gamma neg_log(p); obs = 0 -> p^gamma neg_log(1 - p).
+    """Focal loss on AN targets (unknowns taken as negatives), gamma = focal_gamma (default 2, Lin et al.'s):
+    obs = 1 -> -(1 - p)^gamma log(max(p, 1e-8));  obs = 0 -> -p^gamma log(max(1 - p, 1e-8)).
 
-    The focusing weight is differentiated (as in the focal loss); no alpha balancing. gamma = focal_gamma,
-    default 2 (Lin et al.'s). For 0 < gamma < 1 the weight's derivative is infinite where p rounds to exactly
-    0 (positives: 1), which makes that entry's gradient nan, as in any implementation of the formula.
-    Source: Lin et al., ICCV 2017, "Focal loss for dense object detection"; unknowns taken as negatives.
+    Equals Ridnik et al.'s `AsymmetricLoss` (Alibaba-MIIL/ASL, src/loss_functions/losses.py) with gamma_neg =
+    gamma_pos = gamma, clip = 0 and disable_torch_grad_focal_loss=False: the focusing weight is differentiated,
+    as in Lin et al.'s focal loss; no alpha balancing. gamma = 0 is plain cross-entropy (log clamped at 1e-8).
+    For 0 < gamma < 1 an entry whose weight's base is exactly 0 (p rounds to 1 on a positive, 0 on an unknown)
+    gets a nan gradient, as in the source (the weight's derivative is infinite there).
+    Source: Lin et al., ICCV 2017, "Focal loss for dense object detection"; the code: Ridnik et al. 2021.
     """
-    pos = obs == 1
-    e.set(pos, e.safe(1 - e.p(pos), pos) ** focal_gamma * neg_log(e.p(pos)))
-    u = obs == 0
-    e.set(u, e.safe(e.p(u), u) ** focal_gamma * neg_log(1 - e.p(u)))
+    _ridnik_asymmetric(e, obs, focal_gamma, focal_gamma, 0.0, weight_gradient=True)
 
 
 @register("asl", ranges={"asl_gamma_neg": NON_NEGATIVE, "asl_gamma_pos": NON_NEGATIVE,
                          "asl_clip": Range(0.0, 1.0, hi_open=True)})
 def asymmetric(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, asl_gamma_neg: float = 4.0,
                asl_gamma_pos: float = 0.0, asl_clip: float = 0.05) -> None:
-    """ASL on AN targets, with p_m = max(p - clip, 0):
-    obs = 1 -> w_pos * neg_log(p),      w_pos = (1 - p)^gamma_pos;
-    obs = 0 -> w_neg * neg_log(1 - p_m), w_neg = p_m^gamma_neg;
-    the weights w are constants for autograd (computed under torch.no_grad, as the official code with
-    `disable_torch_grad_focal_loss=True`, its default and the setting of its training scripts); below the clip
-    an unknown entry has no gradient. Defaults gamma_neg = 4, gamma_pos = 0, clip = 0.05 (the official ones for
-    multi-label training). eps is added inside the log (neg_log) rather than the official clamp(min=1e-8).
-    Source: Ridnik et al., ICCV 2021, "Asymmetric loss for multi-label classification" (`AsymmetricLoss`);
-    unknowns taken as negatives.
+    """ASL on AN targets (unknowns taken as negatives), with p_m = max(p - clip, 0) (clip > 0; else p_m = p):
+    obs = 1 -> -w_pos log(max(p, 1e-8)),      w_pos = (1 - p)^gamma_pos;
+    obs = 0 -> -w_neg log(max(1 - p_m, 1e-8)), w_neg = p_m^gamma_neg.
+
+    Equals Ridnik et al.'s `AsymmetricLoss` (Alibaba-MIIL/ASL, src/loss_functions/losses.py) entry by entry, with
+    disable_torch_grad_focal_loss=True (its default, and the setting of its train.py): the weights are
+    constants for autograd, so below the clip an unknown entry has no gradient. Defaults gamma_neg = 4,
+    gamma_pos = 0, clip = 0.05: those of its train.py for multi-label training (the class's own default
+    gamma_pos is 1). The source sums the matrix; the project averages it over B x C (docs/original.md §6d).
+    Source: Ridnik et al., ICCV 2021, "Asymmetric loss for multi-label classification".
     """
-    pos = obs == 1
-    with torch.no_grad():
-        w_pos = (1 - e.p(pos)) ** asl_gamma_pos
-    e.set(pos, w_pos * neg_log(e.p(pos)))
-    u = obs == 0
-    with torch.no_grad():
-        w_neg = (e.p(u) - asl_clip).clamp(min=0) ** asl_gamma_neg
-    e.set(u, w_neg * neg_log(1 - (e.p(u) - asl_clip).clamp(min=0)))
+    _ridnik_asymmetric(e, obs, asl_gamma_neg, asl_gamma_pos, asl_clip, weight_gradient=False)
 
 
 def check_hyperparameters(name: str, values: Mapping[str, object]) -> None:
@@ -484,7 +501,8 @@ def role(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, expected_num_pos:
     estimates likewise (the cross terms are stop-gradient on the other side). k per dataset:
     config.ROLE_EXPECTED_POSITIVES (--expected-num-pos). `role_li` (ROLE+LI) is the same loss after a linear
     initialisation phase (train.py).
-    Source: Cole et al. 2021, `loss_role` and `expected_positive_regularizer` (norm '2').
+    Source: Cole et al. 2021, `loss_role` and `expected_positive_regularizer` (norm '2') in
+    elijahcole/single-positive-multi-label losses.py; matrix and regulariser equal bit for bit (tests/test_role.py).
     """
     g, pos = estimates, obs == 1
     num_classes = obs.shape[1]

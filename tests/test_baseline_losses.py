@@ -1,8 +1,11 @@
-"""Tests for the comparison losses of losses.py (docs/baselines.md): dw, ls, nls, l1r, l2r, entmin, focal, asl.
+"""Tests for the comparison losses of losses.py: dw, ls, nls, l1r, l2r, entmin, focal, asl (docs/original.md §6d).
 
-Values are worked out entry by entry with `math`, independently of losses.py; gradients analytically. `dw` and
-`ls` are compared bit for bit with Cole et al.'s `loss_wan` / `loss_an_ls`, written here from the formulas in
-docs/baselines.md in their masked-assignment style. Every loss: 'masked' and 'where' filling give the same bits.
+Values are worked out entry by entry with `math`, independently of losses.py; gradients analytically. Where a
+loss equals public code, values and gradients are compared with torch.equal against a re-statement of that code
+written here: `dw` and `ls` against Cole et al.'s `loss_wan` / `loss_an_ls` with their `compute_batch_loss`
+(elijahcole/single-positive-multi-label losses.py), `asl` and `focal` against Ridnik et al.'s `AsymmetricLoss`
+(Alibaba-MIIL/ASL src/loss_functions/losses.py) under the project's mean. Every loss: 'masked' and 'where'
+filling give the same bits.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 
 from conftest import ROOT  # noqa: F401  (conftest puts ROOT on sys.path)
 
-from losses import LOSSES, check_hyperparameters, compute_loss  # noqa: E402
+from losses import LOSSES, Entries, check_hyperparameters, compute_loss  # noqa: E402
 
 from helpers import EPS, ent, nl, random_batch as _batch, sig, t  # noqa: E402  (hand computations in float64)
 
@@ -145,28 +148,34 @@ def test_entmin_default_and_gradient_pushes_away_from_half():
     assert abs(g[1, 2].item()) < 1e-12  # logit 0 (p = 0.5): a stationary point of H
 
 
+def cl(x: float) -> float:
+    """Ridnik et al.'s clamped log, negated: -log(max(x, 1e-8)) (focal and asl; no eps inside)."""
+    return -math.log(max(x, 1e-8))
+
+
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 3.5])
 def test_focal_hand_values(gamma):
-    expected = hand_total(lambda p: (1 - p) ** gamma * nl(p), lambda p: p ** gamma * nl(1 - p))
+    expected = hand_total(lambda p: (1 - p) ** gamma * cl(p), lambda p: p ** gamma * cl(1 - p))
     assert loss("focal", focal_gamma=gamma) == pytest.approx(expected, rel=1e-12)
-    if gamma == 0.0:
-        assert loss("focal", focal_gamma=0.0) == pytest.approx(loss("an"), rel=1e-12)
+    if gamma == 0.0:  # cross-entropy, the log clamped rather than shifted by eps: close to AN, not equal
+        assert loss("focal", focal_gamma=0.0) == pytest.approx(loss("an"), rel=1e-4)
+        assert loss("focal", focal_gamma=0.0) != pytest.approx(loss("an"), rel=1e-9)
 
 
 def test_focal_default_and_gradient_differentiates_the_weight():
     g_ = 2.0
-    assert loss("focal") == pytest.approx(hand_total(lambda p: (1 - p) ** 2 * nl(p), lambda p: p ** 2 * nl(1 - p)),
+    assert loss("focal") == pytest.approx(hand_total(lambda p: (1 - p) ** 2 * cl(p), lambda p: p ** 2 * cl(1 - p)),
                                           rel=1e-12)
     g = grad_of("focal")
     for i, j in UNK:
         p = P[i][j]
         dp = p * (1 - p)
-        full = g_ * p ** (g_ - 1) * dp * nl(1 - p) + p ** g_ * dp / (1 - p + EPS)
+        full = g_ * p ** (g_ - 1) * dp * cl(1 - p) + p ** g_ * dp / (1 - p)
         assert g[i, j].item() == pytest.approx(full / N, rel=1e-10)
     for i, j in POS:
         p = P[i][j]
         dp = p * (1 - p)
-        full = -g_ * (1 - p) ** (g_ - 1) * dp * nl(p) - (1 - p) ** g_ * dp / (p + EPS)
+        full = -g_ * (1 - p) ** (g_ - 1) * dp * cl(p) - (1 - p) ** g_ * dp / p
         assert g[i, j].item() == pytest.approx(full / N, rel=1e-10)
 
 
@@ -178,20 +187,28 @@ ASL_LOGITS = [[0.5, -4.0, 2.0],
 def asl_hand(gneg, gpos, clip):
     def pm(p):
         return max(p - clip, 0.0)
-    return hand_total(lambda p: (1 - p) ** gpos * nl(p), lambda p: pm(p) ** gneg * nl(1 - pm(p)), ASL_LOGITS)
+    return hand_total(lambda p: (1 - p) ** gpos * cl(p), lambda p: pm(p) ** gneg * cl(1 - pm(p)), ASL_LOGITS)
 
 
 @pytest.mark.parametrize("gneg,gpos,clip", [(4.0, 0.0, 0.05), (2.0, 1.0, 0.1), (0.0, 0.0, 0.0), (3.0, 2.0, 0.0)])
 def test_asl_hand_values(gneg, gpos, clip):
     got = loss("asl", ASL_LOGITS, asl_gamma_neg=gneg, asl_gamma_pos=gpos, asl_clip=clip)
     assert got == pytest.approx(asl_hand(gneg, gpos, clip), rel=1e-12)
-    if (gneg, gpos, clip) == (0.0, 0.0, 0.0):
-        assert got == pytest.approx(loss("an", ASL_LOGITS), rel=1e-12)
+    if (gneg, gpos, clip) == (0.0, 0.0, 0.0):  # cross-entropy, as focal with gamma 0
+        assert got == loss("focal", ASL_LOGITS, focal_gamma=0.0)
 
 
 def test_asl_defaults():
     assert loss("asl", ASL_LOGITS) == pytest.approx(asl_hand(4.0, 0.0, 0.05), rel=1e-12)
     assert loss("asl", ASL_LOGITS) != pytest.approx(asl_hand(4.0, 0.0, 0.0), rel=1e-6)  # the clip matters
+
+
+def test_asl_clamps_the_log_where_eps_inside_would_not():
+    # a positive with p rounding to 0 (logit -200 in float64): Ridnik's log(max(p, 1e-8)) gives -log(1e-8) = 18.42,
+    # the project's other losses -log(0 + 1e-5) = 11.51
+    got = loss("asl", [[-200.0]], [[1.0]], [[1.0]], asl_gamma_neg=0.0, asl_gamma_pos=0.0, asl_clip=0.0)
+    assert got == pytest.approx(-math.log(1e-8), rel=1e-12)
+    assert loss("an", [[-200.0]], [[1.0]], [[1.0]]) == pytest.approx(-math.log(1e-5), rel=1e-12)
 
 
 @pytest.mark.parametrize("gneg,gpos,clip", [(4.0, 0.0, 0.05), (2.0, 1.0, 0.1), (3.0, 2.0, 0.0)])
@@ -203,8 +220,8 @@ def test_asl_focusing_weight_has_no_gradient(gneg, gpos, clip):
         dp = q * (1 - q)
         m = max(q - clip, 0.0)
         inside = 1.0 if q - clip > 0 else 0.0  # d p_m / d p
-        constant_w = m ** gneg * inside * dp / (1 - m + EPS)
-        differentiated = (constant_w + gneg * m ** (gneg - 1) * inside * dp * nl(1 - m)) if m > 0 else 0.0
+        constant_w = m ** gneg * inside * dp / (1 - m)
+        differentiated = (constant_w + gneg * m ** (gneg - 1) * inside * dp * cl(1 - m)) if m > 0 else 0.0
         assert g[i, j].item() == pytest.approx(constant_w / N, rel=1e-10, abs=1e-300)
         if m > 0:
             assert g[i, j].item() != pytest.approx(differentiated / N, rel=1e-3)
@@ -213,36 +230,119 @@ def test_asl_focusing_weight_has_no_gradient(gneg, gpos, clip):
     for i, j in POS:
         q = p[i][j]
         dp = q * (1 - q)
-        constant_w = -(1 - q) ** gpos * dp / (q + EPS)
+        constant_w = -(1 - q) ** gpos * dp / q
         assert g[i, j].item() == pytest.approx(constant_w / N, rel=1e-10)
         if gpos > 0:
-            differentiated = constant_w - gpos * (1 - q) ** (gpos - 1) * dp * nl(q)
+            differentiated = constant_w - gpos * (1 - q) ** (gpos - 1) * dp * cl(q)
             assert g[i, j].item() != pytest.approx(differentiated / N, rel=1e-3)
 
 
-def test_asl_gradient_equals_autograd_with_a_constant_weight():
-    # the same loss written with the weights as precomputed constants gives the same gradient (bit for bit in
-    # masked filling); with the weights left in the graph it differs
-    gneg, gpos, clip = 4.0, 1.0, 0.05
-    logits, obs = _batch(7)[:2]
-    obs = obs.float()
-    for detach in (True, False):
+# ------------------------------------------------------------------------------------------------------------
+# bit-identity of asl and focal with Ridnik et al.'s AsymmetricLoss (values and gradients, torch.equal)
+
+
+def ridnik_asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float, gamma_pos: float,
+                           clip: float, disable_torch_grad_focal_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridnik et al.'s `AsymmetricLoss.forward` (Alibaba-MIIL/ASL src/loss_functions/losses.py, read at commit
+    8c9e0bd), re-stated from that reading in its order of operations: sigmoid once; the negative side 1 - p,
+    shifted by the clip and capped at 1 when clip > 0; y log(p clamped at 1e-8) + (1 - y) log(that side clamped at
+    1e-8); if a gamma is positive, multiplied in place by (1 - pt) ** (gamma_pos y + gamma_neg (1 - y)) with
+    pt = p y + side (1 - y), grad mode switched off around the weight when the flag is set.
+    Returns (the per-entry matrix L with the source's total = -L.sum(), the source's total)."""
+    probs = torch.sigmoid(logits)
+    negative_side = 1 - probs
+    if clip > 0:
+        negative_side = (negative_side + clip).clamp(max=1)
+    entry = targets * torch.log(probs.clamp(min=1e-8))
+    entry = entry + (1 - targets) * torch.log(negative_side.clamp(min=1e-8))
+    if gamma_neg > 0 or gamma_pos > 0:
+        if disable_torch_grad_focal_loss:
+            torch.set_grad_enabled(False)
+        true_class_prob = probs * targets + negative_side * (1 - targets)
+        weight = torch.pow(1 - true_class_prob, gamma_pos * targets + gamma_neg * (1 - targets))
+        if disable_torch_grad_focal_loss:
+            torch.set_grad_enabled(True)
+        entry *= weight
+    return entry, -entry.sum()
+
+
+def ridnik_as_the_project_averages(name: str, logits: torch.Tensor, obs: torch.Tensor, hp: dict) -> torch.Tensor:
+    """The source's per-entry matrix, negated entry by entry, under compute_loss's mean: divided by a tensor
+    holding B * C, then summed. focal = AsymmetricLoss(gamma, gamma, clip 0, disable_torch_grad_focal_loss=False)."""
+    if name == "asl":
+        args = (hp.get("asl_gamma_neg", 4.0), hp.get("asl_gamma_pos", 0.0), hp.get("asl_clip", 0.05), True)
+    else:
+        gamma = hp.get("focal_gamma", 2.0)
+        args = (gamma, gamma, 0.0, False)
+    entry, _ = ridnik_asymmetric_loss(logits, obs.float(), *args)
+    per_entry = -entry
+    return (per_entry / (per_entry.numel() * torch.ones_like(per_entry))).sum()
+
+
+RIDNIK_CASES = [("asl", {}), ("asl", {"asl_gamma_pos": 1.0}),  # train.py's settings; the class's default gamma_pos
+                ("asl", {"asl_gamma_neg": 2.0, "asl_gamma_pos": 1.0, "asl_clip": 0.1}),
+                ("asl", {"asl_gamma_neg": 3.0, "asl_gamma_pos": 2.0, "asl_clip": 0.0}),
+                ("asl", {"asl_gamma_neg": 0.0, "asl_gamma_pos": 0.0, "asl_clip": 0.05}),
+                ("asl", {"asl_gamma_neg": 0.0, "asl_gamma_pos": 0.0, "asl_clip": 0.0}),
+                ("focal", {}), ("focal", {"focal_gamma": 1.0}), ("focal", {"focal_gamma": 3.5}),
+                ("focal", {"focal_gamma": 0.5}), ("focal", {"focal_gamma": 0.0})]
+
+
+@pytest.mark.parametrize("where", [False, True], ids=["masked", "where"])
+@pytest.mark.parametrize("name,hp", RIDNIK_CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_asl_and_focal_are_bit_identical_to_ridnik(name, hp, seed, where):
+    logits, obs, true = _batch(seed)
+    saturated = seed == 3 and hp.get("focal_gamma", 2.0) >= 1  # (for 0 < gamma < 1 the source's gradient is nan)
+    if saturated:  # p rounds to exactly 0 or 1
+        logits = logits * 40
+    x = logits.clone().requires_grad_(True)
+    got = compute_loss(name, x, obs, true, where=where, checked=where, **hp)
+    got.backward()
+    y = logits.clone().requires_grad_(True)
+    ref = ridnik_as_the_project_averages(name, y, obs, hp)
+    ref.backward()
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad, y.grad)
+    assert x.grad.abs().sum() > 0
+    if saturated:
+        assert ((torch.sigmoid(logits) == 0) | (torch.sigmoid(logits) == 1)).any()
+
+
+@pytest.mark.parametrize("where", [False, True], ids=["masked", "where"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_asl_matrix_is_ridniks_and_his_sum_is_bc_times_the_mean(seed, where):
+    """B * C = 1024, a power of two: the source's sum and its gradients are exactly 1024 times the project's mean
+    and its gradients (so Adam sees the same steps up to its eps, 1e-8 against gradients 1024 times smaller)."""
+    logits, obs, true = _batch(seed, b=16, c=64)
+    entries = Entries(logits, where)
+    LOSSES["asl"](entries, obs.float(), true.float(), **LOSSES["asl"].defaults)
+    source_matrix, source_total = ridnik_asymmetric_loss(logits, obs.float(), 4.0, 0.0, 0.05, True)
+    assert torch.equal(entries.loss, -source_matrix)
+    assert torch.equal(entries.loss.sum(), source_total)
+    x = logits.clone().requires_grad_(True)
+    ours = compute_loss("asl", x, obs, true, where=where, checked=where)
+    ours.backward()
+    y = logits.clone().requires_grad_(True)
+    _, theirs = ridnik_asymmetric_loss(y, obs.float(), 4.0, 0.0, 0.05, True)
+    theirs.backward()
+    assert torch.equal(ours * 1024, theirs)
+    assert torch.equal(x.grad * 1024, y.grad) and y.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0, 3.5])
+def test_focal_is_asl_without_clip_but_with_the_weight_differentiated(gamma):
+    logits, obs, true = _batch(5)
+    results = []
+    for name, hp in (("focal", {"focal_gamma": gamma}),
+                     ("asl", {"asl_gamma_neg": gamma, "asl_gamma_pos": gamma, "asl_clip": 0.0})):
         x = logits.clone().requires_grad_(True)
-        p = torch.sigmoid(x)
-        pm = (p - clip).clamp(min=0)
-        w_pos, w_neg = (1 - p) ** gpos, pm ** gneg
-        if detach:
-            w_pos, w_neg = w_pos.detach(), w_neg.detach()
-        mtx = torch.zeros_like(p)
-        mtx[obs == 1] = w_pos[obs == 1] * -torch.log(p[obs == 1] + EPS)
-        mtx[obs == 0] = w_neg[obs == 0] * -torch.log(1 - pm[obs == 0] + EPS)
-        (mtx / (mtx.numel() * torch.ones_like(mtx))).sum().backward()
-        y = logits.clone().requires_grad_(True)
-        compute_loss("asl", y, obs, obs, asl_gamma_neg=gneg, asl_gamma_pos=gpos, asl_clip=clip).backward()
-        if detach:
-            torch.testing.assert_close(y.grad, x.grad, rtol=1e-6, atol=1e-12)
-        else:
-            assert not torch.allclose(y.grad, x.grad, rtol=1e-3, atol=1e-9)
+        value = compute_loss(name, x, obs, true, **hp)
+        value.backward()
+        results.append((value, x.grad))
+    (focal_value, focal_grad), (asl_value, asl_grad) = results
+    assert torch.equal(focal_value, asl_value)  # the same matrix ...
+    assert (focal_grad - asl_grad).abs().max() > 1e-3 * asl_grad.abs().max()  # ... other gradients
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -250,9 +350,10 @@ def test_asl_gradient_equals_autograd_with_a_constant_weight():
 
 
 def _cole_style(name: str, logits: torch.Tensor, obs: torch.Tensor, ls_coef: float = 0.1) -> torch.Tensor:
-    """Cole et al.'s computation, written from docs/baselines.md in their style: preds = sigmoid(logits) once, a
-    zero matrix filled by masked assignment with preds[mask] indexed afresh at every use, divided elementwise by
-    a tensor of B * C and summed (their compute_batch_loss). Labels float32."""
+    """Cole et al.'s `loss_wan` / `loss_an_ls` and `compute_batch_loss` (elijahcole/single-positive-multi-label
+    losses.py, read at commit 89152d5), re-stated: preds = sigmoid(logits) once, a zero matrix filled by masked
+    assignment with preds[mask] indexed afresh at every use, the unknowns of wan divided by the Python float
+    C - 1, the matrix divided elementwise by a tensor of B * C and summed. Labels float32."""
     preds = torch.sigmoid(logits)
     observed_labels = obs.float()
     batch_size, num_classes = preds.shape

@@ -2,8 +2,10 @@
 `loss_role`, which terms carry gradient to the classifier and to the estimates, the estimate matrix's
 initialisation, its optimiser group, and Adam leaving rows outside the batch alone while their moments are zero.
 
-The reference below is written from the formulas of docs/baselines.md in Cole et al.'s style (boolean indexing,
-a loss matrix divided by a tensor holding B * C, the regulariser added after), independently of losses.py.
+The reference below re-states Cole et al.'s `loss_role`, `expected_positive_regularizer` (norm '2') and
+`compute_batch_loss` (elijahcole/single-positive-multi-label losses.py, read at commit 89152d5) in their order of
+operations (boolean indexing, a loss matrix divided by a tensor holding B * C, the regulariser added after),
+independently of losses.py (docs/original.md §6d).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from losses import compute_loss
+from losses import LOSSES, Entries, compute_loss
 from train import ESTIMATES_LR_FACTOR, Engine, LabelEstimates, logit
 
 
@@ -22,7 +24,9 @@ def cole_neg_log(x):
 
 
 def cole_role(preds, observed_labels, estimated_labels, expected_num_pos):
-    """Cole et al.'s `loss_role` + `compute_batch_loss`, written from the description."""
+    """Cole et al.'s `loss_role` + `compute_batch_loss`: the classifier's and the estimates' positive terms, the
+    cross terms with the other side detached, each side's regulariser over C^2, all halved; the matrix divided by
+    a tensor of B * C and summed, the regulariser added."""
     num_classes = observed_labels.shape[1]
     loss_mtx_pos_1 = torch.zeros_like(observed_labels)
     loss_mtx_pos_1[observed_labels == 1] = cole_neg_log(preds[observed_labels == 1])
@@ -38,6 +42,11 @@ def cole_role(preds, observed_labels, estimated_labels, expected_num_pos):
     reg_loss = 0.5 * (reg_1 + reg_2)
     loss_mtx = 0.5 * (loss_mtx_pos_1 + loss_mtx_pos_2)
     loss_mtx += 0.5 * (loss_mtx_cross_1 + loss_mtx_cross_2)
+    return loss_mtx, reg_loss
+
+
+def cole_total(preds, observed_labels, estimated_labels, expected_num_pos):
+    loss_mtx, reg_loss = cole_role(preds, observed_labels, estimated_labels, expected_num_pos)
     denom = loss_mtx.numel() * torch.ones_like(loss_mtx)
     return (loss_mtx / denom).sum() + reg_loss
 
@@ -70,16 +79,28 @@ def test_role_by_hand_on_one_row():
 
 
 @pytest.mark.parametrize("where", [False, True], ids=["masked", "where"])
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_role_equals_cole_values_and_gradients(seed, where):
-    logits, est_logits, obs = single_positive_batch(seed)
-    ref = cole_role(torch.sigmoid(logits), obs, torch.sigmoid(est_logits), 1.5)
+@pytest.mark.parametrize("name", ["role", "role_li"])  # ROLE+LI trains with the same loss after its linear phase
+@pytest.mark.parametrize("seed,size,k", [(0, (6, 5), 1.5), (1, (6, 5), 1.5), (2, (16, 80), 2.9), (3, (8, 20), 1.5),
+                                         (4, (8, 312), 31.4)])
+def test_role_equals_cole_values_and_gradients(seed, size, k, name, where):
+    logits, est_logits, obs = single_positive_batch(seed, *size)
+    if seed == 3:  # saturated, both sides: p and g round to exactly 0 or 1
+        logits, est_logits = (40 * v.detach() for v in (logits, est_logits))
+        logits.requires_grad_(), est_logits.requires_grad_()
+        assert (torch.sigmoid(logits) == 1).any() and (torch.sigmoid(est_logits) == 0).any()
+    ref = cole_total(torch.sigmoid(logits), obs, torch.sigmoid(est_logits), k)
     ref_dz, ref_de = torch.autograd.grad(ref, (logits, est_logits))
-    ours = compute_loss("role", logits, obs, obs, expected_num_pos=1.5, estimates=torch.sigmoid(est_logits),
+    ours = compute_loss(name, logits, obs, obs, expected_num_pos=k, estimates=torch.sigmoid(est_logits),
                         where=where)
     dz, de = torch.autograd.grad(ours, (logits, est_logits))
-    assert torch.equal(ours, ref)
+    assert ours.dtype == torch.float32 and torch.equal(ours, ref)
     assert torch.equal(dz, ref_dz) and torch.equal(de, ref_de)
+    assert torch.isfinite(dz).all() and dz.abs().sum() > 0 and de.abs().sum() > 0
+    # and the two parts separately (Cole et al. log the regulariser on its own): the matrix and the regulariser
+    entries = Entries(logits, where)
+    LOSSES[name](entries, obs, obs, expected_num_pos=k, estimates=torch.sigmoid(est_logits))
+    ref_matrix, ref_regulariser = cole_role(torch.sigmoid(logits), obs, torch.sigmoid(est_logits), k)
+    assert torch.equal(entries.loss, ref_matrix) and torch.equal(entries.regulariser, ref_regulariser)
 
 
 def test_gradients_flow_only_through_their_terms():
