@@ -245,3 +245,14 @@ def test_top_k_ties_are_broken_like_the_original_reversed_argsort():
     # np.argsort([.5, .5, .1]) = [2, 0, 1]; reversed, the first of the tied pair taken is index 1.
     out = top_k_metrics(np.array([[0.5, 0.5, 0.1]]), np.array([[1, 0, 0]]), ks=(1,))
     assert out["prec_at_1"] == 0.0 and out["top_1"] == 0.0
+
+
+def test_preds_k_hat_is_the_originals_float64_mean_of_float32_scores():
+    # the original's logger keeps each score as a Python float (rows of .tolist()), then np.mean(np.sum(., 1)):
+    # float64 sums; float32 ones differ in the last bits (seen in the paired run against Cole et al.'s loop)
+    rng = np.random.default_rng(0)
+    scores = rng.random((203, 12), dtype=np.float32)
+    labels = (rng.random((203, 12)) < 0.2).astype(np.float64)
+    original = np.mean(np.sum(np.array([row.tolist() for row in scores]), axis=1))
+    assert compute_metrics(scores, labels, labels)["preds_k_hat"] == original
+    assert float(np.mean(np.sum(scores, axis=1))) != original  # (float32 sums: the project's former bits)
