@@ -192,3 +192,24 @@ def test_a_best_pt_ahead_of_last_pt_is_put_back(stopped_run, monkeypatch):
     assert torch.load(stopped_run / "best.pt", weights_only=False)["epoch"] == 1
     assert int(np.load(stopped_run / "predictions.npz")["epoch"]) == 1
     assert json.loads((stopped_run / "results.json").read_text())["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("protocol, loss", [("kim", "ll_ct"), ("cole", "an")])
+def test_other_protocols_stopped_and_resumed_equal_left_alone(bird_root, tmp_path, monkeypatch, protocol, loss):
+    """Kim et al.'s loop (the head at 10x lr, the test pass at the end; here with every epoch run) and Cole et
+    al.'s (every epoch, drop_last, a test pass every epoch), stopped in epoch 3's val pass: the resumed run goes on
+    after a non-improving epoch and ends with the numbers of the run left alone."""
+    extra = ("-l", loss, "--protocol", protocol, "--batch-size", "16", "--epochs", "4", "--delta-rel", "5",
+             "--early-stop", "none")
+    assert start(bird_root, tmp_path / "alone", *extra) == 0
+    ref = json.loads((run_folder(tmp_path / "alone") / "results.json").read_text())
+    assert len(ref["epochs"]) == 4  # neither loop stops this run early
+    tested = [e for e, record in ref["epochs"].items() if "test" in record]
+    assert tested == ([str(ref["best_epoch"])] if protocol == "kim" else ["1", "2", "3", "4"])
+    with monkeypatch.context() as m:
+        Stop(m, 3, "val")
+        assert start(bird_root, tmp_path / "stopped", *extra) == 130
+    run_dir = run_folder(tmp_path / "stopped")
+    assert main.main(["--resume", str(run_dir)]) == 0
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "finished" and numbers(res) == numbers(ref)
