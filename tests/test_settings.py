@@ -1,7 +1,9 @@
 """The published settings, pinned through the path a run takes: `main.py`'s parser, `config.build_config` and the
 run's start (`main._start`, replaced here by a recorder, so nothing trains), for every benchmark dataset and
-method; ROLE+LI's phase 1 through `train.linear_init`, the split through `main.build_run`; and the README's
-settings table against the code (issue 28: a changed default silently changes every reproduced number).
+method; ROLE+LI's phase 1 through `train.linear_init`, the split through `main.build_run`; and the settings
+tables and stated defaults of README.md and docs/original.md against the code (issue 28: a changed default
+silently changes every reproduced number). `python tests/mutate_settings.py` checks that these tests notice each
+realistic change of a default.
 
 The expected values are written here from their sources, not read from config.py or losses.py:
   Z = Zhou et al., github.com/Correr-Zhou/SPML-AckTheUnknown @ ae1ccafe, main.py (`P[...]` assignments) and
@@ -103,6 +105,10 @@ def test_role_k_is_coles_per_dataset(run_config, dataset):
 
 @pytest.mark.parametrize("loss", sorted(BASELINE_DEFAULTS))
 def test_baseline_hyperparameters(run_config, loss):
+    """What a run passes the loss, and the loss function's own default (what `compute_loss` takes when it is
+    left out): l1r and l2r share --reg-lambda, whose run default is the first registered loss's."""
+    from losses import LOSSES
+    assert LOSSES[loss].defaults == BASELINE_DEFAULTS[loss]
     for dataset in BENCHMARKS:
         assert run_config("-d", dataset, "-l", loss).loss_hyperparameters() == BASELINE_DEFAULTS[loss], dataset
 
@@ -141,16 +147,19 @@ def test_the_run_splits_off_the_last_fifth_of_a_permutation_seeded_1200(run_conf
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# README: its settings table and the defaults it states, against the code (the run path above)
+# The docs (README.md, docs/original.md): their settings tables and the defaults they state, against the code
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+ORIGINAL = ROOT / "docs" / "original.md"
 SETTINGS_HEADER = "| dataset | batch | lr | α (EM) | θ (APL share) | T_w (warm-up) | β (APL weight) | LL δ (R / Ct / Cp) | ROLE k |"
+ORIGINAL_HEADER = "| dataset | batch | lr | alpha (EM) | theta | T_w | beta |"
 
 
-def readme_table(header: str) -> list[list[str]]:
-    """The rows (cells stripped) of the README table that starts with `header`."""
-    lines = README.read_text(encoding="utf-8").splitlines()
-    assert header in lines, f"README.md has no table with the header {header!r}"
+def doc_table(path: Path, header: str) -> list[list[str]]:
+    """The rows (cells stripped) of the table in `path` that starts with `header`."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert header in lines, f"{path.name} has no table with the header {header!r}"
     rows = []
     for line in lines[lines.index(header) + 2:]:  # past the |---| line
         if not line.startswith("|"):
@@ -159,11 +168,20 @@ def readme_table(header: str) -> list[list[str]]:
     return rows
 
 
+def check_zhou_columns(run_config, rows: list[list[str]]) -> None:
+    """A table's first seven columns: dataset, batch, lr, alpha, theta, T_w, beta, one row per benchmark."""
+    assert [row[0] for row in rows] == list(BENCHMARKS)
+    for dataset, batch, lr, alpha, theta, warmup, beta, *_ in rows:
+        cfg = run_config("-d", dataset)
+        assert (int(batch), float(lr), float(alpha), float(theta), int(warmup), float(beta)) == (
+            cfg.batch_size, cfg.lr, cfg.alpha, cfg.neg_proportion, cfg.warmup_epoch, cfg.beta), dataset
+
+
 def readme_flag_defaults() -> dict[str, str]:
     """The "Command line" table's default of each flag: a row that names several flags and as many
     comma-separated defaults gives each its own; otherwise every flag of the row has the row's default."""
     defaults = {}
-    for names, default, _ in readme_table("| flag | default | meaning |"):
+    for names, default, _ in doc_table(README, "| flag | default | meaning |"):
         flags = re.findall(r"`([^`]+)`", names)
         values = [value.strip().strip("`") for value in default.split(",")]
         defaults.update(zip(flags, values) if len(values) == len(flags) else ((f, default.strip("`")) for f in flags))
@@ -171,12 +189,9 @@ def readme_flag_defaults() -> dict[str, str]:
 
 
 def test_readme_settings_table_is_the_code(run_config):
-    rows = readme_table(SETTINGS_HEADER)
-    assert [row[0] for row in rows] == list(BENCHMARKS)
-    for dataset, batch, lr, alpha, theta, warmup, beta, delta_rel, k in rows:
-        cfg = run_config("-d", dataset)
-        assert (int(batch), float(lr), float(alpha), float(theta), int(warmup), float(beta)) == (
-            cfg.batch_size, cfg.lr, cfg.alpha, cfg.neg_proportion, cfg.warmup_epoch, cfg.beta), dataset
+    rows = doc_table(README, SETTINGS_HEADER)
+    check_zhou_columns(run_config, rows)
+    for dataset, *_, delta_rel, k in rows:
         assert tuple(float(d) for d in delta_rel.split("/")) == tuple(
             run_config("-d", dataset, "-l", loss).delta_rel for loss in ("ll_r", "ll_ct", "ll_cp")), dataset
         assert float(k) == run_config("-d", dataset, "-l", "role").expected_num_pos, dataset
@@ -199,3 +214,13 @@ def test_readme_model_and_flag_defaults_are_the_code(run_config):
         for name, value in run_config("-d", "coco", "-l", loss).loss_hyperparameters().items():
             assert float(stated["--" + name.replace("_", "-")]) == value, name
     assert stated["--delta-rel"] == stated["--expected-num-pos"] == "per dataset"
+
+
+def test_original_md_settings_are_the_code(run_config):
+    check_zhou_columns(run_config, doc_table(ORIGINAL, ORIGINAL_HEADER))
+    fixed = re.search(r"Fixed: `np.random.seed\((\d+)\)` at the\s+start, split seed (\d+), val fraction ([\d.]+), "
+                      r"(\d+) epochs, (\d+) workers", ORIGINAL.read_text(encoding="utf-8"))
+    assert fixed, "docs/original.md no longer states the original's fixed settings under its table"
+    cfg = run_config("-d", "pascal")
+    assert (int(fixed[1]), int(fixed[2]), float(fixed[3]), int(fixed[4]), int(fixed[5])) == (
+        cfg.seed, cfg.split_seed, cfg.val_frac, cfg.num_epochs, cfg.num_workers)
