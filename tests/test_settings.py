@@ -3,7 +3,8 @@ run's start (`main._start`, replaced here by a recorder, so nothing trains), for
 method; ROLE+LI's phase 1 through `train.linear_init`, the split through `main.build_run`; and the settings
 tables and stated defaults of README.md and docs/original.md against the code (issue 28: a changed default
 silently changes every reproduced number). `python tests/mutate_settings.py` checks that these tests notice each
-realistic change of a default.
+realistic change of a default. The observed-label seed (1200, Z's preproc/generate_observed_labels.py) is pinned
+by tests/test_observed_labels.py's CLI test, which samples with an independent re-statement at that seed.
 
 The expected values are written here from their sources, not read from config.py or losses.py:
   Z = Zhou et al., github.com/Correr-Zhou/SPML-AckTheUnknown @ ae1ccafe, main.py (`P[...]` assignments) and
