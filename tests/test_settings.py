@@ -153,7 +153,8 @@ def test_the_run_splits_off_the_last_fifth_of_a_permutation_seeded_1200(run_conf
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 ORIGINAL = ROOT / "docs" / "original.md"
-SETTINGS_HEADER = "| dataset | batch | lr | α (EM) | θ (APL share) | T_w (warm-up) | β (APL weight) | LL δ (R / Ct / Cp) | ROLE k |"
+SETTINGS_HEADER = ("| dataset | batch | lr | α (EM) | θ (APL share) | T_w (warm-up) | β (APL weight) "
+                   "| LL δ (R / Ct / Cp) | ROLE k |")
 ORIGINAL_HEADER = "| dataset | batch | lr | alpha (EM) | theta | T_w | beta |"
 
 
