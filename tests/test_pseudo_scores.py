@@ -21,20 +21,11 @@ import config
 import main
 import train
 from conftest import ROOT
-from helpers import TinyNet, tiny_dataset
+from helpers import TinyNet, hand_made_scores, tiny_dataset
 from preproc import clip_scores
 
 FAST = ["-g", "cpu", "--arch", "resnet18", "--weights", "random", "--image-size", "16", "--epochs", "2",
         "--batch-size", "16", "--num-workers", "0"]
-
-
-def hand_made_scores(root, dataset: str = "pascal", seed: int = 0) -> np.ndarray:
-    """Scores a good CLIP might give: 0.6 on half of each image's true labels, small values elsewhere."""
-    labels = np.load(root / dataset / "formatted_train_labels.npy")
-    rng = np.random.RandomState(seed)
-    scores = rng.uniform(0.0, 0.2, size=labels.shape)
-    scores[(labels == 1) & (rng.rand(*labels.shape) < 0.5)] = 0.6
-    return scores
 
 
 def one_line_error(capsys) -> str:
@@ -126,7 +117,8 @@ def test_the_training_step_gets_the_score_rows_of_its_batch(tmp_path, monkeypatc
 def test_em_pl_runs_on_real_images_with_a_hand_made_score_file(bird_root, tmp_path):
     scores = hand_made_scores(bird_root)
     np.save(tmp_path / "scores.npy", scores)
-    assert run_em_pl(bird_root, tmp_path / "res", tmp_path / "scores.npy", "--pl-neg-threshold", "0.01") == 0
+    assert run_em_pl(bird_root, tmp_path / "res", tmp_path / "scores.npy", "--pl-neg-threshold", "0.01",
+                     "--epochs", "1") == 0  # (tests/test_end_to_end.py trains longer)
     (run_dir,) = (tmp_path / "res").iterdir()
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "finished" and res["loss_hyperparameters"]["pl_pos_threshold"] == 0.3
