@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: Kim et al.'s per dataset, config.LL_DELTA_REL)")
     b.add_argument("--expected-num-pos", type=float, help="role, role_li, epr: k of the expected-positive regulariser "
                    "> 0 (default: Cole et al.'s per dataset, config.ROLE_EXPECTED_POSITIVES)")
-    r = p.add_argument_group("hyperparameters of the methods since 2021 (default: the authors'; docs/recent_methods.md)")
+    r = p.add_argument_group("hyperparameters of the methods since 2021 (default: the authors'; "
+                             "docs/recent_methods.md)")
     r.add_argument("--hill-lambda", type=float, help="hill: lambda of the unknowns' (lambda - p) p^2 (default 1.5)")
     r.add_argument("--focal-margin", type=float, help="hill, splc: margin taken off the positives' logits (default 1)")
     r.add_argument("--splc-tau", type=float, help="splc: unknowns with p > tau count as positives (default 0.6)")

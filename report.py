@@ -681,8 +681,8 @@ def plot_dataset(experiments: Sequence[Experiment], dataset: str) -> Figure:
     if any(papers):
         px = [xi + 0.2 for xi, p in zip(x, papers) if p]
         ax.bar(px, [p[0] for p in papers if p], 0.4, yerr=[np.nan if p[1] is None else p[1] for p in papers if p],
-               capsize=4,
-               color="tab:gray", label="paper: Zhou et al. 2022 ± std (LL rows: Kim et al. 2022, VLPL: Xing et al. 2024, no std)")
+               capsize=4, color="tab:gray",
+               label="paper: Zhou et al. 2022 ± std (LL rows: Kim et al. 2022, VLPL: Xing et al. 2024, no std)")
     ax.set_xticks(x)
     ax.set_xticklabels([e.label for e in exps], rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("loss (settings)")

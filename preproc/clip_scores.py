@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers decoding the images")
     p.add_argument("-g", "--gpu", default="0", help="CUDA device index, or 'cpu'")
     p.add_argument("--seed", type=int, default=0, help="torch seed of --pretrained random")
-    p.add_argument("--out", help="output .npy (default: <data-root>/<dataset>/pseudo_scores/clip_<model>_<weights>.npy)")
+    p.add_argument("--out", help="output .npy (default: "
+                                 "<data-root>/<dataset>/pseudo_scores/clip_<model>_<weights>.npy)")
     return p.parse_args(argv)
 
 

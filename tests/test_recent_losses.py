@@ -85,7 +85,8 @@ def vlpl_em_pl(preds, observed_labels, pseudo_labels, P, with_negative_term=Fals
                                                      + (1 - preds[final_labels == 0])
                                                      * cole_neg_log(1 - preds[final_labels == 0]))
         mask_pos = (observed_labels == 0) & (pseudo_labels == 1)
-        loss_mtx[mask_pos] = P["beta_pos"] * (0.9 * cole_neg_log(preds[mask_pos]) + 0.1 * cole_neg_log(1 - preds[mask_pos]))
+        loss_mtx[mask_pos] = P["beta_pos"] * (0.9 * cole_neg_log(preds[mask_pos])
+                                              + 0.1 * cole_neg_log(1 - preds[mask_pos]))
         if with_negative_term:
             mask_neg = (observed_labels == 0) & (pseudo_labels == -1)
             loss_mtx[mask_neg] = P["beta_neg"] * (0.1 * cole_neg_log(preds[mask_neg])
