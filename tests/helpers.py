@@ -82,6 +82,15 @@ def hand_made_scores(root: Path, dataset: str = "pascal", seed: int = 0) -> np.n
     return scores
 
 
+def pseudo_scores_flags(root: Path, dataset: str, loss: str, folder: Path) -> list[str]:
+    """For -l EM_PL: `--pseudo-scores F` with F a hand_made_scores file written in `folder`; [] for other losses."""
+    if loss != "EM_PL":
+        return []
+    folder.mkdir(exist_ok=True)
+    np.save(folder / "scores.npy", hand_made_scores(root, dataset))
+    return ["--pseudo-scores", str(folder / "scores.npy")]
+
+
 # Hand computations of the losses' formulas, in float64 (tests/test_losses.py, tests/test_baseline_losses.py).
 EPS = 1e-5  # the eps inside every log of the losses
 

@@ -16,7 +16,7 @@ from config import LOSS_NAMES
 from losses import LOSSES
 import models
 from conftest import CUB, read_table
-from helpers import hand_made_scores, mobilenet_v2_imagenet_state
+from helpers import mobilenet_v2_imagenet_state, pseudo_scores_flags
 
 
 def _run(root: Path, results: Path, *args: str) -> dict:
@@ -27,16 +27,9 @@ def _run(root: Path, results: Path, *args: str) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-def _score_file(root: Path, dataset: str, folder: Path) -> list[str]:
-    """EM_PL's --pseudo-scores: a hand-made score file (helpers.hand_made_scores) in `folder`."""
-    folder.mkdir(exist_ok=True)
-    np.save(folder / "scores.npy", hand_made_scores(root, dataset))
-    return ["--pseudo-scores", str(folder / "scores.npy")]
-
-
 @pytest.mark.parametrize("loss", LOSS_NAMES)  # the original's five and the baselines of the paper's table
 def test_every_loss_runs_and_writes_results(bird_root, tmp_path, loss):
-    scores = _score_file(bird_root, "pascal", tmp_path.parent / f"{tmp_path.name}-scores") if loss == "EM_PL" else []
+    scores = pseudo_scores_flags(bird_root, "pascal", loss, tmp_path.parent / f"{tmp_path.name}-scores")
     res = _run(bird_root, tmp_path, "-l", loss, "--arch", "resnet18", "--weights", "random", "--image-size", "32",
                "--epochs", "3", "--warmup-epoch", "1", "--batch-size", "16", *scores)
     assert res["status"] == "finished" and res["config"]["loss"] == loss
@@ -196,7 +189,7 @@ def test_imagenet_weights_offline_fail_clearly(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_every_loss_runs_on_the_demo(small_demo, tmp_path, loss):
-    scores = _score_file(small_demo, "demo", tmp_path.parent / f"{tmp_path.name}-scores") if loss == "EM_PL" else []
+    scores = pseudo_scores_flags(small_demo, "demo", loss, tmp_path.parent / f"{tmp_path.name}-scores")
     assert main.main(["-d", "demo", "-l", loss, "-g", "cpu", "--data-root", str(small_demo), "--results-dir",
                       str(tmp_path), "--image-size", "16", "--epochs", "3", "--warmup-epoch", "1",
                       "--batch-size", "16", *scores]) == 0
