@@ -68,13 +68,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_clip(model_name: str, pretrained: str, download: bool, clip_image_size: int | None, seed: int):
     """The open_clip model (eval mode), its preprocessing and its tokenizer; ClipError when the package or the
     weights are missing."""
-    if not download:  # the local cache only (read when huggingface_hub is first imported)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    if not download:  # the local cache only (huggingface_hub reads this when open_clip first imports it)
+        os.environ["HF_HUB_OFFLINE"] = offline or "1"
     try:
         import open_clip
     except ImportError as exc:
         raise ClipError(f"preproc/clip_scores.py needs the open-clip-torch package ({exc}): "
                         f"pip install open-clip-torch") from exc
+    finally:  # the caller's environment as it was
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
     import torch
     if model_name not in open_clip.list_models():
         raise ClipError(f"--model {model_name}: not an open_clip model; e.g. ViT-L-14-336, ViT-B-32 "
