@@ -476,7 +476,8 @@ def hill(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, hill_lambda: floa
          focal_gamma: float = 2.0) -> None:
     """Hill: with p_m = sigmoid(logit - margin),
     obs = 1 -> (1 - p_m)^gamma * -log(p_m)   (the focal margin loss; no eps, the weight differentiated);
-    obs = 0 -> (lambda - p) * p^2            (the hill: small for confident p, so likely false negatives weigh less).
+    obs = 0 -> (lambda - p) * p^2            (the hill: at lambda = 1.5 its slope 2 lambda p - 3 p^2 vanishes as
+                                              p -> 1, so confident unknowns, likely false negatives, are pushed less).
     Defaults lambda = 1.5, margin = 1, gamma = 2 (theirs, for every dataset). Their code multiplies each term by
     its 0/1 target, so an unknown entry whose p_m underflows to 0 (logit < -103) gets 0 * log(0) = nan there;
     here each group has its own formula, which is finite there and bit-identical elsewhere.

@@ -158,13 +158,15 @@ def test_hill_by_hand():
 
 
 def test_hill_weighs_confident_unknowns_less_than_an_does():
-    # the hill (1.5 - p) p^2 has its top at p = 1: its gradient at p = 0.9 is a third of AN's, so false negatives
-    # (likely the confident ones) are pushed down less
-    p = torch.tensor([0.9], requires_grad=True)
-    ((1.5 - p) * p ** 2).backward()
-    hill_slope = p.grad.item()  # 3p - 3p^2 = 0.27 w.r.t. p
+    # the hill (1.5 - p) p^2 has its top at p = 1: at p = 0.9 its slope 3p - 3p^2 = 0.27 is under 3 % of AN's
+    # -log(1 - p) slope 1 / (1 - p) = 10, so confident unknowns (likely false negatives) are pushed down less
+    logit = torch.tensor([[math.log(9.0)]], requires_grad=True)  # p = 0.9, an unknown entry
+    compute_loss("hill", logit, torch.zeros(1, 1), torch.zeros(1, 1)).backward()
+    hill_slope = logit.grad.item() / (0.9 * 0.1)  # d loss / d p = (d loss / d logit) / (p (1 - p))
     assert hill_slope == pytest.approx(0.27, rel=1e-5)
-    assert hill_slope < 1 / (1 - 0.9) / 10 * 0.3  # AN's -log(1 - p) has slope 10 there
+    an_logit = torch.tensor([[math.log(9.0)]], requires_grad=True)
+    compute_loss("an", an_logit, torch.zeros(1, 1), torch.zeros(1, 1)).backward()
+    assert hill_slope < 0.03 * an_logit.grad.item() / (0.9 * 0.1)
 
 
 def test_hill_where_zhang_is_nan():
