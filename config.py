@@ -66,6 +66,7 @@ LL_DELTA_REL: dict[str, dict[str, float]] = {
 # positives per training image). The demo's is its own mean (1.90 per image).
 ROLE_EXPECTED_POSITIVES: dict[str, float] = {"pascal": 1.5, "coco": 2.9, "nuswide": 1.9, "cub": 31.4, "demo": 1.9}
 ROLE_LOSSES = ("role", "role_li")
+EXPECTED_POSITIVES_LOSSES = (*ROLE_LOSSES, "epr")  # the losses that read expected_num_pos (Cole et al.'s k)
 
 
 def _loss_default(field: str) -> float:
@@ -127,7 +128,18 @@ class Config:
     asl_gamma_pos: float = _loss_default("asl_gamma_pos")
     asl_clip: float = _loss_default("asl_clip")
     delta_rel: float = _loss_default("delta_rel")  # Large-Loss methods; build_config takes LL_DELTA_REL's
-    expected_num_pos: float | None = None  # ROLE's k; build_config takes ROLE_EXPECTED_POSITIVES
+    expected_num_pos: float | None = None  # ROLE's and EPR's k; build_config takes ROLE_EXPECTED_POSITIVES
+    # methods since 2021 (losses.py; docs/recent_methods.md): Hill, SPLC, EM_PL (VLPL) and its score file
+    hill_lambda: float = _loss_default("hill_lambda")
+    focal_margin: float = _loss_default("focal_margin")
+    splc_tau: float = _loss_default("splc_tau")
+    splc_start_epoch: int = _loss_default("splc_start_epoch")
+    pl_beta_pos: float = _loss_default("pl_beta_pos")
+    pl_beta_neg: float = _loss_default("pl_beta_neg")
+    pl_pos_threshold: float = _loss_default("pl_pos_threshold")
+    pl_neg_threshold: float = _loss_default("pl_neg_threshold")
+    pl_warmup_epoch: int = _loss_default("pl_warmup_epoch")
+    pseudo_scores: str | None = None  # EM_PL: an (N, C) .npy of scores in [0, 1], a row per formatted_train_* row
     # the training loop of a source (PROTOCOLS): its own settings below, each also a flag
     protocol: str = "zhou"
     head_lr_mult: float = 1.0  # the classifier head's lr is head_lr_mult x lr (Kim et al.'s lr_mult)
@@ -181,9 +193,10 @@ class Config:
 
     def unused_settings(self, given: set[str]) -> list[str]:
         """Those of the `given` fields (set on the command line) that the chosen loss does not read."""
-        per_loss = {k for fn in LOSSES.values() for k in fn.hyperparameters} | set(APL_SETTINGS) | {"role_li_init"}
+        one_loss = {"role_li_init": "role_li", "pseudo_scores": "EM_PL"}  # settings that a single loss reads
+        per_loss = {k for fn in LOSSES.values() for k in fn.hyperparameters} | set(APL_SETTINGS) | set(one_loss)
         used = set(LOSSES[self.loss].hyperparameters) | (set(APL_SETTINGS) if self.loss == "EM_APL" else set()) \
-            | ({"role_li_init"} if self.loss == "role_li" else set())
+            | {k for k, loss in one_loss.items() if loss == self.loss}
         unused = {k for k in given if k in per_loss and k not in used}
         if self.features:  # a linear classifier on cached features: no images, no backbone
             unused |= set(given) & set(IMAGE_SETTINGS)
@@ -240,7 +253,7 @@ def build_config(dataset: str, **overrides) -> Config:
                          f" holds single positives (dataset.json \"single_positive\": true); choose another loss")
     if loss in LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"]):
         values["delta_rel"] = LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"])[loss]
-    if loss in ROLE_LOSSES and dataset in ROLE_EXPECTED_POSITIVES:
+    if loss in EXPECTED_POSITIVES_LOSSES and dataset in ROLE_EXPECTED_POSITIVES:
         values["expected_num_pos"] = ROLE_EXPECTED_POSITIVES[dataset]
     values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the protocol and the flags
     protocol = overrides.get("protocol") or Config.protocol
@@ -272,9 +285,15 @@ def validate(cfg: Config) -> None:
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
     check_hyperparameters(cfg.loss, cfg.to_dict())  # the chosen loss's own (alpha, beta, gammas, eps, ...)
-    if cfg.loss in ROLE_LOSSES and cfg.expected_num_pos is None:
-        raise ValueError(f"-l {cfg.loss} needs --expected-num-pos (ROLE's k, the mean number of true positives "
-                         f"per image): {cfg.dataset} has no default")
+    if cfg.loss in EXPECTED_POSITIVES_LOSSES and cfg.expected_num_pos is None:
+        raise ValueError(f"-l {cfg.loss} needs --expected-num-pos (the regulariser's k, the mean number of true "
+                         f"positives per image): {cfg.dataset} has no default")
+    if cfg.loss == "EM_PL" and not cfg.pseudo_scores:
+        raise ValueError("-l EM_PL needs --pseudo-scores FILE.npy, a score in [0, 1] per training image and class "
+                         "(python preproc/clip_scores.py writes CLIP's)")
+    if cfg.loss == "EM_PL" and cfg.pl_neg_threshold > cfg.pl_pos_threshold:
+        raise ValueError(f"--pl-neg-threshold {cfg.pl_neg_threshold} must not exceed --pl-pos-threshold "
+                         f"{cfg.pl_pos_threshold}: an entry would be a positive and a negative pseudo-label")
     if not 0.0 <= cfg.neg_proportion <= 1.0:  # also rejects NaN
         raise ValueError(f"--neg-proportion must be in [0, 1], got {cfg.neg_proportion}")
     if cfg.loss == "EM_APL" and not 1 <= cfg.warmup_epoch < cfg.num_epochs:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 # torchvision is imported inside the functions that use it: importing it takes ~2 s, which a linear probe on
 # cached features (main.py --features) never needs.
 
-from preproc.common import format_hint
+from preproc.common import format_hint, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -127,6 +127,7 @@ class LabelledRows(Dataset):
         # each sample's row in its formatted file (build_datasets sets them; predictions.npz records them)
         self.rows = np.arange(len(self.labels_true))
         self.full_labels = True  # labels_true are full labels (False: a single-positive dataset's train rows)
+        self.pseudo_scores: np.ndarray | None = None  # EM_PL's (N, C) float32 score rows (main.attach_pseudo_scores)
 
     def __len__(self) -> int:
         return len(self.labels_true)
@@ -293,6 +294,39 @@ def load_formatted(data_root: str | Path, dataset: str, phase: str, images: bool
                         f"{paths['labels'].name} does not have (first: row {int(np.argmax(stale))}); the file is "
                         f"stale, re-create it with: {obs_command}")
     return {"images": images, "labels": labels, "labels_obs": labels_obs}
+
+
+def load_pseudo_scores(path: str | Path, data_root: str | Path, dataset: str) -> np.ndarray:
+    """EM_PL's score matrix (--pseudo-scores): a numeric .npy of shape (rows of formatted_train_labels.npy, classes),
+    finite and in [0, 1], as float32 (the dtype of VLPL's CLIP scores, in which the thresholds compare). DataError,
+    one line naming the file, otherwise."""
+    path = Path(path)
+    hint = f"python preproc/clip_scores.py --dataset {dataset} --data-root {data_root} writes one"
+    if not path.is_file():
+        raise DataError(f"--pseudo-scores {path}: no such file; {hint}")
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"--pseudo-scores {path}: cannot load it as a .npy array ({one_line(exc)}); {hint}") from exc
+    if not isinstance(scores, np.ndarray):  # an .npz archive
+        raise DataError(f"--pseudo-scores {path}: an .npz archive, not one .npy array; {hint}")
+    labels = Path(data_root) / dataset / "formatted_train_labels.npy"
+    expected = (len(np.load(labels, mmap_mode="r")), dataset_info(data_root, dataset).num_classes)
+    if scores.shape != expected or scores.dtype.kind not in "fiu":
+        raise DataError(f"--pseudo-scores {path}: expected numbers of shape {expected} (a row per row of {labels}, "
+                        f"a column per class), found {scores.dtype} {scores.shape}")
+    scores = scores.astype(np.float32)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise DataError(f"--pseudo-scores {path}: {int(bad.sum())} entries are NaN or infinite (first: row {row}, "
+                        f"class {column}); EM_PL needs a score for every entry")
+    outside = (scores < 0) | (scores > 1)
+    if outside.any():
+        raise DataError(f"--pseudo-scores {path}: {int(outside.sum())} scores lie outside [0, 1] (min "
+                        f"{scores.min():g}, max {scores.max():g}); EM_PL's thresholds compare probabilities: "
+                        f"rescale them to [0, 1] (preproc/clip_scores.py writes CLIP's softmax scores)")
+    return scores
 
 
 def build_datasets(data_root: str | Path, dataset: str, image_size: int, train_set_variant: str = "observed",

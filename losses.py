@@ -65,9 +65,9 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-# keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch and ROLE's
-# label estimates of the batch rows
-CONTEXT = ("epoch", "estimates")
+# keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch, ROLE's
+# label estimates of the batch rows and EM_PL's pseudo-label scores of the batch rows
+CONTEXT = ("epoch", "estimates", "pseudo_scores")
 
 
 def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None,
@@ -515,6 +515,107 @@ def role(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, expected_num_pos:
                            + expected_positive_regulariser(g, expected_num_pos) / num_classes ** 2)
 
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods since 2021 (issue 26; docs/recent_methods.md): Hill and SPLC (Zhang et al. 2021), EPR (Cole et al. 2021),
+# EM_PL (Xing et al. 2024, VLPL). Each equals its authors' code per entry; the reduction is the project's
+# sum / (B*C) of every row (Zhang et al. sum: a constant factor, which Adam all but cancels).
+
+FOCAL_MARGIN = {"focal_margin": NON_NEGATIVE, "focal_gamma": NON_NEGATIVE}
+
+
+@register("hill", ranges={"hill_lambda": NON_NEGATIVE, **FOCAL_MARGIN})
+def hill(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, hill_lambda: float = 1.5, focal_margin: float = 1.0,
+         focal_gamma: float = 2.0) -> None:
+    """Hill: with p_m = sigmoid(logit - margin),
+    obs = 1 -> (1 - p_m)^gamma * -log(p_m)   (the focal margin loss; no eps, the weight differentiated);
+    obs = 0 -> (lambda - p) * p^2            (the hill: at lambda = 1.5 its slope 2 lambda p - 3 p^2 vanishes as
+                                              p -> 1, so confident unknowns, likely false negatives, are pushed less).
+    Defaults lambda = 1.5, margin = 1, gamma = 2 (theirs, for every dataset). Their code multiplies each term by
+    its 0/1 target, so an unknown entry whose p_m underflows to 0 (logit < -103) gets 0 * log(0) = nan there;
+    here each group has its own formula, which is finite there and bit-identical elsewhere.
+    Source: Zhang et al. 2021, "Simple and Robust Loss Design for Multi-Label Learning with Missing Labels",
+    `Hill` (xinyu1205/robust-loss-mlml, src/loss_functions/losses.py).
+    """
+    # Their code computes on the whole matrix: so does this (a formula run on a group's gathered entries may round
+    # the gradient's last bit otherwise, as a vector kernel's tail differs). 0.5 off the group keeps log and pow finite.
+    pos = obs == 1
+    p_margin = torch.where(pos, torch.sigmoid(e.logits - focal_margin), 0.5)
+    e.set(pos, e.at((1 - p_margin) ** focal_gamma * -torch.log(p_margin), pos))
+    u = obs == 0
+    e.set(u, e.at((hill_lambda - e.preds) * e.preds ** 2, u))
+
+
+@register("splc", ranges={"splc_tau": Range(0.0, 1.0), "splc_start_epoch": Range(1.0, math.inf), **FOCAL_MARGIN})
+def splc(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, splc_tau: float = 0.6, splc_start_epoch: int = 2,
+         focal_margin: float = 1.0, focal_gamma: float = 2.0, epoch: int = 1) -> None:
+    """SPLC (self-paced loss correction) with the focal margin loss: with z = logit - margin on observed positives
+    and z = logit elsewhere, p_z = sigmoid(z), log_sig = logsigmoid,
+    obs = 1, or obs = 0 with p_z > tau from the epoch on  -> (1 - p_z)^gamma * -log_sig(z)   (the latter taken as
+                                                             positives for this step);
+    other obs = 0                                         -> p_z^gamma * -log_sig(-z).
+    The focal weights are differentiated. Their schedule: the correction from their `change_epoch` = 1 of a
+    0-based count, i.e. from epoch 2 here (splc_start_epoch, 1-based); tau = 0.6 (their 0.65 is for COCO with 75 %
+    of the labels left only). Source: Zhang et al. 2021, `SPLC` (xinyu1205/robust-loss-mlml).
+    """
+    pos, u = obs == 1, obs == 0
+    z = torch.where(pos, e.logits - focal_margin, e.logits)
+    p_z = torch.sigmoid(z)  # on the whole matrix, as theirs (see `hill`)
+    corrected = u & (p_z.detach() > splc_tau) if epoch >= splc_start_epoch else torch.zeros_like(u)
+    positive, negative = pos | corrected, u & ~corrected
+    e.set(positive, e.at(torch.where(positive, 1 - p_z, 0.5) ** focal_gamma * -F.logsigmoid(z), positive))
+    e.set(negative, e.at(torch.where(negative, p_z, 0.5) ** focal_gamma * -F.logsigmoid(-z), negative))
+
+
+@register("epr", ranges={"expected_num_pos": Range(0.0, math.inf, lo_open=True)})
+def expected_positive_regularisation(e: Entries, obs: torch.Tensor, true: torch.Tensor, *,
+                                     expected_num_pos: float) -> None:
+    """EPR: obs = 1 -> neg_log(p); unknowns no term; plus, after the division by B * C, the expected-positive
+    regulariser (mean_b sum_c p - k)^2 / C^2, k = expected_num_pos (config.ROLE_EXPECTED_POSITIVES, as ROLE).
+    Source: Cole et al. 2021, `loss_epr` and `expected_positive_regularizer` (norm '2').
+    """
+    e.set(obs == 1, neg_log(e.p(obs == 1)))
+    e.regulariser = expected_positive_regulariser(e.preds, expected_num_pos) / obs.shape[1] ** 2
+
+
+PSEUDO_LABEL_RANGES = {"alpha": NON_NEGATIVE, "pl_beta_pos": NON_NEGATIVE, "pl_beta_neg": NON_NEGATIVE,
+                       "pl_pos_threshold": Range(0.0, 1.0), "pl_neg_threshold": Range(0.0, 1.0),
+                       "pl_warmup_epoch": NON_NEGATIVE}
+
+
+@register("EM_PL", ranges=PSEUDO_LABEL_RANGES)
+def entropy_maximisation_pseudo_labels(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, alpha: float,
+                                       pl_beta_pos: float = 0.7, pl_beta_neg: float = 0.0,
+                                       pl_pos_threshold: float = 0.3, pl_neg_threshold: float = 0.0,
+                                       pl_warmup_epoch: int = 0, epoch: int = 1,
+                                       pseudo_scores: torch.Tensor) -> None:
+    """EM plus pseudo-labels from a per-image score matrix s (`pseudo_scores`: the (B, C) rows of --pseudo-scores).
+    Up to epoch pl_warmup_epoch: EM. After it, with positive pseudo-labels PP = (obs = 0 and s > pos_threshold) and
+    negative ones PN = (obs = 0 and s < neg_threshold; PN wins where both hold):
+    obs = 1 -> neg_log(p);   PP -> beta_pos * (0.9 neg_log(p) + 0.1 neg_log(1 - p));
+    PN -> beta_neg * (0.1 neg_log(p) + 0.9 neg_log(1 - p));   other obs = 0 -> -alpha * H(p).
+    Defaults, theirs for every dataset: warm-up 0, pos_threshold 0.3, beta_pos 0.7, beta_neg 0 and no negatives
+    (their negative pseudo-labels, the int(partial * C) lowest scores of a row, are off by default and their loss
+    is commented out: such entries leave the EM term and get 0, which beta_neg = 0 reproduces). The comparisons
+    run in the scores' float32, as theirs. Their s is the softmax over classes of CLIP image-text cosine
+    similarities / 0.01 (preproc/clip_scores.py writes it), computed in the forward pass of a frozen CLIP, so
+    the pseudo-labels are a fixed function of the image: here they come from a file written once.
+    Source: Xing et al., CVPRW 2024, "VLPL: Vision Language Pseudo Labels for Multi-label Learning with Single
+    Positive Labels", `loss_EM_PL` and `ImageClassifier.forward` (mvrl/VLPL, losses.py and models.py).
+    """
+    if epoch <= pl_warmup_epoch:  # their `P['epoch'] > P['warmup_epoch']`, 1-based epochs
+        entropy_maximisation(e, obs, true, alpha=alpha)
+        return
+    u = obs == 0
+    negative = u & (pseudo_scores < pl_neg_threshold)
+    positive = u & (pseudo_scores > pl_pos_threshold) & ~negative
+    unknown = u & ~positive & ~negative
+    e.set(obs == 1, neg_log(e.p(obs == 1)))
+    e.set(unknown, -alpha * (e.p(unknown) * neg_log(e.p(unknown)) + (1 - e.p(unknown)) * neg_log(1 - e.p(unknown))))
+    e.set(positive, pl_beta_pos * (0.9 * neg_log(e.p(positive)) + 0.1 * neg_log(1 - e.p(positive))))
+    e.set(negative, pl_beta_neg * (0.1 * neg_log(e.p(negative)) + 0.9 * neg_log(1 - e.p(negative))))
+# ---------------------------------------------------------------------------------------------------- (issue 26)
+
 def check_observed(name: str, obs: torch.Tensor) -> None:
     """The original's asserts on a batch's labels: obs in [-1, 1], and >= 0 unless the loss reads negatives.
     Each check reads the labels back to the host; the training loop runs them once at load time instead."""
@@ -527,14 +628,15 @@ def check_observed(name: str, obs: torch.Tensor) -> None:
 
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
                  checked: bool = False, where: bool = False, epoch: int = 1, estimates: torch.Tensor | None = None,
-                 **hparams: float) -> torch.Tensor:
+                 pseudo_scores: torch.Tensor | None = None, **hparams: float) -> torch.Tensor:
     """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored; one it
     takes that is absent or None gets its default (TypeError if it has none, e.g. EM's alpha).
 
     `checked=True`: the labels were validated already (`check_observed`), skip the checks. `where=True`: fill
     by torch.where (see `Entries`). With both, nothing here waits for the device: the same bits, no sync.
-    `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods); `estimates`,
-    the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`).
+    `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods, SPLC,
+    EM_PL); `estimates`, the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`);
+    `pseudo_scores`, the (B, C) score rows of the batch, to EM_PL.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
@@ -551,11 +653,14 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     entries = Entries(logits, where)
-    context = {"epoch": epoch, "estimates": estimates}
+    context = {"epoch": epoch, "estimates": estimates, "pseudo_scores": pseudo_scores}
     if "estimates" in fn.context and estimates is None:
         raise TypeError(f"loss {name!r} needs the label estimates of the batch rows (estimates=)")
     if estimates is not None and estimates.shape != logits.shape:
         raise ValueError(f"estimates must be (B, C) like the logits, got {tuple(estimates.shape)}")
+    if "pseudo_scores" in fn.context and (pseudo_scores is None or pseudo_scores.shape != logits.shape):
+        raise TypeError(f"loss {name!r} needs the (B, C) pseudo-label scores of the batch rows (pseudo_scores=), got "
+                        f"{None if pseudo_scores is None else tuple(pseudo_scores.shape)}")
     fn(entries, obs, true, **given, **{k: context[k] for k in fn.context})
     if fn.plain_mean:
         loss = entries.loss.mean()

@@ -77,14 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nls-eps", type=float, help="nls: negative label-smoothing eps in [-1, 1] (default -0.1)")
     b.add_argument("--reg-lambda", type=float, help="l1r, l2r: weight of the penalty on unknowns (default 0.1)")
     b.add_argument("--entmin-lambda", type=float, help="entmin: weight of the entropy on unknowns (default 0.1)")
-    b.add_argument("--focal-gamma", type=float, help="focal: focusing parameter >= 0 (default 2)")
+    b.add_argument("--focal-gamma", type=float, help="focal; hill, splc (their positives' focal weight): focusing "
+                   "parameter >= 0 (default 2)")
     b.add_argument("--asl-gamma-neg", type=float, help="asl: negative focusing >= 0 (default 4)")
     b.add_argument("--asl-gamma-pos", type=float, help="asl: positive focusing >= 0 (default 0)")
     b.add_argument("--asl-clip", type=float, help="asl: probability margin in [0, 1) (default 0.05)")
     b.add_argument("--delta-rel", type=float, help="ll_r, ll_ct, ll_cp: large-loss rate in percent > 0 "
                    "(default: Kim et al.'s per dataset, config.LL_DELTA_REL)")
-    b.add_argument("--expected-num-pos", type=float, help="role, role_li: k of the expected-positive regulariser "
+    b.add_argument("--expected-num-pos", type=float, help="role, role_li, epr: k of the expected-positive regulariser "
                    "> 0 (default: Cole et al.'s per dataset, config.ROLE_EXPECTED_POSITIVES)")
+    r = p.add_argument_group("hyperparameters of the methods since 2021 (default: the authors'; "
+                             "docs/recent_methods.md)")
+    r.add_argument("--hill-lambda", type=float, help="hill: lambda of the unknowns' (lambda - p) p^2 (default 1.5)")
+    r.add_argument("--focal-margin", type=float, help="hill, splc: margin taken off the positives' logits (default 1)")
+    r.add_argument("--splc-tau", type=float, help="splc: unknowns with p > tau count as positives (default 0.6)")
+    r.add_argument("--splc-start-epoch", type=int, help="splc: first epoch (1-based) of that correction (default 2)")
+    r.add_argument("--pseudo-scores", metavar="FILE.npy", help="EM_PL: scores in [0, 1], one row per row of "
+                   "formatted_train_*.npy and a column per class (python preproc/clip_scores.py writes CLIP's)")
+    r.add_argument("--pl-pos-threshold", type=float,
+                   help="EM_PL: unknowns scoring above it are positive pseudo-labels (default 0.3)")
+    r.add_argument("--pl-neg-threshold", type=float,
+                   help="EM_PL: unknowns scoring below it are negative pseudo-labels (default 0: none)")
+    r.add_argument("--pl-beta-pos", type=float, help="EM_PL: weight of the positive pseudo-labels (default 0.7)")
+    r.add_argument("--pl-beta-neg", type=float, help="EM_PL: weight of the negative pseudo-labels (default 0)")
+    r.add_argument("--pl-warmup-epoch", type=int, help="EM_PL: epochs of plain EM before the pseudo-labels (default 0)")
     m = p.add_argument_group("model and data")
     m.add_argument("--arch", help="torchvision backbone (original: resnet50)")
     m.add_argument("--weights", help="'imagenet' (torchvision IMAGENET1K_V1), 'random', or a state-dict path")
@@ -281,6 +297,26 @@ def check_observed_labels(cfg: Config, datasets: dict) -> None:
                          f"--data-root {cfg.data_root}")
 
 
+def attach_pseudo_scores(cfg: Config, datasets: dict) -> dict:
+    """EM_PL: the rows of --pseudo-scores that the train part holds, put on its dataset (`pseudo_scores`), and what
+    results.json records of them; {} for the other losses."""
+    if cfg.loss != "EM_PL":
+        return {}
+    import torch
+    from datasets import load_pseudo_scores
+    train = datasets["train"]
+    train.pseudo_scores = load_pseudo_scores(cfg.pseudo_scores, cfg.data_root, cfg.dataset)[train.rows]
+    scores, unknown = torch.from_numpy(train.pseudo_scores), torch.from_numpy(train.labels_obs == 0)
+    negative = unknown & (scores < cfg.pl_neg_threshold)  # float32 comparisons, as the loss makes them
+    positive = unknown & (scores > cfg.pl_pos_threshold) & ~negative
+    record = {"file": cfg.pseudo_scores, "unknowns": int(unknown.sum()), "positive_pseudo_labels": int(positive.sum()),
+              "negative_pseudo_labels": int(negative.sum())}
+    print(f"EM_PL pseudo-labels from {cfg.pseudo_scores} (after epoch {cfg.pl_warmup_epoch}): "
+          f"{record['positive_pseudo_labels']} positive, {record['negative_pseudo_labels']} negative, of "
+          f"{record['unknowns']} unknowns")
+    return {"pseudo_scores": record}
+
+
 def class_names(cfg: Config) -> list[str]:
     """The dataset's class names (its dataset.json), or "class 0", "class 1", ... where it has none."""
     from datasets import class_names as names
@@ -312,6 +348,7 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
         datasets, info = with_features(cfg.features)
         setup["features"] = {"name": cfg.features, **{k: info.get(k) for k in ("arch", "weights", "image_size", "dim")}}
         check_observed_labels(cfg, datasets)
+        setup.update(attach_pseudo_scores(cfg, datasets))
         model = torch.nn.Linear(info["dim"] if "dim" in info else datasets["train"].features.shape[1],
                                 datasets["train"].labels_true.shape[1]).to(device)
         estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
@@ -330,6 +367,7 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
     datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,
                               cfg.split_seed, **subsets)
     check_observed_labels(cfg, datasets)
+    setup.update(attach_pseudo_scores(cfg, datasets))
     model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
     if cfg.freeze_backbone:  # head-only training: Adam gets the head's parameters only
         model.backbone.requires_grad_(False)

@@ -83,6 +83,8 @@ PAPER_TABLE: tuple[tuple[str, str, dict[str, tuple[float, float | None]]], ...] 
     ("ll_cp", "LL-Cp (Kim et al. 2022)", _paper_row("88.4", "70.7", "48.3", "20.1")),
     ("EM", "EM loss", _paper_row("89.09±0.17", "70.70±0.31", "47.15±0.11", "20.85±0.42")),
     ("EM_APL", "EM loss + APL", _paper_row("89.19±0.31", "70.87±0.23", "47.59±0.22", "21.84±0.34")),
+    # VLPL's own numbers (mvrl/VLPL README: ResNet-50 at 448 px, CLIP ViT-L/14-336 pseudo-labels), without std
+    ("EM_PL", "EM + CLIP pseudo-labels (VLPL, Xing et al. 2024)", _paper_row("89.10", "71.45", "49.55", "24.02")),
 )
 PAPER_ORDER: tuple[str, ...] = tuple(loss for loss, _, _ in PAPER_TABLE)
 PAPER_METHODS: dict[str, str] = {loss: method for loss, method, _ in PAPER_TABLE}
@@ -96,8 +98,8 @@ STD_NOTE = ("mean ± std (n): test mAP (%) at the best-val epoch over n seeds; s
             "deviation (ddof=1); n = 1 has no std.")
 SETTINGS_NOTE = ("A setting in parentheses differs from the dataset's defaults (config.py) or between the runs "
                  "of one cell; runs of different settings are never pooled.")
-PAPER_NOTE = ("paper: Zhou et al. 2022 (LL rows: Kim et al. 2022, who give no std); diff = ours - paper; "
-              "marked (bold) where the difference is larger than 2 × the paper's std.")
+PAPER_NOTE = ("paper: Zhou et al. 2022 (LL rows: Kim et al. 2022, VLPL: Xing et al. 2024, who give no std); "
+              "diff = ours - paper; marked (bold) where the difference is larger than 2 × the paper's std.")
 
 
 class UsageError(Exception):
@@ -682,8 +684,8 @@ def plot_dataset(experiments: Sequence[Experiment], dataset: str) -> Figure:
     if any(papers):
         px = [xi + 0.2 for xi, p in zip(x, papers) if p]
         ax.bar(px, [p[0] for p in papers if p], 0.4, yerr=[np.nan if p[1] is None else p[1] for p in papers if p],
-               capsize=4,
-               color="tab:gray", label="paper: Zhou et al. 2022 ± std (LL rows: Kim et al. 2022, no std)")
+               capsize=4, color="tab:gray",
+               label="paper: Zhou et al. 2022 ± std (LL rows: Kim et al. 2022, VLPL: Xing et al. 2024, no std)")
     ax.set_xticks(x)
     ax.set_xticklabels([e.label for e in exps], rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("loss (settings)")

@@ -418,15 +418,19 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
     hyperparameters = cfg.loss_hyperparameters()
     corrections = LOSSES[cfg.loss].corrections
     corrected: list[tuple[torch.Tensor, torch.Tensor]] = []
+    target = dataset if dataset is not None else loader.dataset
+    # EM_PL's score rows of the training set, on the device for the epoch (main.attach_pseudo_scores)
+    scores = None if target.pseudo_scores is None else torch.from_numpy(target.pseudo_scores).to(engine.device)
 
     def step(logits: torch.Tensor, batch: dict) -> torch.Tensor:
         obs = batch["label_vec_obs"].to(engine.device, non_blocking=True)
         # labels were checked once at load time; torch.where filling gives the original's bits without a sync
         estimates = None if engine.estimates is None else engine.estimates(batch["idx"].to(engine.device))
         mask = None if corrections is None else corrections(logits, obs, epoch=epoch, **hyperparameters)
+        batch_scores = None if scores is None else scores[batch["idx"].to(engine.device)]
         loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
                             checked=True, where=True, epoch=epoch, estimates=estimates,
-                            **hyperparameters)
+                            pseudo_scores=batch_scores, **hyperparameters)
         if mask is not None:
             corrected.append((batch["idx"], mask))
         optimizer.zero_grad()
@@ -438,7 +442,6 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         return loss.detach()
 
     out = _forward_pass(engine, loader, f"epoch {epoch} train", step, epoch)
-    target = dataset if dataset is not None else loader.dataset
     if corrections is not None:
         before = target.labels_obs.copy()
         rows = [batch_rows for batch_rows, _ in corrected] or [torch.zeros(0, dtype=torch.long)]
@@ -731,7 +734,7 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
         test_per_class_ap=(100 * per_class_ap(best_test["preds"], best_test["true"])).tolist(),
         test_thresholded={str(t): {k[:-len(f"@{t}")]: v for k, v in best["test"].items() if k.endswith(f"@{t}")}
                           for t in THRESHOLDS},
-        recommended_threshold=0.75 if cfg.loss in ("EM", "EM_APL") else 0.5,
+        recommended_threshold=0.75 if cfg.loss in ("EM", "EM_APL", "EM_PL") else 0.5,
     )
     if dist.main:
         save_json(run_dir / "results.json", results)

@@ -72,6 +72,25 @@ def write_pascal_root(tmp_path, n_train=10, n_val=4, num_classes=20):
     return root
 
 
+def hand_made_scores(root: Path, dataset: str = "pascal", seed: int = 0) -> np.ndarray:
+    """An EM_PL score file's content, as a good CLIP might give: 0.6 on a random half of each training image's true
+    labels (formatted_train_labels.npy of root/dataset), uniform in [0, 0.2) elsewhere."""
+    labels = np.load(root / dataset / "formatted_train_labels.npy")
+    rng = np.random.RandomState(seed)
+    scores = rng.uniform(0.0, 0.2, size=labels.shape)
+    scores[(labels == 1) & (rng.rand(*labels.shape) < 0.5)] = 0.6
+    return scores
+
+
+def pseudo_scores_flags(root: Path, dataset: str, loss: str, folder: Path) -> list[str]:
+    """For -l EM_PL: `--pseudo-scores F` with F a hand_made_scores file written in `folder`; [] for other losses."""
+    if loss != "EM_PL":
+        return []
+    folder.mkdir(exist_ok=True)
+    np.save(folder / "scores.npy", hand_made_scores(root, dataset))
+    return ["--pseudo-scores", str(folder / "scores.npy")]
+
+
 # Hand computations of the losses' formulas, in float64 (tests/test_losses.py, tests/test_baseline_losses.py).
 EPS = 1e-5  # the eps inside every log of the losses
 

@@ -16,7 +16,7 @@ from config import LOSS_NAMES
 from losses import LOSSES
 import models
 from conftest import CUB, read_table
-from helpers import mobilenet_v2_imagenet_state
+from helpers import mobilenet_v2_imagenet_state, pseudo_scores_flags
 
 
 def _run(root: Path, results: Path, *args: str) -> dict:
@@ -29,8 +29,9 @@ def _run(root: Path, results: Path, *args: str) -> dict:
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)  # the original's five and the baselines of the paper's table
 def test_every_loss_runs_and_writes_results(bird_root, tmp_path, loss):
+    scores = pseudo_scores_flags(bird_root, "pascal", loss, tmp_path.parent / f"{tmp_path.name}-scores")
     res = _run(bird_root, tmp_path, "-l", loss, "--arch", "resnet18", "--weights", "random", "--image-size", "32",
-               "--epochs", "3", "--warmup-epoch", "1", "--batch-size", "16")
+               "--epochs", "3", "--warmup-epoch", "1", "--batch-size", "16", *scores)
     assert res["status"] == "finished" and res["config"]["loss"] == loss
     assert res["loss_hyperparameters"] == {k: res["config"][k] for k in LOSSES[loss].hyperparameters}
     best = res["best_epoch"]
@@ -188,9 +189,10 @@ def test_imagenet_weights_offline_fail_clearly(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_every_loss_runs_on_the_demo(small_demo, tmp_path, loss):
+    scores = pseudo_scores_flags(small_demo, "demo", loss, tmp_path.parent / f"{tmp_path.name}-scores")
     assert main.main(["-d", "demo", "-l", loss, "-g", "cpu", "--data-root", str(small_demo), "--results-dir",
                       str(tmp_path), "--image-size", "16", "--epochs", "3", "--warmup-epoch", "1",
-                      "--batch-size", "16"]) == 0
+                      "--batch-size", "16", *scores]) == 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "finished" and res["config"]["loss"] == loss and len(res["test_per_class_ap"]) == 12

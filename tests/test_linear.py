@@ -13,7 +13,7 @@ import torch
 import main
 from config import LOSS_NAMES
 from features import extract_features
-from helpers import mobilenet_v2_imagenet_state
+from helpers import mobilenet_v2_imagenet_state, pseudo_scores_flags
 
 
 def run(root: Path, results: Path, *args: str) -> dict:
@@ -33,7 +33,8 @@ def feature_root(bird_root):
 @pytest.mark.parametrize("loss", [name for name in LOSS_NAMES if name != "role_li"])
 def test_every_loss_runs_on_features(feature_root, tmp_path, loss):
     res = run(feature_root, tmp_path, "-l", loss, "--features", "resnet18_random_32", "--epochs", "4",
-              "--warmup-epoch", "1")
+              "--warmup-epoch", "1",
+              *pseudo_scores_flags(feature_root, "pascal", loss, tmp_path.parent / f"{tmp_path.name}-scores"))
     assert res["status"] == "finished" and res["config"]["features"] == "resnet18_random_32"
     assert res["features"] == {"name": "resnet18_random_32", "arch": "resnet18", "weights": "random",
                                "image_size": 32, "dim": 512}

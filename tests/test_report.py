@@ -236,13 +236,25 @@ def test_paper_values_differences_and_marks(tmp_path, capsys):
     assert "larger than 2 × the paper's std" in out
 
 
+def test_rows_since_2021_report_like_the_others(tmp_path, capsys):
+    for seed, value in ((0, 88.0), (1, 90.0)):  # mean 89.00, std 1.41; VLPL's own 89.10 (no std): -0.10, never marked
+        write_run(tmp_path, "pascal", "EM_PL", seed, value, pseudo_scores="scores.npy")
+    for loss in ("hill", "splc", "epr"):  # no paper value: after the paper's rows, by name
+        write_run(tmp_path, "pascal", loss, 0, 85.0)
+    code, out, _ = run_report(capsys, tmp_path, "--paper")
+    assert code == 0
+    rows = md_rows(out)
+    assert rows["EM_PL"] == ["EM + CLIP pseudo-labels (VLPL, Xing et al. 2024)", "89.00 ± 1.41 (2)", "89.1", "-0.10"]
+    assert list(rows) == ["EM_PL", "epr", "hill", "splc"] and rows["hill"][1:] == ["85.00 (1)", "–", "–"]
+
+
 def test_paper_constant_matches_the_readme_table():
     """Every value of report.PAPER_TABLE, row by row, against README's "The paper's table"."""
     text = README.read_text()
     section = text[text.index("### The paper's table"):]
     lines = [l for l in section.splitlines()[1:] if l.startswith("| ")][1:]
     lines = lines[: next(i for i, l in enumerate(lines) if not l.startswith("| 1 P.") and not l.startswith("| All"))]
-    assert len(lines) == len(report.PAPER_TABLE) == 18
+    assert len(lines) == len(report.PAPER_TABLE) == 19
     for line, (loss, _, values) in zip(lines, report.PAPER_TABLE):
         cells = [c.strip().replace("*", "") for c in line.strip("|").split("|")]
         command = cells[7]
