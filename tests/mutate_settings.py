@@ -98,6 +98,28 @@ def other_mutants() -> list[Mutant]:
             + [Mutant("preproc/generate_observed_labels.py", "DEFAULT_SEED = 1200", "1200", "1201")])
 
 
+def new_method_mutants() -> list[Mutant]:
+    """The defaults added since issue 28's first run (`--set new`): the protocols' presets and the stop rule of
+    Kim et al.'s loop, and the defaults of the methods since 2021 (losses.py)."""
+    zhou, cole, kim = '"zhou": dict(', '"cole": dict(', '"kim": dict('
+    config = [(zhou, "head_lr_mult=1.0", "head_lr_mult=10.0"), (zhou, '"first-drop"', '"drop-3"'),
+              (zhou, "drop_last=False", "drop_last=True"), (zhou, '"best"', '"end"'), (zhou, '"float64"', '"float32"'),
+              (cole, '"none"', '"first-drop"'), (cole, "drop_last=True", "drop_last=False"), (cole, '"every"', '"best"'),
+              (cole, '"float32"', '"float64"'), (kim, "head_lr_mult=10.0", "head_lr_mult=1.0"),
+              (kim, '"drop-3"', '"first-drop"'), (kim, '"end"', '"best"'),
+              ("batch_size=16, lr=1e-5, num_epochs=10)", "batch_size=16", "batch_size=8"),
+              ("batch_size=16, lr=1e-5, num_epochs=10)", "lr=1e-5", "lr=1e-4"),
+              ("batch_size=16, lr=1e-5, num_epochs=10)", "num_epochs=10", "num_epochs=20")]
+    train = [("best_val_metric - val_metric > 3", "> 3", "> 2")]
+    losses = [("hill_lambda: float = 1.5", "1.5", "1.0"),
+              ("def hill(", "focal_margin: float = 1.0", "focal_margin: float = 0.5"),
+              ("splc_tau: float = 0.6", "0.6", "0.5"), ("splc_start_epoch: int = 2", "= 2", "= 1"),
+              ("pl_beta_pos: float = 0.7", "0.7", "0.5"), ("pl_beta_neg: float = 0.0", "0.0", "0.1"),
+              ("pl_pos_threshold: float = 0.3", "0.3", "0.5"), ("pl_warmup_epoch: int = 0", "= 0", "= 1")]
+    return ([Mutant("config.py", *m) for m in config] + [Mutant("train.py", *m) for m in train]
+            + [Mutant("losses.py", *m) for m in losses])
+
+
 def _line_of(path: str, fragment: str) -> str:
     lines = [line for line in (ROOT / path).read_text().splitlines() if fragment in line]
     if len(lines) != 1:
@@ -128,11 +150,15 @@ def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[bool, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tests", nargs="+", default=["tests/test_settings.py"], help="test files run on each mutant")
+    p.add_argument("--set", choices=("published", "new", "all"), default="published",
+                   help="the published settings of the first run, the defaults added since (new), or both")
     p.add_argument("--only", help="only the mutants whose description contains this")
     p.add_argument("--timeout", type=float, default=900, help="seconds one pytest run may take")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    mutants = [m for m in table_mutants() + other_mutants() if not args.only or args.only in m.name]
+    chosen = {"published": table_mutants() + other_mutants(), "new": new_method_mutants()}
+    pool = chosen["published"] + chosen["new"] if args.set == "all" else chosen[args.set]
+    mutants = [m for m in pool if not args.only or args.only in m.name]
     texts = [mutated_text(m) for m in mutants]  # every mutant applies, before anything runs
     results = []
     with tempfile.TemporaryDirectory() as tmp:
