@@ -103,8 +103,9 @@ def new_method_mutants() -> list[Mutant]:
     Kim et al.'s loop, and the defaults of the methods since 2021 (losses.py)."""
     zhou, cole, kim = '"zhou": dict(', '"cole": dict(', '"kim": dict('
     config = [(zhou, "head_lr_mult=1.0", "head_lr_mult=10.0"), (zhou, '"first-drop"', '"drop-3"'),
-              (zhou, "drop_last=False", "drop_last=True"), (zhou, '"best"', '"end"'), (zhou, '"float64"', '"float32"'),
-              (cole, '"none"', '"first-drop"'), (cole, "drop_last=True", "drop_last=False"), (cole, '"every"', '"best"'),
+              (zhou, "drop_last=False", "drop_last=True"), (zhou, '"best"', '"end"'),
+              (zhou, '"float64"', '"float32"'), (cole, '"none"', '"first-drop"'),
+              (cole, "drop_last=True", "drop_last=False"), (cole, '"every"', '"best"'),
               (cole, '"float32"', '"float64"'), (kim, "head_lr_mult=10.0", "head_lr_mult=1.0"),
               (kim, '"drop-3"', '"first-drop"'), (kim, '"end"', '"best"'),
               ("batch_size=16, lr=1e-5, num_epochs=10)", "batch_size=16", "batch_size=8"),
