@@ -8,6 +8,7 @@ Sets, as in the original:
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,6 +224,34 @@ class FeatureLoader:
                 features, obs, true = (t[start:start + len(rows)] for t in (self.features, self.dataset._obs,
                                                                             self.labels_true))
             yield {"features": features, "label_vec_obs": obs.float(), "label_vec_true": true, "idx": rows}
+
+
+# The files whose content a run's numbers depend on, relative to <data_root>/<dataset> (the val split's observed
+# labels are not read for anything a run reports). results.json records their sha256 (`data_fingerprint`).
+FINGERPRINTED = ("formatted_train_images.npy", "formatted_train_labels.npy", "formatted_train_labels_obs.npy",
+                 "formatted_val_images.npy", "formatted_val_labels.npy")
+
+
+def data_fingerprint(data_root: str | Path, dataset: str, features: str | None = None) -> dict | None:
+    """What a run trains and is evaluated on, by content: {"sha256": one hash over the files', "files": {name:
+    sha256}, "root": the data root as an absolute path}. The files are FINGERPRINTED (those present: a features
+    dataset has no image lists) and, with `features`, the feature set's two matrices. None when a label file or
+    the feature set is missing (the run itself then says what to make)."""
+    from features import FORMATTED, feature_dir
+    from fileio import file_sha256
+    folder = Path(data_root) / dataset
+    names = [name for name in FINGERPRINTED if "labels" in name or (folder / name).is_file()]
+    if features == FORMATTED:
+        names += [f"formatted_{phase}_features.npy" for phase in ("train", "val")]
+    elif features:
+        names += [str((feature_dir(data_root, dataset, features) / f"{phase}_features.npy").relative_to(folder))
+                  for phase in ("train", "val")]
+    try:
+        files = {name: file_sha256(folder / name) for name in names}
+    except OSError:
+        return None
+    combined = hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in sorted(files.items())).encode())
+    return {"sha256": combined.hexdigest(), "files": files, "root": str(Path(data_root).resolve())}
 
 
 def read_rgb(path: Path) -> tuple[Image.Image, str]:

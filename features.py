@@ -55,7 +55,7 @@ from tqdm import tqdm
 import image_cache
 from config import Config
 from datasets import DataError, dataset_info, generate_split
-from fileio import _HOST, OutputError, describe_os_error, pid_alive, remove_stale_temporaries, write_atomic
+from fileio import _HOST, OutputError, describe_os_error, file_sha256, pid_alive, remove_stale_temporaries, write_atomic
 from models import WeightsError, build_model
 from preproc.common import format_hint
 
@@ -130,14 +130,6 @@ def _names_sha256(names: np.ndarray) -> str:
     return hashlib.sha256("\n".join(str(p) for p in names).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # what a set is made from
 
@@ -155,7 +147,7 @@ def _set_key(arch: str, weights: str, image_size: int, channels_last: bool, deco
     change the last bits."""
     named = weights in NAMED_WEIGHTS
     return {"arch": arch, "weights": weights if named else "file",
-            "weights_sha256": None if named else _file_sha256(Path(weights)),
+            "weights_sha256": None if named else file_sha256(weights),
             "random_init_seed": RANDOM_INIT_SEED if weights == "random" else None,
             "image_size": image_size, "channels_last": channels_last, "decode": decode, "splits": splits}
 

@@ -381,9 +381,25 @@ def resume_config(run_dir: Path, given: dict) -> tuple[Config, dict]:
         hint = "a resumed run stays in its folder" if k == "results_dir" else \
             f"the run has {recorded.get(k)!r}; start a new run to change it"
         raise ValueError(f"{flag(k)} {v} cannot be given with --resume: {hint}")
-    cfg = Config(**{**recorded, **{k: v for k, v in given.items() if k in RESUME_NEUTRAL}})
+    neutral = {k: v for k, v in given.items() if k in RESUME_NEUTRAL}
+    started_in = (results.get("data") or {}).get("root")  # the data root as an absolute path
+    if "data_root" not in neutral and started_in and Path(recorded.get("data_root", "data")).resolve() != \
+            Path(started_in):  # resumed from another working directory: the run's own data, not a namesake here
+        neutral["data_root"] = started_in
+    cfg = Config(**{**recorded, **neutral})
     validate(cfg)
     return cfg, results
+
+
+def check_same_data(run_dir: Path, recorded: dict | None, current: dict | None, cfg: Config) -> None:
+    """A resumed run goes on with the data it started on: ValueError naming the files whose content changed."""
+    if recorded is None or current is None or recorded.get("sha256") == current["sha256"]:
+        return  # (a run of an older version recorded none)
+    changed = sorted(name for name in {*recorded.get("files", {}), *current["files"]}
+                     if recorded.get("files", {}).get(name) != current["files"].get(name))
+    raise ValueError(f"--resume {run_dir}: the data changed since the run started ({', '.join(changed)} in "
+                     f"{Path(cfg.data_root) / cfg.dataset} differ from what it trained on): resume it with that "
+                     f"data (--data-root), or start a new run")
 
 
 def print_error(message) -> None:
@@ -483,7 +499,7 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
     import random
 
     import torch
-    from datasets import DataError
+    from datasets import DataError, data_fingerprint
     from models import WeightsError
     from train import NonFiniteLossError
 
@@ -499,6 +515,9 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
             if resume is None and ctx.main:
                 prepare_results_dir(cfg.results_dir)
             datasets, engine, loaders, setup = build_run(cfg, device, resuming=resume is not None, ctx=ctx)
+            setup["data"] = data_fingerprint(cfg.data_root, cfg.dataset, cfg.features)
+            if results is not None:
+                check_same_data(run_dir, results.get("data"), setup["data"], cfg)
             run_dir = run_dir or ctx.from_main(lambda: make_run_dir(cfg))
         except (DataError, WeightsError, ValueError, OSError, NonFiniteLossError) as exc:  # the last: ROLE+LI's phase 1
             print_error(exc)
