@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -255,14 +256,20 @@ def print_stats(datasets: dict) -> float:
 
 
 def check_observed_labels(cfg: Config, datasets: dict) -> None:
-    """Observed negatives (-1) in the training labels, checked once at load time: only a loss that reads
-    negative labels takes them."""
-    from losses import LOSSES
-    if (datasets["train"].labels_obs < 0).any() and not LOSSES[cfg.loss].negative_obs:
-        raise ValueError(f"-l {cfg.loss} takes observed labels in {{0, 1}}, but {cfg.data_root}/{cfg.dataset}/"
-                         f"formatted_train_labels_obs.npy holds observed negatives (-1); regenerate it with "
-                         f"python preproc/generate_observed_labels.py --dataset {cfg.dataset} --num-neg 0 "
-                         f"--data-root {cfg.data_root}")
+    """The training labels, checked once at load time, with one rule for every loss: at least one observed
+    positive, and no observed negatives (-1) in the file (no loss reads them as negatives: EM_APL's negative
+    entries are its own pseudo-labels -q, made during training)."""
+    path = f"{cfg.data_root}/{cfg.dataset}/formatted_train_labels_obs.npy"
+    regenerate = shlex.join(["python", "preproc/generate_observed_labels.py", "--dataset", cfg.dataset,
+                             "--data-root", cfg.data_root])
+    if not (datasets["train"].labels_obs == 1).any():
+        raise ValueError(f"-l {cfg.loss}: {path} observes no positive label in the training part: nothing to learn "
+                         f"from; regenerate it with {regenerate} --num-pos 1")
+    if (datasets["train"].labels_obs < 0).any():
+        why = (" (EM_APL would read a -1 as a pseudo-label with target 1, pushing it towards positive)"
+               if cfg.loss == "EM_APL" else "")
+        raise ValueError(f"-l {cfg.loss} takes observed labels in {{0, 1}}, but {path} holds observed negatives "
+                         f"(-1){why}; regenerate it with {regenerate} --num-neg 0")
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -560,9 +567,6 @@ def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loader
         if cfg.weights == "random":
             print(f"note: {cfg.arch} starts from random weights (--weights random)")
         chance = print_stats(datasets)
-        if cfg.loss == "EM_APL" and (datasets["train"].labels_obs == -1).any():
-            print("warning: the observed labels hold negatives (-1); EM_APL reads -q as a pseudo-label with target q, "
-                  "so -1 pushes those entries towards 1 (as the original does): generate them with --num-neg 0")
         if results is None:
             results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
                        "ignored_flags": [flag(k) for k in ignored], "class_names": class_names(cfg),

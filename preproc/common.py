@@ -5,7 +5,7 @@ Everything here is small on purpose: an error type for expected failures (missin
 counts, an output folder that cannot be written), the download hints those errors print, one parser for the
 whitespace-separated text files, the all-or-nothing writer of the output arrays, the up-front check of an
 output folder, the ``main`` of the four format scripts, which turns expected errors into one
-``error: ...`` message plus exit code 1 instead of a traceback, and ``dataset.json``: the description of a
+``error: ...`` message plus exit code 2 instead of a traceback, and ``dataset.json``: the description of a
 formatted dataset folder (class names, image folder, whether the train labels are single positives already),
 its writer, its validating reader and the check of the formatted files against it. The one-line descriptions
 of write errors come from the top-level ``fileio.py`` (shared with the training code); this module stays
@@ -52,7 +52,10 @@ __all__ = [
 
 
 class PreprocError(Exception):
-    """An expected, user-fixable problem (raw data, paths), shown as ``error: ...`` without a traceback."""
+    """An expected, user-fixable problem (raw data, paths), shown as ``error: ...`` without a traceback; the
+    script exits with ``exit_code`` (2: bad data or usage, as main.py, report.py and sweep.py)."""
+
+    exit_code = 2
 
 
 # The command that creates each dataset's formatted_*.npy files (named in "missing file" errors).
@@ -227,18 +230,18 @@ def one_line(message: object) -> str:
 
 
 def run_main(func: Callable[[], object]) -> int:
-    """Run ``func``; expected errors (PreprocError, and an OSError such as an unreadable file) print
-    ``error: ...`` to stderr and give exit code 1. Anything else is a bug and propagates with its
-    traceback."""
+    """Run ``func``; expected errors (PreprocError, and an OSError such as an unreadable file or a path that
+    cannot be written) print ``error: ...`` to stderr and give exit code 2 (a failed download: 1). Anything
+    else is a bug and propagates with its traceback."""
     try:
         func()
     except PreprocError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except OSError as exc:  # fileio.OutputError included: its strerror is the one-line message
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

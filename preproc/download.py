@@ -179,7 +179,10 @@ formatted_val_images.npy, formatted_val_labels.npy), copy them into
 # errors
 # --------------------------------------------------------------------------
 class DownloadError(PreprocError):
-    """An expected failure; its message says what happened and what to do."""
+    """An expected failure of the download itself (network, server, checksum); its message says what happened
+    and what to do. Exit code 1: not the user's data or usage."""
+
+    exit_code = 1
 
 
 class ChecksumError(DownloadError):
@@ -485,7 +488,7 @@ def extract(archive, dest) -> None:
         extract_archive(archive, dest)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:  # disk full, no permission, ...
-            raise DownloadError(describe_os_error(exc.filename or dest, exc)) from None
+            raise PreprocError(describe_os_error(exc.filename or dest, exc)) from None  # local: exit 2
         raise DownloadError(
             f"could not extract {archive}: {exc}.\n"
             "  what to do: the archive is probably truncated or corrupt; delete it and run the\n"
@@ -564,7 +567,7 @@ def _run(args: argparse.Namespace) -> None:
             else:
                 print(f"{item.filename}: extracted; archive kept at {archive_path}.")
         except OSError as exc:  # a file in the way, no permission, a full disk, ...
-            raise DownloadError(describe_os_error(exc.filename or root, exc)) from None
+            raise PreprocError(describe_os_error(exc.filename or root, exc)) from None  # local: exit 2
 
     if args.no_extract:
         print(f"\nArchives downloaded to {root} (not extracted). To extract them, run again without --no-extract.")

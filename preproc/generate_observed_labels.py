@@ -70,6 +70,9 @@ def _check_args(num_pos: int, num_neg: int, seed: int) -> None:
     for name, value in (("num_pos", num_pos), ("num_neg", num_neg)):
         if value < -1:
             raise ValueError(f"{name} must be an integer >= 0, or -1 for 'all'; got {value!r}")
+    if num_pos == 0:  # the methods learn from the observed positives: none leaves nothing to learn
+        raise ValueError("num_pos 0 observes no positive label at all, and every method learns from the observed "
+                         "positives; use --num-pos 1 (single positive, the default) or more")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be between 0 and 2**32 - 1 (numpy's RandomState); got {seed}")
 

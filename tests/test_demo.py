@@ -127,8 +127,8 @@ def test_refuses_a_folder_with_user_files_and_leaves_them_untouched(small, tmp_p
     message = str(err.value)
     assert isinstance(err.value, ValueError)  # main.py prints ValueErrors as one line
     assert "\n" not in message and str(dest) in message and "--data-root" in message and "not the demo's" in message
-    # the script refuses too: one line on stderr, exit code 1
-    assert make_demo.main(["--save-path", str(dest)]) == 1
+    # the script refuses too: one line on stderr, exit code 2
+    assert make_demo.main(["--save-path", str(dest)]) == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 1 and err_lines[0].startswith(f"error: refusing to write the demo into {dest}")
     assert "--save-path" in err_lines[0]
@@ -145,7 +145,7 @@ def test_script_refuses_a_file_and_a_foreign_folder_in_one_line(tmp_path):
                              (tmp_path / "afile", "is a file, not a folder")):
         proc = subprocess.run([sys.executable, str(ROOT / "preproc" / "make_demo.py"), "--save-path", str(target)],
                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0] and str(target) in lines[0]
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
@@ -314,7 +314,7 @@ def test_script_regenerates_a_demo_complete_and_identical(small, reference, tmp_
     # a finished demo with a user's file in it is used as is, but not regenerated over
     (dest / "notes.txt").write_text("mine")
     make_demo.ensure_demo(dest)
-    assert make_demo.main(["--save-path", str(dest)]) == 1
+    assert make_demo.main(["--save-path", str(dest)]) == 2
     assert "notes.txt" in capsys.readouterr().err
     assert (dest / "notes.txt").read_text() == "mine" and make_demo.is_complete(dest)
 

@@ -428,7 +428,7 @@ def test_data_root_a_file_as_a_script(tmp_path):
     (tmp_path / "data").write_text("x")
     res = subprocess.run([sys.executable, "preproc/download.py", "--dataset", "cub", "--data-root",
                           str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr == (f"error: cannot write to {tmp_path / 'data' / 'cub'}: {tmp_path / 'data'} is a file, "
                           "not a folder; choose another --data-root (or move that file away)\n")
 

@@ -160,8 +160,9 @@ def test_missing_observed_labels_hint_keeps_the_data_root(tmp_path, capsys):
     assert f"generate_observed_labels.py --dataset pascal --data-root {root}" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("loss", ["EM", "an", "iun"])
-def test_observed_negatives_are_refused_for_losses_that_cannot_read_them(tmp_path, capsys, loss):
+@pytest.mark.parametrize("loss", ["EM", "an", "iun", "EM_APL"])
+def test_observed_negatives_are_refused_for_every_loss(tmp_path, capsys, loss):
+    """One rule for all (issue 23): EM_APL too, which would read a -1 as a pseudo-label with target 1."""
     root = write_pascal_root(tmp_path)
     path = root / "pascal" / "formatted_train_labels_obs.npy"
     labels, obs = np.load(root / "pascal" / "formatted_train_labels.npy"), np.load(path)
@@ -169,7 +170,23 @@ def test_observed_negatives_are_refused_for_losses_that_cannot_read_them(tmp_pat
     np.save(path, obs)
     assert run(tmp_path, "-l", loss, root=root) == 2
     err = one_line_error(capsys)
-    assert "observed negatives" in err and "--num-neg 0" in err and "pseudo" not in err
+    assert f"-l {loss} takes observed labels in {{0, 1}}, but {root}/pascal/formatted_train_labels_obs.npy holds " \
+           f"observed negatives (-1)" in err
+    assert err.endswith(f"regenerate it with python preproc/generate_observed_labels.py --dataset pascal "
+                        f"--data-root {root} --num-neg 0")
+    assert ("pseudo-label with target 1" in err) == (loss == "EM_APL")
+    assert run_folders(tmp_path) == []
+
+
+def test_observed_labels_without_a_positive_are_refused(tmp_path, capsys):
+    root = write_pascal_root(tmp_path)
+    path = root / "pascal" / "formatted_train_labels_obs.npy"
+    np.save(path, np.zeros_like(np.load(path)))  # as --num-pos 0 would have written them
+    assert run(tmp_path, "-l", "EM", root=root) == 2
+    assert one_line_error(capsys) == (f"error: -l EM: {root}/pascal/formatted_train_labels_obs.npy observes no "
+                                      f"positive label in the training part: nothing to learn from; regenerate it "
+                                      f"with python preproc/generate_observed_labels.py --dataset pascal --data-root "
+                                      f"{root} --num-pos 1")
     assert run_folders(tmp_path) == []
 
 

@@ -188,7 +188,7 @@ def test_missing_raw_file_names_path_and_source(tmp_path, capsys):
     (raw / "annotations" / "instances_train2014.json").write_text(json.dumps(merged_train()))
     rc = fc.main(["--load-path", str(raw), "--save-path", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 1 and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err
     assert str(raw / "annotations" / "instances_val2014.json") in err
     assert "annotations_trainval2014.zip" in err
     assert "python preproc/download.py --dataset coco" in err
