@@ -436,11 +436,19 @@ def setup_device(cfg: Config, gpu_given: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """main.py; in a torchrun launch, ranks other than 0 print nothing (their errors still reach stderr)."""
-    if os.environ.get("RANK", "0") == "0":
-        return _main(argv)
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        return _main(argv)
+    """main.py; in a torchrun launch, ranks other than 0 print nothing (their errors still reach stderr). Called
+    in-process (tests, notebooks), it leaves the caller's SIGINT and SIGTERM handlers as it found them, whatever
+    interrupted it."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) if in_main_thread else None
+    try:
+        if os.environ.get("RANK", "0") == "0":
+            return _main(argv)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return _main(argv)
+    finally:
+        if previous is not None and None not in previous:  # (None: a handler not set from Python, kept as is)
+            restore_interrupts(previous)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -465,15 +473,19 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _resume(run_dir: Path, argv: list[str] | None) -> int:
-    from train import ResumeError, load_last
+    from train import NoResumeState, ResumeError, load_last
     given = {k: v for k, v in given_flags(argv).items() if k != "resume"}
     try:
         cfg, results = resume_config(run_dir, given)
-        state = load_last(run_dir)
-        if state.get("world_size", 1) != int(os.environ.get("WORLD_SIZE", 1)):
-            launch = "python main.py" if state.get("world_size", 1) == 1 else \
-                f"torchrun with {state['world_size']} processes in all"
-            raise ValueError(f"--resume {run_dir}: the run trained on {state.get('world_size', 1)} process(es) and "
+        check_writable(run_dir)
+        try:
+            state = load_last(run_dir)
+        except NoResumeState as exc:  # no finished epoch's state: the run starts again from its beginning
+            state, restart = None, exc
+        world_size = state.get("world_size", 1) if state else results.get("world_size", 1)
+        if world_size != int(os.environ.get("WORLD_SIZE", 1)):
+            launch = "python main.py" if world_size == 1 else f"torchrun with {world_size} processes in all"
+            raise ValueError(f"--resume {run_dir}: the run trained on {world_size} process(es) and "
                              f"this launch has {os.environ.get('WORLD_SIZE', 1)}: resume it with {launch} (the data "
                              f"shards and the per-process batch depend on it)")
         # a run on the CPU resumes there (gloo); one on GPUs takes its local rank's under torchrun
@@ -481,15 +493,29 @@ def _resume(run_dir: Path, argv: list[str] | None) -> int:
     except (ValueError, ResumeError) as exc:
         print_error(exc)
         return 2
+    after = state["progress"]["epoch"] if state else 0
     results.setdefault("resumes", []).append({
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_epoch": state["progress"]["epoch"],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_epoch": after,
         "previous_status": results.get("status"), "previous_error": results.get("error"),
         "neutral_settings": {k: v for k, v in given.items() if k in RESUME_NEUTRAL}})
-    print(f"resuming {run_dir} after epoch {state['progress']['epoch']} (it was {results.get('status')})")
+    if state:
+        print(f"resuming {run_dir} after epoch {after} (it was {results.get('status')})")
+    else:
+        print(f"resuming {run_dir} from its start (it was {results.get('status')}): {restart}")
     if cfg.persistent_workers and cfg.num_workers > 0 and cfg.image_cache == "off":
         print("warning: --persistent-workers: the DataLoader workers' random streams (the flips) cannot be saved, "
               "so the resumed epochs differ from an uninterrupted run's (statistically only)")
     return _start(cfg, device, [], ctx, run_dir=run_dir, results=results, resume=state)
+
+
+def check_writable(run_dir: Path) -> None:
+    """ValueError (one line) unless a file can be made in `run_dir` (a resumed run writes there)."""
+    try:
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--resume {run_dir}: the run folder cannot be written ({exc.strerror or exc}); make it "
+                         f"writable, or copy it somewhere writable and resume the copy") from exc
 
 
 def _import_quietly(module: str) -> None:
@@ -519,7 +545,7 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
         threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True).start()
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
-            if resume is None and ctx.main:
+            if run_dir is None and ctx.main:
                 prepare_results_dir(cfg.results_dir)
             datasets, engine, loaders, setup = build_run(cfg, device, resuming=resume is not None, ctx=ctx)
             setup["data"] = data_fingerprint(cfg.data_root, cfg.dataset, cfg.features)
@@ -532,7 +558,7 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
         except KeyboardInterrupt as exc:
             if ctx.main:
                 print(f"interrupted ({str(exc) or 'Ctrl-C'}) before training started: "
-                      + ("no run folder was made" if resume is None else f"{run_dir} is unchanged"), file=sys.stderr)
+                      + ("no run folder was made" if run_dir is None else f"{run_dir} is unchanged"), file=sys.stderr)
             return 143 if isinstance(exc, Terminated) else 130
         if ctx.rank > 0:  # the model and the estimates are rank 0's (DDP); each rank draws its own flips
             torch.manual_seed(cfg.pytorch_seed + ctx.rank)
