@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,7 +217,19 @@ def build_config(dataset: str, **overrides) -> Config:
     values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the flags
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = Config(dataset=dataset, **values)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ValueError as exc:  # a value that the dataset's dataset.json set: the file is named, not a flag
+        from_file = [(k, v) for k, v in info.defaults if overrides.get(k) is None
+                     and re.search(rf"(^|\s){re.escape(flag(k))}\s|^{k} ", str(exc))]
+        if not from_file:
+            raise
+        (key, value), path = from_file[0], Path(overrides.get("data_root") or Config.data_root) / dataset
+        raise ValueError(f"{path / 'dataset.json'}: \"defaults\" {key} {value!r} is not valid ({exc}); correct it "
+                         f"there, or give {flag(key)} on the command line") from exc
+    if cfg.loss in ROLE_LOSSES and cfg.expected_num_pos > info.num_classes:
+        raise ValueError(f"--expected-num-pos {cfg.expected_num_pos:g}: -l {cfg.loss}'s k, the mean number of "
+                         f"positives per image, cannot exceed the {info.num_classes} classes of {dataset}")
     return cfg
 
 
@@ -266,5 +279,18 @@ def validate(cfg: Config) -> None:
                          "features: give one of them")
     if not (math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
         raise ValueError(f"--dist-timeout must be a number of seconds > 0, got {cfg.dist_timeout}")
+    # torch.manual_seed takes up to 64 bits (and each torchrun rank adds its rank); numpy's RandomState 32 bits
+    for field, bits in (("pytorch_seed", 63), ("subsample_seed", 32), ("seed", 32), ("split_seed", 32)):
+        if not 0 <= getattr(cfg, field) < 2 ** bits:
+            raise ValueError(f"{flag(field)} must be an integer in [0, 2**{bits} - 1], got {getattr(cfg, field)}")
+    if "delta_rel" in LOSSES[cfg.loss].hyperparameters:
+        # LL-R / LL-Ct reject or correct delta_rel * (epoch - 1) % of a batch's entries, LL-Cp a fixed delta_rel %
+        growing = cfg.loss != "ll_cp"
+        reached = cfg.delta_rel * (cfg.num_epochs - 1 if growing else 1)
+        if reached > 100:
+            limit = 100 / (cfg.num_epochs - 1) if growing else 100
+            raise ValueError(f"--delta-rel {cfg.delta_rel}" + (f" with --epochs {cfg.num_epochs}" if growing else "")
+                             + f": -l {cfg.loss} would take {reached:g} % of a batch's entries by the last epoch, more "
+                             f"than all of them; choose --delta-rel <= {limit:g}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")

@@ -61,6 +61,38 @@ def test_out_of_range_hyperparameters_stop_before_any_work(tmp_path, capsys, fla
     assert not (tmp_path / "res").exists()  # checked before the data (which does not even exist here)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["-s", "99999999999999999999"], "-s/--pytorch-seed must be an integer in [0, 2**63 - 1], got 99999999999999999999"),
+    (["-s", "-1"], "-s/--pytorch-seed must be an integer in [0, 2**63 - 1], got -1"),
+    (["--subsample-seed", "-1"], "--subsample-seed must be an integer in [0, 2**32 - 1], got -1"),
+    (["--subsample-seed", str(2 ** 32)], f"--subsample-seed must be an integer in [0, 2**32 - 1], got {2 ** 32}"),
+    # LL-R at pascal's 10 epochs: 9 x delta_rel % of the entries by the last epoch
+    (["-l", "ll_r", "--delta-rel", "1000"], "--delta-rel 1000.0 with --epochs 10: -l ll_r would take 9000 % of a "
+                                            "batch's entries by the last epoch, more than all of them; choose "
+                                            "--delta-rel <= 11.1111"),
+    (["-l", "ll_ct", "--delta-rel", "12", "--epochs", "10"], "-l ll_ct would take 108 %"),
+    (["-l", "ll_cp", "--delta-rel", "101"], "--delta-rel 101.0: -l ll_cp would take 101 % of a batch's entries by "
+                                            "the last epoch, more than all of them; choose --delta-rel <= 100"),
+    (["-l", "role", "--expected-num-pos", "1e9"], "--expected-num-pos 1e+09: -l role's k, the mean number of "
+                                                  "positives per image, cannot exceed the 20 classes of pascal"),
+    (["-l", "role", "--expected-num-pos", "20.5"], "cannot exceed the 20 classes of pascal"),
+])
+def test_seeds_and_loss_rates_out_of_range_stop_in_one_line(tmp_path, capsys, flags, message):
+    """Issue 23: torch's and numpy's own overflow texts, and rates that a run could never reach, stop up front."""
+    assert main.main(["-d", "pascal", "--data-root", str(tmp_path / "nothing"), "--results-dir",
+                      str(tmp_path / "res"), *flags]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "res").exists()
+
+
+def test_loss_rates_at_their_limits_are_accepted():
+    from config import build_config
+    assert build_config("pascal", loss="ll_r", delta_rel=100 / 9).delta_rel == 100 / 9
+    assert build_config("pascal", loss="ll_cp", delta_rel=100.0).delta_rel == 100.0
+    assert build_config("pascal", loss="role", expected_num_pos=20.0).expected_num_pos == 20.0
+    assert build_config("pascal", pytorch_seed=2 ** 63 - 1, subsample_seed=2 ** 32 - 1).pytorch_seed == 2 ** 63 - 1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # --weights and the torchvision cache
 
