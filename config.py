@@ -201,7 +201,11 @@ NOT_DATASET_DEFAULTS = ("dataset", "loss", "gpu", "pytorch_seed", "data_root", "
 
 def build_config(dataset: str, **overrides) -> Config:
     """The table entry of `dataset`, with every non-None override applied on top, validated."""
-    values, info = _dataset_settings(dataset, overrides.get("data_root") or Config.data_root)
+    root = Path(overrides.get("data_root") or Config.data_root)
+    if root.name == dataset and root.is_dir() and not (root / dataset).exists():
+        raise ValueError(f"--data-root {root} is the {dataset} folder itself: --data-root names the folder that holds "
+                         f"{dataset}/; give --data-root {root.parent}")
+    values, info = _dataset_settings(dataset, str(root))
     if info.features and not overrides.get("features"):
         overrides = {**overrides, "features": "formatted"}  # features.FORMATTED: the dataset's own
     if overrides.get("features"):

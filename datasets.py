@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def _checked_info(folder: str, stamp: tuple | None) -> DatasetInfo:
     if not (folder / "dataset.json").is_file():
         raise DataError(f"unknown dataset {folder.name!r}: {folder / 'dataset.json'} does not exist; choose one of "
                         f"{sorted(DATASET_INFO)} or make {folder} with python preproc/format_folder.py --csv <CSV> "
-                        f"--images <image folder> --save-path {folder}")
+                        f"--images <image folder> --save-path {shlex.quote(str(folder))}")
     try:
         info = read_dataset_json(folder)
         check_dataset_files(folder)
@@ -289,14 +290,29 @@ def _check_labels(labels: np.ndarray, path: Path, num_classes: int, allowed: tup
         raise DataError(f"{path}: labels must take values in {allowed}, found {np.unique(labels[bad])[:5]}")
 
 
+def make_commands(data_root: str | Path, dataset: str, info: DatasetInfo) -> tuple[str, str]:
+    """The commands that make a dataset's formatted files, with the user's --data-root, each from its step on:
+    (the chain from the label files: download when the dataset folder holds no raw data yet, format, draw the
+    observed labels; the command that draws the observed labels)."""
+    from preproc.common import DOWNLOAD_HINTS  # the benchmarks that preproc/download.py fetches
+    root = Path(data_root) / dataset
+    obs_command = shlex.join(["python", "preproc/generate_observed_labels.py", "--dataset", dataset, "--data-root",
+                              str(data_root)])
+    chain = [format_hint(root, info.features)]
+    if dataset in DOWNLOAD_HINTS and not any(p.name != "README.md" for p in (root.iterdir() if root.is_dir() else ())):
+        chain.insert(0, shlex.join(["python", "preproc/download.py", "--dataset", dataset, "--data-root",
+                                    str(data_root)]))
+    if dataset != "demo" and not info.single_positive:  # (the demo and single-positive data come with theirs)
+        chain.append(obs_command)
+    return ", then ".join(chain), obs_command
+
+
 def load_formatted(data_root: str | Path, dataset: str, phase: str, images: bool = True) -> dict[str, np.ndarray]:
     """Images, true labels (float64) and observed labels (float64) of an official split ('train' or 'val');
     `images=False`: the labels only (a run on pre-extracted features)."""
     info = dataset_info(data_root, dataset)
     root = Path(data_root) / dataset
-    # the commands that (re)create the files, with the user's --data-root
-    format_command = format_hint(root, info.features)
-    obs_command = f"python preproc/generate_observed_labels.py --dataset {dataset} --data-root {data_root}"
+    format_command, obs_command = make_commands(data_root, dataset, info)
     paths = {k: root / f"formatted_{phase}_{k}.npy" for k in ("images", "labels", "labels_obs")}
     if images:
         images = _load_array(paths["images"], format_command)

@@ -576,7 +576,7 @@ def extract_features(data_root: str | Path, dataset: str, arch: str = "resnet50"
     image_root = _image_root(data_root, dataset)  # an unknown dataset stops here
     if dataset_info(data_root, dataset).features:
         raise DataError(f"{Path(data_root) / dataset} holds features, not images: train on them with "
-                        f"python main.py -d {dataset} (nothing to extract)")
+                        f"python main.py -d {shlex.quote(dataset)} (nothing to extract)")
     if weights not in NAMED_WEIGHTS and not Path(weights).is_file():
         raise WeightsError(f"--weights {weights}: no such file (expected 'imagenet', 'random' or a state dict path)")
     names = {phase: _image_list(data_root, dataset, phase) for phase in PHASES}
@@ -665,21 +665,34 @@ def _write_info(folder: Path, state: dict, arch: str, weights: str, image_size: 
 # reading
 
 def _command_for(data_root: str | Path, dataset: str, name: str, folder: Path) -> str:
-    """The command that makes the set `name`: as recorded by its (interrupted) extraction, or read off the name."""
+    """The command that makes the set `name` for this dataset and data root: with the backbone recorded by its
+    (interrupted) extraction, or else read off the name. (A recorded command line may name another dataset or
+    data root: a set copied from elsewhere, or the same root reached by another path.)"""
     for record in (folder / INFO, folder / PROGRESS):
         data = _read_json(record)
-        if data and isinstance(data.get("command"), str):
-            return data["command"]
+        recorded = _options(data["command"]) if data and isinstance(data.get("command"), str) else {}
+        if {"--arch", "--weights", "--image-size"} <= set(recorded) and recorded["--image-size"].isdigit():
+            return extract_command(dataset, recorded["--arch"], recorded["--weights"], int(recorded["--image-size"]),
+                                   data_root)
     import torchvision
     archs = [a for a in torchvision.models.list_models(module=torchvision.models) if name.startswith(a + "_")]
     weights, _, size = name[len(max(archs, key=len, default="")) + 1:].rpartition("_")
     if not archs or not weights or not size.isdigit():
-        return f"python preproc/extract_features.py --dataset {dataset} --data-root {data_root} (with the --arch, " \
-               f"--weights and --image-size of the set {name})"
+        return (f"python preproc/extract_features.py --dataset {shlex.quote(dataset)} --data-root "
+                f"{shlex.quote(str(data_root))} (with the --arch, --weights and --image-size of the set {name})")
     if weights in NAMED_WEIGHTS:
         return extract_command(dataset, max(archs, key=len), weights, int(size), data_root)
     return (extract_command(dataset, max(archs, key=len), "WEIGHTS", int(size), data_root)
             + f" (WEIGHTS: the path of your {weights} state-dict file)")
+
+
+def _options(command: str) -> dict[str, str]:
+    """The `--option value` pairs of a command line (as extract_command writes it); {} if it does not split."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        return {}
+    return {option: value for option, value in zip(tokens, tokens[1:]) if option.startswith("--")}
 
 
 FORMATTED = "formatted"  # the feature set of a dataset given as features (its formatted_{train,val}_features.npy)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -287,12 +288,13 @@ def format_hint(folder: os.PathLike | str, features: bool = False) -> str:
     """The command that (re)creates the formatted files of the dataset folder ``folder``: a benchmark's
     format script for a benchmark's folder name, else ``format_folder.py`` with placeholders."""
     folder = Path(folder)
+    quoted = shlex.quote(str(folder))  # a printed command is pasted into a shell: a path may hold spaces
     if folder.name == "demo":
-        return f"{FORMAT_COMMANDS['demo']} --save-path {folder}"
+        return f"{FORMAT_COMMANDS['demo']} --save-path {quoted}"
     if folder.name in FORMAT_COMMANDS:
-        return f"{FORMAT_COMMANDS[folder.name]} --load-path {folder} --save-path {folder}"
+        return f"{FORMAT_COMMANDS[folder.name]} --load-path {quoted} --save-path {quoted}"
     source = "--features <your features .npy>" if features else "--images <your image folder>"
-    return f"{FOLDER_FORMAT_COMMAND} --csv <your CSV> {source} --save-path {folder}"
+    return f"{FOLDER_FORMAT_COMMAND} --csv <your CSV> {source} --save-path {quoted}"
 
 
 def _is_int(value: object) -> bool:
@@ -474,7 +476,7 @@ def check_dataset_files(folder: os.PathLike | str) -> None:
             raise PreprocError(f"{json_path} says single_positive true, but row {row} of formatted_train_labels.npy "
                                f"has {int(counts[row])} positive labels; set \"single_positive\": false (full "
                                f"labels; then run: python preproc/generate_observed_labels.py --dataset "
-                               f"{folder.name}) or re-create the files with: {fix}")
+                               f"{shlex.quote(folder.name)}) or re-create the files with: {fix}")
     dims = {}
     for phase in PHASES:
         rows = len(labels[phase])

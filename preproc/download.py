@@ -45,6 +45,7 @@ import argparse
 import hashlib
 import http.client
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -504,8 +505,8 @@ def next_commands(dataset: str, data_root: Optional[str] = None) -> List[str]:
     gen = f"python preproc/generate_observed_labels.py --dataset {dataset}"
     if data_root is not None and Path(data_root) != Path("./data"):
         folder = (Path(data_root) / dataset).as_posix()
-        fmt += f" --load-path {folder} --save-path {folder}"
-        gen += f" --data-root {Path(data_root).as_posix()}"
+        fmt += f" --load-path {shlex.quote(folder)} --save-path {shlex.quote(folder)}"
+        gen += f" --data-root {shlex.quote(Path(data_root).as_posix())}"
     return [fmt, gen]
 
 

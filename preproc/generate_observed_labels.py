@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -158,7 +159,7 @@ def _save_path_hint(folder: Path, dataset: str) -> str:
             return ""
     except OSError:
         pass
-    return f" --save-path {folder}"
+    return f" --save-path {shlex.quote(str(folder))}"
 
 
 def _load_labels(path: Path, dataset: str) -> np.ndarray:
@@ -196,11 +197,12 @@ def _dataset_json(folder: Path, dataset: str) -> Optional[dict]:
         )
     info = read_dataset_json(folder)
     if info["single_positive"]:
-        root = "" if folder.parent.resolve() == Path("data").resolve() else f" --data-root {folder.parent}"
+        root = "" if folder.parent.resolve() == Path("data").resolve() else \
+            f" --data-root {shlex.quote(str(folder.parent))}"
         raise ObservedLabelsError(
             f"{folder}: its train labels are single positives already ({folder / DATASET_JSON}: single_positive "
             f"true), so there are no full labels to draw from and its observed labels are already written; "
-            f"train on it directly: python main.py -d {dataset}{root}"
+            f"train on it directly: python main.py -d {shlex.quote(dataset)}{root}"
         )
     return info
 

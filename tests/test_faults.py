@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import signal
 import time
 import subprocess
@@ -355,3 +356,36 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_the_run_marked_killed(tmp_pat
     assert (old / "best.pt").read_bytes() == b"the earlier run's checkpoint"
     results = json.loads((old / "results.json").read_text())
     assert results["status"] == "killed" and str(dead.pid) in results["error"] and "epoch 2" in results["error"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hints: what to run, pasteable as printed (issue 23)
+
+def test_missing_data_names_the_whole_chain_shell_quoted(tmp_path, capsys):
+    root = tmp_path / "my data"  # a space: each printed path must be quoted
+    assert main.main(["-d", "pascal", "--data-root", str(root), "--results-dir", str(tmp_path / "res"), *FAST]) == 2
+    quoted = shlex.quote(str(root))
+    assert quoted.startswith("'")
+    assert one_line_error(capsys) == (
+        f"error: missing {root}/pascal/formatted_train_images.npy; create it with: python preproc/download.py "
+        f"--dataset pascal --data-root {quoted}, then python preproc/format_pascal.py --load-path "
+        f"{shlex.quote(str(root / 'pascal'))} --save-path {shlex.quote(str(root / 'pascal'))}, then python "
+        f"preproc/generate_observed_labels.py --dataset pascal --data-root {quoted}")
+    # the raw data are there (the folder holds more than its README): the chain starts at the format step
+    (root / "pascal" / "VOCdevkit").mkdir(parents=True)
+    assert main.main(["-d", "pascal", "--data-root", str(root), "--results-dir", str(tmp_path / "res"), *FAST]) == 2
+    assert one_line_error(capsys).split("create it with: ")[1].startswith("python preproc/format_pascal.py")
+    # and each command runs as printed: the shell splits it into the same arguments
+    assert shlex.split(f"python preproc/generate_observed_labels.py --dataset pascal --data-root {quoted}")[-1] == \
+        str(root)
+
+
+def test_a_data_root_that_is_the_dataset_folder_itself_says_so(tmp_path, capsys):
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    for extra in ([], ["--features", "resnet18_random_48"]):
+        assert main.main(["-d", "demo", "--data-root", str(tmp_path / "data" / "demo"), "--results-dir",
+                          str(tmp_path / "res"), *extra]) == 2
+        assert one_line_error(capsys) == (f"error: --data-root {tmp_path / 'data' / 'demo'} is the demo folder itself: "
+                                          f"--data-root names the folder that holds demo/; give --data-root "
+                                          f"{tmp_path / 'data'}")
+    assert not (tmp_path / "data" / "demo" / "demo").exists() and not (tmp_path / "res").exists()
