@@ -151,6 +151,7 @@ def test_script_refuses_a_file_and_a_foreign_folder_in_one_line(tmp_path):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     assert (tmp_path / "afile").read_text() == "a file"
     assert sorted(os.listdir(tmp_path / "mine")) == ["thesis.tex"]
+    assert not (tmp_path / ".afile.lock").exists()  # a refused file leaves no lock file beside it (issue 23)
 
 
 def test_readme_is_kept_and_the_demo_is_the_reference(small, reference, tmp_path):
@@ -327,6 +328,27 @@ def test_a_symlinked_demo_folder_is_regenerated_through_the_link(small, referenc
     make_demo.ensure_demo(tmp_path / "data" / "demo")
     assert (tmp_path / "data" / "demo").is_symlink() and snapshot(real) == reference
     assert leftovers(tmp_path / "disk") == []
+
+
+def test_a_demo_of_symlinked_files_is_the_demo_and_regenerating_it_keeps_the_link_targets(small, reference, tmp_path,
+                                                                                         capsys):
+    """A demo folder whose files are links to another demo's (cp -rs): its files are the demo's, not foreign;
+    regenerating it replaces the links by files and leaves what they point to alone (issue 23)."""
+    real = tmp_path / "shared" / "demo"
+    make_demo.ensure_demo(real)
+    dest = tmp_path / "data" / "demo"
+    (dest / "images").mkdir(parents=True)
+    for path in real.rglob("*"):
+        if path.is_file():
+            (dest / path.relative_to(real)).symlink_to(path)
+    assert make_demo._foreign_entries(dest) == [] and make_demo.is_complete(dest)
+    assert make_demo.main(["--save-path", str(dest)]) == 0
+    assert not any(p.is_symlink() for p in dest.rglob("*")) and snapshot(dest) == reference
+    assert snapshot(real) == reference and make_demo.is_complete(real)
+    # a link to a file that is not the demo's is still foreign
+    (dest / "images" / "mine.png").symlink_to(tmp_path / "shared" / "demo" / "classes.txt")
+    assert make_demo.main(["--save-path", str(dest)]) == 2
+    assert "images/mine.png" in capsys.readouterr().err
 
 
 def test_dataset_json_names_the_demo_classes(small, tmp_path):
