@@ -28,7 +28,7 @@ IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_wo
 # Settings that cannot change a run's numbers (where it runs and where its files are; the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
 # Not --num-workers / --persistent-workers: each worker draws the flips of its batches from its own stream.
-RESULT_NEUTRAL_SETTINGS = ("gpu", "image_cache", "data_root", "results_dir", "dist_timeout")
+RESULT_NEUTRAL_SETTINGS = ("gpu", "image_cache", "data_root", "results_dir", "dist_timeout", "keep_last")
 
 
 # delta_rel of the Large-Loss methods per dataset, as Kim et al. give them (Adam, batch 16; percent per epoch).
@@ -83,7 +83,7 @@ class Config:
 
     dataset: str
     loss: str = "EM_APL"
-    gpu: str = "0"  # a CUDA index, or "cpu"
+    gpu: str = "auto"  # "auto" (the first CUDA device, else the CPU), a CUDA index, or "cpu"
     pytorch_seed: int = 0
     # per-dataset (DATASET_SETTINGS)
     batch_size: int = 8
@@ -134,6 +134,7 @@ class Config:
     dist_timeout: float = 600.0
     data_root: str = "data"
     results_dir: str = "results"
+    keep_last: bool = False  # keep a finished run's last.pt (the resume state; it cannot be resumed any more)
 
     @property
     def selection_key(self) -> str:
@@ -201,25 +202,38 @@ NOT_DATASET_DEFAULTS = ("dataset", "loss", "gpu", "pytorch_seed", "data_root", "
 
 def build_config(dataset: str, **overrides) -> Config:
     """The table entry of `dataset`, with every non-None override applied on top, validated."""
+    return build_config_with_sources(dataset, **overrides)[0]
+
+
+def build_config_with_sources(dataset: str, **overrides) -> tuple[Config, dict[str, str]]:
+    """`build_config`, and where each setting comes from (main.py --print-config): "command line", the
+    dataset.json that set it, the table of config.py that did, or "Config default"."""
     root = Path(overrides.get("data_root") or Config.data_root)
     if root.name == dataset and root.is_dir() and not (root / dataset).exists():
         raise ValueError(f"--data-root {root} is the {dataset} folder itself: --data-root names the folder that holds "
                          f"{dataset}/; give --data-root {root.parent}")
-    values, info = _dataset_settings(dataset, str(root))
+    table, info = _dataset_settings(dataset, str(root))
+    entry = dataset if dataset in DATASET_SETTINGS else "coco"
     if info.features and not overrides.get("features"):
         overrides = {**overrides, "features": "formatted"}  # features.FORMATTED: the dataset's own
-    if overrides.get("features"):
-        values.update(LINEAR_SETTINGS)
     loss = overrides.get("loss") or Config.loss
     if info.single_positive and loss in ("bce", "iun"):
-        raise ValueError(f"-l {loss} needs full training labels, but {Path(overrides.get('data_root') or 'data') / dataset}"
-                         f" holds single positives (dataset.json \"single_positive\": true); choose another loss")
-    if loss in LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"]):
-        values["delta_rel"] = LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"])[loss]
-    if loss in ROLE_LOSSES and dataset in ROLE_EXPECTED_POSITIVES:
-        values["expected_num_pos"] = ROLE_EXPECTED_POSITIVES[dataset]
-    values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the flags
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        raise ValueError(f"-l {loss} needs full training labels, but {root / dataset} holds single positives "
+                         f"(dataset.json \"single_positive\": true); choose another loss")
+    delta_rel = LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"])
+    layers = [  # lowest first
+        (f"config.DATASET_SETTINGS[{entry!r}]", table),
+        ("config.LINEAR_SETTINGS (--features)", LINEAR_SETTINGS if overrides.get("features") else {}),
+        (f"config.LL_DELTA_REL[{entry!r}]", {"delta_rel": delta_rel[loss]} if loss in delta_rel else {}),
+        ("config.ROLE_EXPECTED_POSITIVES", {"expected_num_pos": ROLE_EXPECTED_POSITIVES[dataset]}
+         if loss in ROLE_LOSSES and dataset in ROLE_EXPECTED_POSITIVES else {}),
+        (str(root / dataset / "dataset.json"), dict(info.defaults)),  # an own dataset's, under the flags
+        ("command line", {k: v for k, v in overrides.items() if v is not None}),
+    ]
+    values, sources = {}, {}
+    for source, layer in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
     cfg = Config(dataset=dataset, **values)
     try:
         validate(cfg)
@@ -228,13 +242,14 @@ def build_config(dataset: str, **overrides) -> Config:
                      and re.search(rf"(^|\s){re.escape(flag(k))}\s|^{k} ", str(exc))]
         if not from_file:
             raise
-        (key, value), path = from_file[0], Path(overrides.get("data_root") or Config.data_root) / dataset
+        (key, value), path = from_file[0], root / dataset
         raise ValueError(f"{path / 'dataset.json'}: \"defaults\" {key} {value!r} is not valid ({exc}); correct it "
                          f"there, or give {flag(key)} on the command line") from exc
     if cfg.loss in ROLE_LOSSES and cfg.expected_num_pos > info.num_classes:
         raise ValueError(f"--expected-num-pos {cfg.expected_num_pos:g}: -l {cfg.loss}'s k, the mean number of "
                          f"positives per image, cannot exceed the {info.num_classes} classes of {dataset}")
-    return cfg
+    return cfg, {f.name: sources.get(f.name, "Config default") for f in dataclasses.fields(Config)
+                 if f.name != "dataset"}
 
 
 def flag(field: str) -> str:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from config import (AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LOSS_NAMES, RESULT_NEUTRAL_SETTINGS,
-                    ROLE_LOSSES, STOP_METRICS, VAL_LABELS, Config, build_config, flag, validate)
+from config import (AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LINEAR_SETTINGS, LL_DELTA_REL,
+                    LOSS_NAMES, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES, ROLE_LOSSES, STOP_METRICS, VAL_LABELS,
+                    Config, build_config_with_sources, flag, validate)
 
 # what --resume accepts besides the run folder: settings that cannot change its numbers
 RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"dataset: {', '.join(sorted(DATASET_SETTINGS))}, or any <data-root>/NAME with a "
                         f"dataset.json (README 'Your own data')")
     p.add_argument("-l", "--loss", default="EM_APL", choices=LOSS_NAMES, help="training loss")
-    p.add_argument("-g", "--gpu", default="0", help="CUDA device index, or 'cpu'")
+    p.add_argument("-g", "--gpu", default="auto", help="'auto' (the first CUDA device if there is one, else the "
+                   "CPU), a CUDA device index, or 'cpu'")
     p.add_argument("-s", "--pytorch-seed", "--pytorch_seed", dest="pytorch_seed", type=int, default=0,
                    help="torch seed (the paper's runs used 0, 1, 8)")
     g = p.add_argument_group("hyperparameters (default: the dataset's entry in config.py)")
@@ -81,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--asl-gamma-neg", type=float, help="asl: negative focusing >= 0 (default 4)")
     b.add_argument("--asl-gamma-pos", type=float, help="asl: positive focusing >= 0 (default 0)")
     b.add_argument("--asl-clip", type=float, help="asl: probability margin in [0, 1) (default 0.05)")
-    b.add_argument("--delta-rel", type=float, help="ll_r, ll_ct, ll_cp: large-loss rate in percent > 0 "
-                   "(default: Kim et al.'s per dataset, config.LL_DELTA_REL)")
+    b.add_argument("--delta-rel", type=float, help="ll_r, ll_ct, ll_cp: large-loss rate in percent > 0 (Kim et "
+                   "al.'s)")
     b.add_argument("--expected-num-pos", type=float, help="role, role_li: k of the expected-positive regulariser "
-                   "> 0 (default: Cole et al.'s per dataset, config.ROLE_EXPECTED_POSITIVES)")
+                   "> 0, at most the number of classes (Cole et al.'s)")
     m = p.add_argument_group("model and data")
     m.add_argument("--arch", help="torchvision backbone (original: resnet50)")
     m.add_argument("--weights", help="'imagenet' (torchvision IMAGENET1K_V1), 'random', or a state-dict path")
@@ -115,12 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cudnn-benchmark", action="store_true", default=None,
                    help="let cuDNN pick its fastest convolution algorithms (a nondeterministic choice)")
     m.add_argument("--results-dir", help="where run folders are created (default: results)")
+    m.add_argument("--keep-last", action="store_true", default=None,
+                   help="keep last.pt (the resume state) when the run finishes; by default a finished run deletes it "
+                        "(it cannot be resumed, and it is most of the run folder)")
     t = p.add_argument_group("several GPUs: torchrun --nproc_per_node N main.py ... (README 'Several GPUs')")
     t.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm: BatchNorm statistics over the global batch instead of each GPU's share "
                         "(matters when the per-GPU batch is 2-4 images); GPUs only")
     t.add_argument("--dist-timeout", type=float,
                    help="seconds a collective waits for a silent rank before the run fails (default 600)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the settings this command line resolves to (the dataset's table entry and "
+                        "dataset.json applied), each with where it comes from, and exit")
+    _per_dataset_help(p)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a failed, interrupted or killed run from its last finished epoch, in its folder, "
                         "with its config (only -g, --image-cache and --data-root may be given: they cannot change "
@@ -128,12 +137,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _per_dataset_help(parser: argparse.ArgumentParser) -> None:
+    """Append each per-dataset default to its option's help: the value per dataset and the table it comes from."""
+    tables = [("config.DATASET_SETTINGS", {d: v for d, v in DATASET_SETTINGS.items()}),
+              ("config.LL_DELTA_REL, per loss", {d: v for d, v in LL_DELTA_REL.items()}),
+              ("config.ROLE_EXPECTED_POSITIVES", {d: {"expected_num_pos": v} for d, v in ROLE_EXPECTED_POSITIVES.items()})]
+    for action in parser._actions:
+        for table, entries in tables:
+            if table.startswith("config.LL_DELTA_REL") and action.dest == "delta_rel":
+                values = "; ".join(f"{d} " + ", ".join(f"{loss} {v:g}" for loss, v in losses.items())
+                                   for d, losses in entries.items())
+            elif all(action.dest in entry for entry in entries.values()):
+                values = ", ".join(f"{d} {entry[action.dest]}" for d, entry in entries.items())
+            else:
+                continue
+            linear = f"; --features: {LINEAR_SETTINGS[action.dest]}" if action.dest in LINEAR_SETTINGS else ""
+            action.help = f"{action.help} [per dataset ({table}): {values}{linear}; another dataset: coco's, " \
+                          f"then its dataset.json \"defaults\"]"
+
+
+def print_config(cfg: Config, sources: dict[str, str], given: set[str]) -> None:
+    """--print-config: every setting of the run, with where it comes from."""
+    width = max(map(len, sources))
+    print(f"{'dataset':<{width}} = {cfg.dataset!r}  (command line)" if "dataset" in given else
+          f"{'dataset':<{width}} = {cfg.dataset!r}  (main.py default)")
+    for name, source in sources.items():
+        if source == "command line" and name not in given:
+            source = "main.py default"
+        print(f"{name:<{width}} = {getattr(cfg, name)!r}  ({source})")
+
+
 def resolve_device(gpu: str):
+    """The device of -g: "auto" (the first CUDA device, else the CPU), "cpu", or a CUDA index (index 0 falls back
+    to the CPU with a warning, as the original; another index must exist)."""
     import torch
     if gpu == "cpu":
         return torch.device("cpu")
+    if gpu == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if not gpu.isdigit():
-        raise ValueError(f"-g/--gpu must be a CUDA index or 'cpu', got {gpu!r}")
+        raise ValueError(f"-g/--gpu must be 'auto', a CUDA index or 'cpu', got {gpu!r}")
     index = int(gpu)
     if not torch.cuda.is_available():
         if index == 0:  # the original also runs on the CPU when CUDA is absent
@@ -455,9 +498,12 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.resume:
         return _resume(Path(args.resume), argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume", "print_config")}
     try:
-        cfg = build_config(args.dataset, **overrides)
+        cfg, sources = build_config_with_sources(args.dataset, **overrides)
+        if args.print_config:
+            print_config(cfg, sources, set(given_flags(argv)))
+            return 0
         device, ctx = setup_device(cfg, given_flags(argv).get("gpu"))
     except ValueError as exc:
         print_error(exc)

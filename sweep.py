@@ -129,6 +129,9 @@ def check_extra_flags(extras: list[str]) -> None:
     parsed = parse_main_args(extras)
     if getattr(parsed, "resume", None) is not None:
         raise ValueError("--resume among the main.py flags after --: the sweep resumes unfinished runs by itself")
+    if getattr(parsed, "print_config", False):
+        raise ValueError("--print-config among the main.py flags after --: it runs nothing; give it to main.py "
+                         "itself (python main.py -d D -l L ... --print-config)")
     for dest, option, a, b in _SWEEP_OWN:
         first = option.split("/")[0]
         if getattr(parse_main_args([first, a, *extras]), dest) == getattr(parse_main_args([first, b, *extras]), dest):

@@ -740,6 +740,8 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
     )
     if dist.main:
         save_json(run_dir / "results.json", results)
+        if not cfg.keep_last:  # a finished run cannot be resumed: its resume state is only weight (--keep-last)
+            (run_dir / "last.pt").unlink(missing_ok=True)
     return results
 
 

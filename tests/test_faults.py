@@ -389,3 +389,28 @@ def test_a_data_root_that_is_the_dataset_folder_itself_says_so(tmp_path, capsys)
                                           f"--data-root names the folder that holds demo/; give --data-root "
                                           f"{tmp_path / 'data'}")
     assert not (tmp_path / "data" / "demo" / "demo").exists() and not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_main_called_in_process_gives_back_the_callers_signal_handlers(tmp_path, monkeypatch, signum, code):
+    """A notebook or test calling main.main() and interrupting it keeps its own handlers (issue 23)."""
+    seen = []
+
+    def callers(sig, frame):  # the caller's own handler (a notebook's, a test runner's)
+        seen.append(sig)
+    real_loss = train.compute_loss
+
+    def loss(*args, **kwargs):  # the signal arrives in the middle of training, as from the keyboard or kill
+        os.kill(os.getpid(), signum)
+        return real_loss(*args, **kwargs)
+    before = signal.signal(signal.SIGINT, callers), signal.signal(signal.SIGTERM, callers)
+    try:
+        monkeypatch.setattr(train, "compute_loss", loss)
+        assert run(tmp_path) == code
+        assert signal.getsignal(signal.SIGINT) is callers and signal.getsignal(signal.SIGTERM) is callers
+        assert seen == []  # main's own handler took the signal while it ran
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    [folder] = run_folders(tmp_path)
+    assert json.loads((folder / "results.json").read_text())["status"] == "interrupted"

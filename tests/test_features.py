@@ -511,7 +511,7 @@ def test_the_command_line_extracts_and_reports_errors_in_one_line(tmp_path, weig
     assert err == f"error: --weights {tmp_path / 'none.pt'}: no such file (expected 'imagenet', 'random' or a " \
                   f"state dict path)\n"
     assert cli.main([*args, "-g", "x"]) == 2
-    assert capsys.readouterr().err == "error: -g/--gpu must be a CUDA index or 'cpu', got 'x'\n"
+    assert capsys.readouterr().err == "error: -g/--gpu must be 'auto', a CUDA index or 'cpu', got 'x'\n"
 
     # as a script, from another folder: an unknown dataset is one line, exit code 2
     run = subprocess.run([sys.executable, str(ROOT / "preproc" / "extract_features.py"), "--dataset", "nope",

@@ -196,7 +196,7 @@ def test_module_is_standalone():
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative import"
             names.add(node.module)
-    assert names <= {"__future__", "argparse", "os", "sys", "warnings", "pathlib", "typing", "numpy",
+    assert names <= {"__future__", "argparse", "os", "shlex", "sys", "warnings", "pathlib", "typing", "numpy",
                      "preproc.common"}
 
 
