@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(matters when the per-GPU batch is 2-4 images); GPUs only")
     t.add_argument("--dist-timeout", type=float,
                    help="seconds a collective waits for a silent rank before the run fails (default 600)")
-    p.add_argument("--print-config", action="store_true",
+    p.add_argument("--print-config", action="store_true", default=None,
                    help="print the settings this command line resolves to (the dataset's table entry and "
                         "dataset.json applied), each with where it comes from, and exit")
     _per_dataset_help(p)

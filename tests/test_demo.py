@@ -277,8 +277,8 @@ def test_data_root_pointing_at_the_demo_folder_is_a_one_line_error(demo_root, tm
     before = sorted(os.listdir(demo))
     assert main.main(["-d", "demo", "-g", "cpu", "--data-root", str(demo), "--results-dir", str(tmp_path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"error: {demo} is itself the demo folder, so the demo would go into {demo / 'demo'}: "
-                     f"pass --data-root {demo_root} instead"]
+    assert lines == [f"error: --data-root {demo} is the demo folder itself: --data-root names the folder that "
+                     f"holds demo/; give --data-root {demo_root}"]  # (config.build_config: for any dataset)
     assert sorted(os.listdir(demo)) == before and not (demo / "demo").exists()
     assert list(tmp_path.iterdir()) == []  # no run folder either
 

@@ -461,7 +461,7 @@ def test_a_hand_made_features_dataset_needs_no_row_ids(tmp_path):
 README_CSV = """\
 import csv, numpy as np
 names = open('data/demo/classes.txt').read().split()
-with open('mydata.csv', 'w', newline='') as f:
+with open('../mydata.csv', 'w', newline='') as f:  # outside the repository
     out = csv.writer(f)
     out.writerow(['image', 'labels', 'split'])
     for phase, split in (('train', 'train'), ('val', 'test')):
@@ -471,7 +471,7 @@ with open('mydata.csv', 'w', newline='') as f:
             out.writerow([image, ';'.join(n for n, y in zip(names, row) if y), split])
 """
 README_COMMANDS = [
-    "python preproc/format_folder.py --csv mydata.csv --images data/demo/images --classes data/demo/classes.txt "
+    "python preproc/format_folder.py --csv ../mydata.csv --images data/demo/images --classes data/demo/classes.txt "
     "--save-path data/mydata",
     "python preproc/generate_observed_labels.py --dataset mydata",
 ]
@@ -482,14 +482,16 @@ def test_readme_example(tmp_path, monkeypatch):
     demo itself (same rows, labels and observed labels), so `main.py -d mydata` trains what `-d demo` does."""
     monkeypatch.setattr(make_demo, "NUM_TRAIN", 60)
     monkeypatch.setattr(make_demo, "NUM_TEST", 15)
-    make_demo.ensure_demo(tmp_path / "data" / "demo")
-    subprocess.run([sys.executable, "-c", README_CSV], cwd=tmp_path, check=True)
+    repo = tmp_path / "repo"  # the CSV goes beside it, outside the repository
+    make_demo.ensure_demo(repo / "data" / "demo")
+    subprocess.run([sys.executable, "-c", README_CSV], cwd=repo, check=True)
+    assert (tmp_path / "mydata.csv").is_file() and not list(repo.glob("*.csv"))
     for command in README_COMMANDS:
         argv = shlex.split(command)
         argv[:2] = [sys.executable, str(ROOT / argv[1])]
-        proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+        proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-    demo, mine = tmp_path / "data" / "demo", tmp_path / "data" / "mydata"
+    demo, mine = repo / "data" / "demo", repo / "data" / "mydata"
     info = read_dataset_json(mine)
     assert info["class_names"] == list(make_demo.CLASS_NAMES) and info["single_positive"] is False
     assert image_root(mine, info) == Path(os.path.abspath(demo / "images"))
