@@ -573,6 +573,9 @@ def extract_features(data_root: str | Path, dataset: str, arch: str = "resnet50"
     CPU's decoding; the last bits differ and the set is keyed by it; image caches are not read).
     Raises DataError (data files, images, disk room), WeightsError, ValueError (arguments) or OutputError."""
     _check_arguments(image_size, batch_size, num_workers, decode)
+    if dataset == "demo":  # generated on first use, as main.py -d demo does
+        from preproc.make_demo import ensure_demo
+        ensure_demo(Path(data_root) / "demo")
     image_root = _image_root(data_root, dataset)  # an unknown dataset stops here
     if dataset_info(data_root, dataset).features:
         raise DataError(f"{Path(data_root) / dataset} holds features, not images: train on them with "
