@@ -233,13 +233,20 @@ FINGERPRINTED = ("formatted_train_images.npy", "formatted_train_labels.npy", "fo
                  "formatted_val_images.npy", "formatted_val_labels.npy")
 
 
+@functools.lru_cache(maxsize=64)
+def _sha256_of_version(path: str, mtime_ns: int, size: int) -> str:
+    """A file's sha256, read once per version of it (a sweep asks for every combination: a COCO-sized feature set
+    is 0.7 GB)."""
+    from fileio import file_sha256
+    return file_sha256(path)
+
+
 def data_fingerprint(data_root: str | Path, dataset: str, features: str | None = None) -> dict | None:
     """What a run trains and is evaluated on, by content: {"sha256": one hash over the files', "files": {name:
     sha256}, "root": the data root as an absolute path}. The files are FINGERPRINTED (those present: a features
     dataset has no image lists) and, with `features`, the feature set's two matrices. None when a label file or
     the feature set is missing (the run itself then says what to make)."""
     from features import FORMATTED, feature_dir
-    from fileio import file_sha256
     folder = Path(data_root) / dataset
     names = [name for name in FINGERPRINTED if "labels" in name or (folder / name).is_file()]
     if features == FORMATTED:
@@ -248,7 +255,8 @@ def data_fingerprint(data_root: str | Path, dataset: str, features: str | None =
         names += [str((feature_dir(data_root, dataset, features) / f"{phase}_features.npy").relative_to(folder))
                   for phase in ("train", "val")]
     try:
-        files = {name: file_sha256(folder / name) for name in names}
+        files = {name: _sha256_of_version(str((folder / name).resolve()), (folder / name).stat().st_mtime_ns,
+                                          (folder / name).stat().st_size) for name in names}
     except OSError:
         return None
     combined = hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in sorted(files.items())).encode())
