@@ -159,10 +159,8 @@ def _per_dataset_help(parser: argparse.ArgumentParser) -> None:
 def print_config(cfg: Config, sources: dict[str, str], given: set[str]) -> None:
     """--print-config: every setting of the run, with where it comes from."""
     width = max(map(len, sources))
-    print(f"{'dataset':<{width}} = {cfg.dataset!r}  (command line)" if "dataset" in given else
-          f"{'dataset':<{width}} = {cfg.dataset!r}  (main.py default)")
-    for name, source in sources.items():
-        if source == "command line" and name not in given:
+    for name, source in {"dataset": "command line", **sources}.items():
+        if source == "command line" and name not in given:  # (argparse's own default)
             source = "main.py default"
         print(f"{name:<{width}} = {getattr(cfg, name)!r}  ({source})")
 
