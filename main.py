@@ -517,11 +517,13 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _resume(run_dir: Path, argv: list[str] | None) -> int:
+    from datasets import data_fingerprint
     from train import NoResumeState, ResumeError, load_last
     given = {k: v for k, v in given_flags(argv).items() if k != "resume"}
     try:
         cfg, results = resume_config(run_dir, given)
         check_writable(run_dir)
+        check_same_data(run_dir, results.get("data"), data_fingerprint(cfg.data_root, cfg.dataset, cfg.features), cfg)
         try:
             state = load_last(run_dir)
         except NoResumeState as exc:  # no finished epoch's state: the run starts again from its beginning
@@ -593,8 +595,6 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
                 prepare_results_dir(cfg.results_dir)
             datasets, engine, loaders, setup = build_run(cfg, device, resuming=resume is not None, ctx=ctx)
             setup["data"] = data_fingerprint(cfg.data_root, cfg.dataset, cfg.features)
-            if results is not None:
-                check_same_data(run_dir, results.get("data"), setup["data"], cfg)
             run_dir = run_dir or ctx.from_main(lambda: make_run_dir(cfg))
         except (DataError, WeightsError, ValueError, OSError, NonFiniteLossError) as exc:  # the last: ROLE+LI's phase 1
             print_error(exc)
