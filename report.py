@@ -11,12 +11,12 @@
 One row per loss (plus the settings that set a row apart), one column per dataset; each cell is the test mAP
 (%) at the best-val epoch, mean ± sample std (ddof=1) over seeds, with the number of seeds n. Only finished
 runs count. Two runs are the same experiment iff their configs are equal without `pytorch_seed` and
-`config.RESULT_NEUTRAL_SETTINGS` and they trained on the same data (the fingerprint results.json "data" records:
-`data=<first 8 hex digits>` in the row label where it differs, with a note on stderr); different experiments are
-never pooled: a setting that differs from the
-dataset's defaults (config.build_config), or between the experiments of one cell, becomes part of the row label,
-e.g. `EM_APL (lr=0.0001)`. Of two runs with the same config and seed, the later (folder-name time) is kept.
-Every file that is not used is named on stderr with the reason, one line each.
+`config.RESULT_NEUTRAL_SETTINGS`, and they trained on the same data (the fingerprint that results.json "data"
+records). Different experiments are never pooled: a setting that differs from the dataset's defaults
+(config.build_config), or between the experiments of one cell, becomes part of the row label, e.g.
+`EM_APL (lr=0.0001)`, and so does different data, `data=<its first 8 hex digits>` (with a note on stderr). Of
+two runs with the same config, data and seed, the later (folder-name time) is kept. Every file that is not used
+is named on stderr with the reason, one line each.
 
 Exit codes: 0 a table was written, 1 no finished run found (or nothing could be written), 2 bad usage,
 3 `--check` found a run whose predictions.npz disagrees with its results.json.
@@ -97,7 +97,8 @@ PREDICTION_TOLERANCE = 1e-6
 STD_NOTE = ("mean ± std (n): test mAP (%) at the best-val epoch over n seeds; std is the sample standard "
             "deviation (ddof=1); n = 1 has no std.")
 SETTINGS_NOTE = ("A setting in parentheses differs from the dataset's defaults (config.py) or between the runs "
-                 "of one cell; runs of different settings are never pooled.")
+                 "of one cell (data=...: the data they trained on); runs of different settings or data are never "
+                 "pooled.")
 PAPER_NOTE = ("paper: Zhou et al. 2022 (LL rows: Kim et al. 2022, who give no std); diff = ours - paper; "
               "marked (bold) where the difference is larger than 2 × the paper's std.")
 
