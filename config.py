@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_wo
 # Settings that cannot change a run's numbers (where it runs and where its files are; the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
 # Not --num-workers / --persistent-workers: each worker draws the flips of its batches from its own stream.
-RESULT_NEUTRAL_SETTINGS = ("gpu", "image_cache", "data_root", "results_dir", "dist_timeout")
+RESULT_NEUTRAL_SETTINGS = ("gpu", "image_cache", "data_root", "results_dir", "dist_timeout", "keep_last")
 
 # The training loop of each source whose numbers the README's table prints (--protocol): the settings that differ
 # between them, each also a flag of its own. The dataset table's batch, lr and epochs stay unless a protocol sets
@@ -104,7 +105,7 @@ class Config:
 
     dataset: str
     loss: str = "EM_APL"
-    gpu: str = "0"  # a CUDA index, or "cpu"
+    gpu: str = "auto"  # "auto" (the first CUDA device, else the CPU), a CUDA index, or "cpu"
     pytorch_seed: int = 0
     # per-dataset (DATASET_SETTINGS)
     batch_size: int = 8
@@ -173,6 +174,7 @@ class Config:
     dist_timeout: float = 600.0
     data_root: str = "data"
     results_dir: str = "results"
+    keep_last: bool = False  # keep a finished run's last.pt (the resume state; it cannot be resumed any more)
 
     @property
     def selection_key(self) -> str:
@@ -242,29 +244,59 @@ NOT_DATASET_DEFAULTS = ("dataset", "loss", "gpu", "pytorch_seed", "data_root", "
 
 def build_config(dataset: str, **overrides) -> Config:
     """The table entry of `dataset`, with every non-None override applied on top, validated."""
-    values, info = _dataset_settings(dataset, overrides.get("data_root") or Config.data_root)
+    return build_config_with_sources(dataset, **overrides)[0]
+
+
+def build_config_with_sources(dataset: str, **overrides) -> tuple[Config, dict[str, str]]:
+    """`build_config`, and where each setting comes from (main.py --print-config): "command line", the
+    dataset.json that set it, the table of config.py that did, or "Config default"."""
+    root = Path(overrides.get("data_root") or Config.data_root)
+    if root.name == dataset and root.is_dir() and not (root / dataset).exists():
+        raise ValueError(f"--data-root {root} is the {dataset} folder itself: --data-root names the folder that holds "
+                         f"{dataset}/; give --data-root {root.parent}")
+    table, info = _dataset_settings(dataset, str(root))
+    entry = dataset if dataset in DATASET_SETTINGS else "coco"
     if info.features and not overrides.get("features"):
         overrides = {**overrides, "features": "formatted"}  # features.FORMATTED: the dataset's own
-    if overrides.get("features"):
-        values.update(LINEAR_SETTINGS)
     loss = overrides.get("loss") or Config.loss
     if info.single_positive and loss in ("bce", "iun"):
-        raise ValueError(f"-l {loss} needs full training labels, but {Path(overrides.get('data_root') or 'data') / dataset}"
-                         f" holds single positives (dataset.json \"single_positive\": true); choose another loss")
-    if loss in LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"]):
-        values["delta_rel"] = LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"])[loss]
-    if loss in EXPECTED_POSITIVES_LOSSES and dataset in ROLE_EXPECTED_POSITIVES:
-        values["expected_num_pos"] = ROLE_EXPECTED_POSITIVES[dataset]
-    values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the protocol and the flags
+        raise ValueError(f"-l {loss} needs full training labels, but {root / dataset} holds single positives "
+                         f"(dataset.json \"single_positive\": true); choose another loss")
     protocol = overrides.get("protocol") or Config.protocol
     if protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
-    values.update({k: v for k, v in PROTOCOLS[protocol].items()
-                   if not (overrides.get("features") and k in PROTOCOL_SCHEDULE)})
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    delta_rel = LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"])
+    layers = [  # lowest first
+        (f"config.DATASET_SETTINGS[{entry!r}]", table),
+        ("config.LINEAR_SETTINGS (--features)", LINEAR_SETTINGS if overrides.get("features") else {}),
+        (f"config.LL_DELTA_REL[{entry!r}]", {"delta_rel": delta_rel[loss]} if loss in delta_rel else {}),
+        ("config.ROLE_EXPECTED_POSITIVES", {"expected_num_pos": ROLE_EXPECTED_POSITIVES[dataset]}
+         if loss in EXPECTED_POSITIVES_LOSSES and dataset in ROLE_EXPECTED_POSITIVES else {}),
+        (str(root / dataset / "dataset.json"), dict(info.defaults)),  # an own dataset's, under the protocol
+        (f"config.PROTOCOLS[{protocol!r}]", {k: v for k, v in PROTOCOLS[protocol].items()
+                                             if not (overrides.get("features") and k in PROTOCOL_SCHEDULE)}),
+        ("command line", {k: v for k, v in overrides.items() if v is not None}),
+    ]
+    values, sources = {}, {}
+    for source, layer in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
     cfg = Config(dataset=dataset, **values)
-    validate(cfg)
-    return cfg
+    try:
+        validate(cfg)
+    except ValueError as exc:  # a value that the dataset's dataset.json set: the file is named, not a flag
+        from_file = [(k, v) for k, v in info.defaults if overrides.get(k) is None
+                     and re.search(rf"(^|\s){re.escape(flag(k))}\s|^{k} ", str(exc))]
+        if not from_file:
+            raise
+        (key, value), path = from_file[0], root / dataset
+        raise ValueError(f"{path / 'dataset.json'}: \"defaults\" {key} {value!r} is not valid ({exc}); correct it "
+                         f"there, or give {flag(key)} on the command line") from exc
+    if cfg.loss in EXPECTED_POSITIVES_LOSSES and cfg.expected_num_pos > info.num_classes:
+        raise ValueError(f"--expected-num-pos {cfg.expected_num_pos:g}: -l {cfg.loss}'s k, the mean number of "
+                         f"positives per image, cannot exceed the {info.num_classes} classes of {dataset}")
+    return cfg, {f.name: sources.get(f.name, "Config default") for f in dataclasses.fields(Config)
+                 if f.name != "dataset"}
 
 
 def flag(field: str) -> str:
@@ -322,5 +354,18 @@ def validate(cfg: Config) -> None:
                          "features: give one of them")
     if not (math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
         raise ValueError(f"--dist-timeout must be a number of seconds > 0, got {cfg.dist_timeout}")
+    # torch.manual_seed takes up to 64 bits (and each torchrun rank adds its rank); numpy's RandomState 32 bits
+    for field, bits in (("pytorch_seed", 63), ("subsample_seed", 32), ("seed", 32), ("split_seed", 32)):
+        if not 0 <= getattr(cfg, field) < 2 ** bits:
+            raise ValueError(f"{flag(field)} must be an integer in [0, 2**{bits} - 1], got {getattr(cfg, field)}")
+    if "delta_rel" in LOSSES[cfg.loss].hyperparameters:
+        # LL-R / LL-Ct reject or correct delta_rel * (epoch - 1) % of a batch's entries, LL-Cp a fixed delta_rel %
+        growing = cfg.loss != "ll_cp"
+        reached = cfg.delta_rel * (cfg.num_epochs - 1 if growing else 1)
+        if reached > 100:
+            limit = 100 / (cfg.num_epochs - 1) if growing else 100
+            raise ValueError(f"--delta-rel {cfg.delta_rel}" + (f" with --epochs {cfg.num_epochs}" if growing else "")
+                             + f": -l {cfg.loss} would take {reached:g} % of a batch's entries by the last epoch, more "
+                             f"than all of them; choose --delta-rel <= {limit:g}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")

@@ -8,6 +8,8 @@ Sets, as in the original:
 from __future__ import annotations
 
 import functools
+import hashlib
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +69,7 @@ def _checked_info(folder: str, stamp: tuple | None) -> DatasetInfo:
     if not (folder / "dataset.json").is_file():
         raise DataError(f"unknown dataset {folder.name!r}: {folder / 'dataset.json'} does not exist; choose one of "
                         f"{sorted(DATASET_INFO)} or make {folder} with python preproc/format_folder.py --csv <CSV> "
-                        f"--images <image folder> --save-path {folder}")
+                        f"--images <image folder> --save-path {shlex.quote(str(folder))}")
     try:
         info = read_dataset_json(folder)
         check_dataset_files(folder)
@@ -230,6 +232,42 @@ class FeatureLoader:
             yield {"features": features, "label_vec_obs": obs.float(), "label_vec_true": true, "idx": rows}
 
 
+# The files whose content a run's numbers depend on, relative to <data_root>/<dataset> (the val split's observed
+# labels are not read for anything a run reports). results.json records their sha256 (`data_fingerprint`).
+FINGERPRINTED = ("formatted_train_images.npy", "formatted_train_labels.npy", "formatted_train_labels_obs.npy",
+                 "formatted_val_images.npy", "formatted_val_labels.npy")
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of_version(path: str, mtime_ns: int, size: int) -> str:
+    """A file's sha256, read once per version of it (a sweep asks for every combination: a COCO-sized feature set
+    is 0.7 GB)."""
+    from fileio import file_sha256
+    return file_sha256(path)
+
+
+def data_fingerprint(data_root: str | Path, dataset: str, features: str | None = None) -> dict | None:
+    """What a run trains and is evaluated on, by content: {"sha256": one hash over the files', "files": {name:
+    sha256}, "root": the data root as an absolute path}. The files are FINGERPRINTED (those present: a features
+    dataset has no image lists) and, with `features`, the feature set's two matrices. None when a label file or
+    the feature set is missing (the run itself then says what to make)."""
+    from features import FORMATTED, feature_dir
+    folder = Path(data_root) / dataset
+    names = [name for name in FINGERPRINTED if "labels" in name or (folder / name).is_file()]
+    if features == FORMATTED:
+        names += [f"formatted_{phase}_features.npy" for phase in ("train", "val")]
+    elif features:
+        names += [str((feature_dir(data_root, dataset, features) / f"{phase}_features.npy").relative_to(folder))
+                  for phase in ("train", "val")]
+    try:
+        files = {name: _sha256_of_version(str((folder / name).resolve()), (folder / name).stat().st_mtime_ns,
+                                          (folder / name).stat().st_size) for name in names}
+    except OSError:
+        return None
+    combined = hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in sorted(files.items())).encode())
+    return {"sha256": combined.hexdigest(), "files": files, "root": str(Path(data_root).resolve())}
+
+
 def read_rgb(path: Path) -> tuple[Image.Image, str]:
     """The image at `path` as RGB and "", or a blank 8 x 8 image and the message saying why it cannot be read
     (the caller raises it where it is not buried in a DataLoader worker's traceback text)."""
@@ -265,14 +303,29 @@ def _check_labels(labels: np.ndarray, path: Path, num_classes: int, allowed: tup
         raise DataError(f"{path}: labels must take values in {allowed}, found {np.unique(labels[bad])[:5]}")
 
 
+def make_commands(data_root: str | Path, dataset: str, info: DatasetInfo) -> tuple[str, str]:
+    """The commands that make a dataset's formatted files, with the user's --data-root, each from its step on:
+    (the chain from the label files: download when the dataset folder holds no raw data yet, format, draw the
+    observed labels; the command that draws the observed labels)."""
+    from preproc.common import DOWNLOAD_HINTS  # the benchmarks that preproc/download.py fetches
+    root = Path(data_root) / dataset
+    obs_command = shlex.join(["python", "preproc/generate_observed_labels.py", "--dataset", dataset, "--data-root",
+                              str(data_root)])
+    chain = [format_hint(root, info.features)]
+    if dataset in DOWNLOAD_HINTS and not any(p.name != "README.md" for p in (root.iterdir() if root.is_dir() else ())):
+        chain.insert(0, shlex.join(["python", "preproc/download.py", "--dataset", dataset, "--data-root",
+                                    str(data_root)]))
+    if dataset != "demo" and not info.single_positive:  # (the demo and single-positive data come with theirs)
+        chain.append(obs_command)
+    return ", then ".join(chain), obs_command
+
+
 def load_formatted(data_root: str | Path, dataset: str, phase: str, images: bool = True) -> dict[str, np.ndarray]:
     """Images, true labels (float64) and observed labels (float64) of an official split ('train' or 'val');
     `images=False`: the labels only (a run on pre-extracted features)."""
     info = dataset_info(data_root, dataset)
     root = Path(data_root) / dataset
-    # the commands that (re)create the files, with the user's --data-root
-    format_command = format_hint(root, info.features)
-    obs_command = f"python preproc/generate_observed_labels.py --dataset {dataset} --data-root {data_root}"
+    format_command, obs_command = make_commands(data_root, dataset, info)
     paths = {k: root / f"formatted_{phase}_{k}.npy" for k in ("images", "labels", "labels_obs")}
     if images:
         images = _load_array(paths["images"], format_command)

@@ -238,7 +238,7 @@ def setup(gpu_flag: str | None, batch_size: int, timeout_s: float, sync_bn: bool
     'cpu' is taken under torchrun: the local rank picks the GPU)."""
     rank, world, local_rank = (int(os.environ[v]) for v in TORCHRUN_VARIABLES)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if gpu_flag is not None and gpu_flag != "cpu":
+    if gpu_flag not in (None, "cpu", "auto"):  # (auto: the local rank's GPU, as without -g)
         raise ValueError(f"-g {gpu_flag} cannot be given under torchrun: each process takes the GPU of its local "
                          f"rank (LOCAL_RANK); drop -g (or use -g cpu to train on the CPU with gloo)")
     if batch_size % world:

@@ -55,7 +55,7 @@ from tqdm import tqdm
 import image_cache
 from config import Config
 from datasets import DataError, dataset_info, generate_split
-from fileio import _HOST, OutputError, describe_os_error, pid_alive, remove_stale_temporaries, write_atomic
+from fileio import _HOST, OutputError, describe_os_error, file_sha256, pid_alive, remove_stale_temporaries, write_atomic
 from models import WeightsError, build_model
 from preproc.common import format_hint
 
@@ -130,14 +130,6 @@ def _names_sha256(names: np.ndarray) -> str:
     return hashlib.sha256("\n".join(str(p) for p in names).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # what a set is made from
 
@@ -155,7 +147,7 @@ def _set_key(arch: str, weights: str, image_size: int, channels_last: bool, deco
     change the last bits."""
     named = weights in NAMED_WEIGHTS
     return {"arch": arch, "weights": weights if named else "file",
-            "weights_sha256": None if named else _file_sha256(Path(weights)),
+            "weights_sha256": None if named else file_sha256(weights),
             "random_init_seed": RANDOM_INIT_SEED if weights == "random" else None,
             "image_size": image_size, "channels_last": channels_last, "decode": decode, "splits": splits}
 
@@ -581,10 +573,13 @@ def extract_features(data_root: str | Path, dataset: str, arch: str = "resnet50"
     CPU's decoding; the last bits differ and the set is keyed by it; image caches are not read).
     Raises DataError (data files, images, disk room), WeightsError, ValueError (arguments) or OutputError."""
     _check_arguments(image_size, batch_size, num_workers, decode)
+    if dataset == "demo":  # generated on first use, as main.py -d demo does
+        from preproc.make_demo import ensure_demo
+        ensure_demo(Path(data_root) / "demo")
     image_root = _image_root(data_root, dataset)  # an unknown dataset stops here
     if dataset_info(data_root, dataset).features:
         raise DataError(f"{Path(data_root) / dataset} holds features, not images: train on them with "
-                        f"python main.py -d {dataset} (nothing to extract)")
+                        f"python main.py -d {shlex.quote(dataset)} (nothing to extract)")
     if weights not in NAMED_WEIGHTS and not Path(weights).is_file():
         raise WeightsError(f"--weights {weights}: no such file (expected 'imagenet', 'random' or a state dict path)")
     names = {phase: _image_list(data_root, dataset, phase) for phase in PHASES}
@@ -673,21 +668,34 @@ def _write_info(folder: Path, state: dict, arch: str, weights: str, image_size: 
 # reading
 
 def _command_for(data_root: str | Path, dataset: str, name: str, folder: Path) -> str:
-    """The command that makes the set `name`: as recorded by its (interrupted) extraction, or read off the name."""
+    """The command that makes the set `name` for this dataset and data root: with the backbone recorded by its
+    (interrupted) extraction, or else read off the name. (A recorded command line may name another dataset or
+    data root: a set copied from elsewhere, or the same root reached by another path.)"""
     for record in (folder / INFO, folder / PROGRESS):
         data = _read_json(record)
-        if data and isinstance(data.get("command"), str):
-            return data["command"]
+        recorded = _options(data["command"]) if data and isinstance(data.get("command"), str) else {}
+        if {"--arch", "--weights", "--image-size"} <= set(recorded) and recorded["--image-size"].isdigit():
+            return extract_command(dataset, recorded["--arch"], recorded["--weights"], int(recorded["--image-size"]),
+                                   data_root)
     import torchvision
     archs = [a for a in torchvision.models.list_models(module=torchvision.models) if name.startswith(a + "_")]
     weights, _, size = name[len(max(archs, key=len, default="")) + 1:].rpartition("_")
     if not archs or not weights or not size.isdigit():
-        return f"python preproc/extract_features.py --dataset {dataset} --data-root {data_root} (with the --arch, " \
-               f"--weights and --image-size of the set {name})"
+        return (f"python preproc/extract_features.py --dataset {shlex.quote(dataset)} --data-root "
+                f"{shlex.quote(str(data_root))} (with the --arch, --weights and --image-size of the set {name})")
     if weights in NAMED_WEIGHTS:
         return extract_command(dataset, max(archs, key=len), weights, int(size), data_root)
     return (extract_command(dataset, max(archs, key=len), "WEIGHTS", int(size), data_root)
             + f" (WEIGHTS: the path of your {weights} state-dict file)")
+
+
+def _options(command: str) -> dict[str, str]:
+    """The `--option value` pairs of a command line (as extract_command writes it); {} if it does not split."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        return {}
+    return {option: value for option, value in zip(tokens, tokens[1:]) if option.startswith("--")}
 
 
 FORMATTED = "formatted"  # the feature set of a dataset given as features (its formatted_{train,val}_features.npy)

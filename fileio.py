@@ -61,6 +61,15 @@ def write_atomic(path: os.PathLike | str, write: Callable[[str], None]) -> Path:
     return path
 
 
+def file_sha256(path: os.PathLike | str) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process `pid` exists on this machine."""
     try:

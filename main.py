@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LOSS_NAMES, PROTOCOLS,
-                    RESULT_NEUTRAL_SETTINGS, ROLE_LI_INITS, ROLE_LOSSES, STOP_METRICS, TEST_PASSES, VAL_LABELS, Config,
-                    build_config, flag, validate)
+from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LINEAR_SETTINGS,
+                    LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES, ROLE_LI_INITS,
+                    ROLE_LOSSES, STOP_METRICS, TEST_PASSES, VAL_LABELS, Config, build_config_with_sources, flag, validate)
 
 # what --resume accepts besides the run folder: settings that cannot change its numbers
 RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"dataset: {', '.join(sorted(DATASET_SETTINGS))}, or any <data-root>/NAME with a "
                         f"dataset.json (README 'Your own data')")
     p.add_argument("-l", "--loss", default="EM_APL", choices=LOSS_NAMES, help="training loss")
-    p.add_argument("-g", "--gpu", default="0", help="CUDA device index, or 'cpu'")
+    p.add_argument("-g", "--gpu", default="auto", help="'auto' (the first CUDA device if there is one, else the "
+                   "CPU), a CUDA device index, or 'cpu'")
     p.add_argument("-s", "--pytorch-seed", "--pytorch_seed", dest="pytorch_seed", type=int, default=0,
                    help="torch seed (the paper's runs used 0, 1, 8)")
     g = p.add_argument_group("hyperparameters (default: the dataset's entry in config.py)")
@@ -82,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--asl-gamma-neg", type=float, help="asl: negative focusing >= 0 (default 4)")
     b.add_argument("--asl-gamma-pos", type=float, help="asl: positive focusing >= 0 (default 0)")
     b.add_argument("--asl-clip", type=float, help="asl: probability margin in [0, 1) (default 0.05)")
-    b.add_argument("--delta-rel", type=float, help="ll_r, ll_ct, ll_cp: large-loss rate in percent > 0 "
-                   "(default: Kim et al.'s per dataset, config.LL_DELTA_REL)")
-    b.add_argument("--expected-num-pos", type=float, help="role, role_li, epr: k of the expected-positive regulariser "
-                   "> 0 (default: Cole et al.'s per dataset, config.ROLE_EXPECTED_POSITIVES)")
+    b.add_argument("--delta-rel", type=float, help="ll_r, ll_ct, ll_cp: large-loss rate in percent > 0 (Kim et "
+                   "al.'s)")
+    b.add_argument("--expected-num-pos", type=float, help="role, role_li, epr: k of the expected-positive "
+                   "regulariser > 0, at most the number of classes (Cole et al.'s)")
     r = p.add_argument_group("hyperparameters of the methods since 2021 (default: the authors'; "
                              "docs/recent_methods.md)")
     r.add_argument("--hill-lambda", type=float, help="hill: lambda of the unknowns' (lambda - p) p^2 (default 1.5)")
@@ -146,12 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cudnn-benchmark", action="store_true", default=None,
                    help="let cuDNN pick its fastest convolution algorithms (a nondeterministic choice)")
     m.add_argument("--results-dir", help="where run folders are created (default: results)")
+    m.add_argument("--keep-last", action="store_true", default=None,
+                   help="keep last.pt (the resume state) when the run finishes; by default a finished run deletes it "
+                        "(it cannot be resumed, and it is most of the run folder)")
     t = p.add_argument_group("several GPUs: torchrun --nproc_per_node N main.py ... (README 'Several GPUs')")
     t.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm: BatchNorm statistics over the global batch instead of each GPU's share "
                         "(matters when the per-GPU batch is 2-4 images); GPUs only")
     t.add_argument("--dist-timeout", type=float,
                    help="seconds a collective waits for a silent rank before the run fails (default 600)")
+    p.add_argument("--print-config", action="store_true", default=None,
+                   help="print the settings this command line resolves to (the dataset's table entry and "
+                        "dataset.json applied), each with where it comes from, and exit")
+    _per_dataset_help(p)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a failed, interrupted or killed run from its last finished epoch, in its folder, "
                         "with its config (only -g, --image-cache and --data-root may be given: they cannot change "
@@ -159,12 +168,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _per_dataset_help(parser: argparse.ArgumentParser) -> None:
+    """Append each per-dataset default to its option's help: the value per dataset and the table it comes from."""
+    tables = [("config.DATASET_SETTINGS", {d: v for d, v in DATASET_SETTINGS.items()}),
+              ("config.LL_DELTA_REL, per loss", {d: v for d, v in LL_DELTA_REL.items()}),
+              ("config.ROLE_EXPECTED_POSITIVES", {d: {"expected_num_pos": v} for d, v in ROLE_EXPECTED_POSITIVES.items()})]
+    for action in parser._actions:
+        for table, entries in tables:
+            if table.startswith("config.LL_DELTA_REL") and action.dest == "delta_rel":
+                values = "; ".join(f"{d} " + ", ".join(f"{loss} {v:g}" for loss, v in losses.items())
+                                   for d, losses in entries.items())
+            elif all(action.dest in entry for entry in entries.values()):
+                values = ", ".join(f"{d} {entry[action.dest]}" for d, entry in entries.items())
+            else:
+                continue
+            linear = f"; --features: {LINEAR_SETTINGS[action.dest]}" if action.dest in LINEAR_SETTINGS else ""
+            action.help = f"{action.help} [per dataset ({table}): {values}{linear}; another dataset: coco's, " \
+                          f"then its dataset.json \"defaults\"]"
+
+
+def print_config(cfg: Config, sources: dict[str, str], given: set[str]) -> None:
+    """--print-config: every setting of the run, with where it comes from."""
+    width = max(map(len, sources))
+    for name, source in {"dataset": "command line", **sources}.items():
+        if source == "command line" and name not in given:  # (argparse's own default)
+            source = "main.py default"
+        print(f"{name:<{width}} = {getattr(cfg, name)!r}  ({source})")
+
+
 def resolve_device(gpu: str):
+    """The device of -g: "auto" (the first CUDA device, else the CPU), "cpu", or a CUDA index (index 0 falls back
+    to the CPU with a warning, as the original; another index must exist)."""
     import torch
     if gpu == "cpu":
         return torch.device("cpu")
+    if gpu == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if not gpu.isdigit():
-        raise ValueError(f"-g/--gpu must be a CUDA index or 'cpu', got {gpu!r}")
+        raise ValueError(f"-g/--gpu must be 'auto', a CUDA index or 'cpu', got {gpu!r}")
     index = int(gpu)
     if not torch.cuda.is_available():
         if index == 0:  # the original also runs on the CPU when CUDA is absent
@@ -287,14 +328,20 @@ def print_stats(datasets: dict) -> float:
 
 
 def check_observed_labels(cfg: Config, datasets: dict) -> None:
-    """Observed negatives (-1) in the training labels, checked once at load time: only a loss that reads
-    negative labels takes them."""
-    from losses import LOSSES
-    if (datasets["train"].labels_obs < 0).any() and not LOSSES[cfg.loss].negative_obs:
-        raise ValueError(f"-l {cfg.loss} takes observed labels in {{0, 1}}, but {cfg.data_root}/{cfg.dataset}/"
-                         f"formatted_train_labels_obs.npy holds observed negatives (-1); regenerate it with "
-                         f"python preproc/generate_observed_labels.py --dataset {cfg.dataset} --num-neg 0 "
-                         f"--data-root {cfg.data_root}")
+    """The training labels, checked once at load time, with one rule for every loss: at least one observed
+    positive, and no observed negatives (-1) in the file (no loss reads them as negatives: EM_APL's negative
+    entries are its own pseudo-labels -q, made during training)."""
+    path = f"{cfg.data_root}/{cfg.dataset}/formatted_train_labels_obs.npy"
+    regenerate = shlex.join(["python", "preproc/generate_observed_labels.py", "--dataset", cfg.dataset,
+                             "--data-root", cfg.data_root])
+    if not (datasets["train"].labels_obs == 1).any():
+        raise ValueError(f"-l {cfg.loss}: {path} observes no positive label in the training part: nothing to learn "
+                         f"from; regenerate it with {regenerate} --num-pos 1")
+    if (datasets["train"].labels_obs < 0).any():
+        why = (" (EM_APL would read a -1 as a pseudo-label with target 1, pushing it towards positive)"
+               if cfg.loss == "EM_APL" else "")
+        raise ValueError(f"-l {cfg.loss} takes observed labels in {{0, 1}}, but {path} holds observed negatives "
+                         f"(-1){why}; regenerate it with {regenerate} --num-neg 0")
 
 
 def attach_pseudo_scores(cfg: Config, datasets: dict) -> dict:
@@ -438,9 +485,25 @@ def resume_config(run_dir: Path, given: dict) -> tuple[Config, dict]:
         hint = "a resumed run stays in its folder" if k == "results_dir" else \
             f"the run has {recorded.get(k)!r}; start a new run to change it"
         raise ValueError(f"{flag(k)} {v} cannot be given with --resume: {hint}")
-    cfg = Config(**{**recorded, **{k: v for k, v in given.items() if k in RESUME_NEUTRAL}})
+    neutral = {k: v for k, v in given.items() if k in RESUME_NEUTRAL}
+    started_in = (results.get("data") or {}).get("root")  # the data root as an absolute path
+    if "data_root" not in neutral and started_in and Path(recorded.get("data_root", "data")).resolve() != \
+            Path(started_in):  # resumed from another working directory: the run's own data, not a namesake here
+        neutral["data_root"] = started_in
+    cfg = Config(**{**recorded, **neutral})
     validate(cfg)
     return cfg, results
+
+
+def check_same_data(run_dir: Path, recorded: dict | None, current: dict | None, cfg: Config) -> None:
+    """A resumed run goes on with the data it started on: ValueError naming the files whose content changed."""
+    if recorded is None or current is None or recorded.get("sha256") == current["sha256"]:
+        return  # (a run of an older version recorded none)
+    changed = sorted(name for name in {*recorded.get("files", {}), *current["files"]}
+                     if recorded.get("files", {}).get(name) != current["files"].get(name))
+    raise ValueError(f"--resume {run_dir}: the data changed since the run started ({', '.join(changed)} in "
+                     f"{Path(cfg.data_root) / cfg.dataset} differ from what it trained on): resume it with that "
+                     f"data (--data-root), or start a new run")
 
 
 def print_error(message) -> None:
@@ -472,20 +535,31 @@ def setup_device(cfg: Config, gpu_given: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """main.py; in a torchrun launch, ranks other than 0 print nothing (their errors still reach stderr)."""
-    if os.environ.get("RANK", "0") == "0":
-        return _main(argv)
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        return _main(argv)
+    """main.py; in a torchrun launch, ranks other than 0 print nothing (their errors still reach stderr). Called
+    in-process (tests, notebooks), it leaves the caller's SIGINT and SIGTERM handlers as it found them, whatever
+    interrupted it."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) if in_main_thread else None
+    try:
+        if os.environ.get("RANK", "0") == "0":
+            return _main(argv)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return _main(argv)
+    finally:
+        if previous is not None and None not in previous:  # (None: a handler not set from Python, kept as is)
+            restore_interrupts(previous)
 
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.resume:
         return _resume(Path(args.resume), argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume", "print_config")}
     try:
-        cfg = build_config(args.dataset, **overrides)
+        cfg, sources = build_config_with_sources(args.dataset, **overrides)
+        if args.print_config:
+            print_config(cfg, sources, set(given_flags(argv)))
+            return 0
         device, ctx = setup_device(cfg, given_flags(argv).get("gpu"))
     except ValueError as exc:
         print_error(exc)
@@ -501,15 +575,21 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _resume(run_dir: Path, argv: list[str] | None) -> int:
-    from train import ResumeError, load_last
+    from datasets import data_fingerprint
+    from train import NoResumeState, ResumeError, load_last
     given = {k: v for k, v in given_flags(argv).items() if k != "resume"}
     try:
         cfg, results = resume_config(run_dir, given)
-        state = load_last(run_dir)
-        if state.get("world_size", 1) != int(os.environ.get("WORLD_SIZE", 1)):
-            launch = "python main.py" if state.get("world_size", 1) == 1 else \
-                f"torchrun with {state['world_size']} processes in all"
-            raise ValueError(f"--resume {run_dir}: the run trained on {state.get('world_size', 1)} process(es) and "
+        check_writable(run_dir)
+        check_same_data(run_dir, results.get("data"), data_fingerprint(cfg.data_root, cfg.dataset, cfg.features), cfg)
+        try:
+            state = load_last(run_dir)
+        except NoResumeState as exc:  # no finished epoch's state: the run starts again from its beginning
+            state, restart = None, exc
+        world_size = state.get("world_size", 1) if state else results.get("world_size", 1)
+        if world_size != int(os.environ.get("WORLD_SIZE", 1)):
+            launch = "python main.py" if world_size == 1 else f"torchrun with {world_size} processes in all"
+            raise ValueError(f"--resume {run_dir}: the run trained on {world_size} process(es) and "
                              f"this launch has {os.environ.get('WORLD_SIZE', 1)}: resume it with {launch} (the data "
                              f"shards and the per-process batch depend on it)")
         # a run on the CPU resumes there (gloo); one on GPUs takes its local rank's under torchrun
@@ -517,15 +597,29 @@ def _resume(run_dir: Path, argv: list[str] | None) -> int:
     except (ValueError, ResumeError) as exc:
         print_error(exc)
         return 2
+    after = state["progress"]["epoch"] if state else 0
     results.setdefault("resumes", []).append({
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_epoch": state["progress"]["epoch"],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_epoch": after,
         "previous_status": results.get("status"), "previous_error": results.get("error"),
         "neutral_settings": {k: v for k, v in given.items() if k in RESUME_NEUTRAL}})
-    print(f"resuming {run_dir} after epoch {state['progress']['epoch']} (it was {results.get('status')})")
+    if state:
+        print(f"resuming {run_dir} after epoch {after} (it was {results.get('status')})")
+    else:
+        print(f"resuming {run_dir} from its start (it was {results.get('status')}): {restart}")
     if cfg.persistent_workers and cfg.num_workers > 0 and cfg.image_cache == "off":
         print("warning: --persistent-workers: the DataLoader workers' random streams (the flips) cannot be saved, "
               "so the resumed epochs differ from an uninterrupted run's (statistically only)")
     return _start(cfg, device, [], ctx, run_dir=run_dir, results=results, resume=state)
+
+
+def check_writable(run_dir: Path) -> None:
+    """ValueError (one line) unless a file can be made in `run_dir` (a resumed run writes there)."""
+    try:
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--resume {run_dir}: the run folder cannot be written ({exc.strerror or exc}); make it "
+                         f"writable, or copy it somewhere writable and resume the copy") from exc
 
 
 def _import_quietly(module: str) -> None:
@@ -542,7 +636,7 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
     import random
 
     import torch
-    from datasets import DataError
+    from datasets import DataError, data_fingerprint
     from models import WeightsError
     from train import NonFiniteLossError
 
@@ -555,9 +649,10 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
         threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True).start()
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
-            if resume is None and ctx.main:
+            if run_dir is None and ctx.main:
                 prepare_results_dir(cfg.results_dir)
             datasets, engine, loaders, setup = build_run(cfg, device, resuming=resume is not None, ctx=ctx)
+            setup["data"] = data_fingerprint(cfg.data_root, cfg.dataset, cfg.features)
             run_dir = run_dir or ctx.from_main(lambda: make_run_dir(cfg))
         except (DataError, WeightsError, ValueError, OSError, NonFiniteLossError) as exc:  # the last: ROLE+LI's phase 1
             print_error(exc)
@@ -565,7 +660,7 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
         except KeyboardInterrupt as exc:
             if ctx.main:
                 print(f"interrupted ({str(exc) or 'Ctrl-C'}) before training started: "
-                      + ("no run folder was made" if resume is None else f"{run_dir} is unchanged"), file=sys.stderr)
+                      + ("no run folder was made" if run_dir is None else f"{run_dir} is unchanged"), file=sys.stderr)
             return 143 if isinstance(exc, Terminated) else 130
         if ctx.rank > 0:  # the model and the estimates are rank 0's (DDP); each rank draws its own flips
             torch.manual_seed(cfg.pytorch_seed + ctx.rank)
@@ -600,9 +695,6 @@ def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loader
         if cfg.weights == "random":
             print(f"note: {cfg.arch} starts from random weights (--weights random)")
         chance = print_stats(datasets)
-        if cfg.loss == "EM_APL" and (datasets["train"].labels_obs == -1).any():
-            print("warning: the observed labels hold negatives (-1); EM_APL reads -q as a pseudo-label with target q, "
-                  "so -1 pushes those entries towards 1 (as the original does): generate them with --num-neg 0")
         if results is None:
             results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
                        "ignored_flags": [flag(k) for k in ignored], "class_names": class_names(cfg),

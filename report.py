@@ -11,10 +11,12 @@
 One row per loss (plus the settings that set a row apart), one column per dataset; each cell is the test mAP
 (%) at the best-val epoch, mean ± sample std (ddof=1) over seeds, with the number of seeds n. Only finished
 runs count. Two runs are the same experiment iff their configs are equal without `pytorch_seed` and
-`config.RESULT_NEUTRAL_SETTINGS`; different experiments are never pooled: a setting that differs from the
-dataset's defaults (config.build_config), or between the experiments of one cell, becomes part of the row label,
-e.g. `EM_APL (lr=0.0001)`. Of two runs with the same config and seed, the later (folder-name time) is kept.
-Every file that is not used is named on stderr with the reason, one line each.
+`config.RESULT_NEUTRAL_SETTINGS`, and they trained on the same data (the fingerprint that results.json "data"
+records). Different experiments are never pooled: a setting that differs from the dataset's defaults
+(config.build_config), or between the experiments of one cell, becomes part of the row label, e.g.
+`EM_APL (lr=0.0001)`, and so does different data, `data=<its first 8 hex digits>` (with a note on stderr). Of
+two runs with the same config, data and seed, the later (folder-name time) is kept. Every file that is not used
+is named on stderr with the reason, one line each.
 
 Exit codes: 0 a table was written, 1 no finished run found (or nothing could be written), 2 bad usage,
 3 `--check` found a run whose predictions.npz disagrees with its results.json.
@@ -97,7 +99,8 @@ PREDICTION_TOLERANCE = 1e-6
 STD_NOTE = ("mean ± std (n): test mAP (%) at the best-val epoch over n seeds; std is the sample standard "
             "deviation (ddof=1); n = 1 has no std.")
 SETTINGS_NOTE = ("A setting in parentheses differs from the dataset's defaults (config.py) or between the runs "
-                 "of one cell; runs of different settings are never pooled.")
+                 "of one cell (data=...: the data they trained on); runs of different settings or data are never "
+                 "pooled.")
 PAPER_NOTE = ("paper: Zhou et al. 2022 (LL rows: Kim et al. 2022, VLPL: Xing et al. 2024, who give no std); "
               "diff = ours - paper; marked (bold) where the difference is larger than 2 × the paper's std.")
 
@@ -147,6 +150,17 @@ class Run:
     @property
     def test_map(self) -> float:
         return float(self.results["test_map"])
+
+    @property
+    def data_sha256(self) -> str | None:
+        """The fingerprint of the data it trained and was evaluated on (None: a run of an older version)."""
+        data = self.results.get("data")
+        return data.get("sha256") if isinstance(data, dict) and isinstance(data.get("sha256"), str) else None
+
+    @property
+    def data_label(self) -> str:
+        """The fingerprint as a row label shows it: its first 8 hex digits, or "unrecorded"."""
+        return self.data_sha256[:8] if self.data_sha256 else "unrecorded"
 
     def class_names(self, num_classes: int) -> list[str]:
         """results.json's class names, or "class 0", "class 1", ... (older runs, or a list of another length)."""
@@ -236,6 +250,11 @@ def experiment_key(cfg: dict) -> str:
     return _canonical(comparable_settings(cfg, seed=False))
 
 
+def run_key(run: Run) -> tuple[str, str | None]:
+    """Equal for two runs iff they are the same experiment on the same data (by content: results.json "data")."""
+    return experiment_key(run.config), run.data_sha256
+
+
 def collect_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
     """The finished runs under `roots`, one per (experiment, seed): the latest where a seed was run twice.
     Returns them and one message per results.json left out, saying why."""
@@ -247,10 +266,10 @@ def collect_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
             skipped.append(f"skipped {path}: {exc}")
     latest: dict[tuple[str, int], Run] = {}
     for run in sorted(runs, key=run_time):
-        key = (experiment_key(run.config), run.seed)
+        key = (*run_key(run), run.seed)
         if key in latest:
             older = latest[key]
-            skipped.append(f"skipped {older.path}: same config and seed ({run.seed}) as {run.path}, "
+            skipped.append(f"skipped {older.path}: same config, data and seed ({run.seed}) as {run.path}, "
                            "which is later and is kept")
         latest[key] = run
     return sorted(latest.values(), key=lambda r: str(r.path)), skipped
@@ -350,15 +369,26 @@ def group_runs(runs: Sequence[Run]) -> list[Experiment]:
     """Pool runs of the same experiment (seeds) and label each experiment; sorted as the table's rows."""
     cells: dict[tuple[str, str], dict[str, list[Run]]] = {}
     for run in runs:
-        cells.setdefault((run.loss, run.dataset), {}).setdefault(experiment_key(run.config), []).append(run)
+        cells.setdefault((run.loss, run.dataset), {}).setdefault(run_key(run), []).append(run)
     experiments = []
     for (loss, dataset), by_key in cells.items():
         groups = list(by_key.values())
-        settings = label_settings([g[0].config for g in groups],
+        # the data fingerprint has no default: it shows in the label where it differs within the cell
+        settings = label_settings([{**g[0].config, "data": g[0].data_label} for g in groups],
                                   [dataset_defaults(dataset, loss, g[0].config) for g in groups])
         for group, label in zip(groups, settings):
             experiments.append(Experiment(loss, dataset, label, tuple(sorted(group, key=lambda r: r.seed))))
     return sorted(experiments, key=lambda e: (row_order(e.loss, e.settings), dataset_order(e.dataset)))
+
+
+def data_notes(runs: Sequence[Run]) -> list[str]:
+    """One stderr line per experiment whose runs trained on different data (kept apart in the table)."""
+    by_experiment: dict[tuple[str, str, str], set[str]] = {}
+    for run in runs:
+        by_experiment.setdefault((run.loss, run.dataset, experiment_key(run.config)), set()).add(run.data_label)
+    return [f"note: {loss} on {dataset}: runs of the same settings trained on different data (data fingerprints "
+            f"{', '.join(sorted(labels))}, results.json \"data\"): not pooled, each has its own row (data=...)"
+            for (loss, dataset, _), labels in by_experiment.items() if len(labels) > 1]
 
 
 def row_order(loss: str, settings: str) -> tuple:
@@ -861,6 +891,8 @@ def report(args: argparse.Namespace) -> int:
                            "results.json skipped, see above); run main.py first or name the folders that hold "
                            "the run folders")
     experiments = group_runs(runs)
+    for line in data_notes(runs):
+        print(line, file=sys.stderr)
     plots = planned_plots(runs, experiments) if args.plots else []
     if args.plots:
         check_plot_folder(Path(args.plots), [name for name, _ in plots], args.force)

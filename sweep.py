@@ -3,9 +3,9 @@
     python sweep.py -d pascal coco -l an EM EM_APL -s 0 1 8 [-- extra main.py flags]
     python sweep.py -d pascal -l EM EM_APL -s 0 1 8 --print -- -g 0 | parallel -j 2
 
-A combination that already has a finished run with the same config in --results-dir is skipped; an unfinished
-one (failed, interrupted, killed) that kept its last.pt is resumed (`main.py --resume <folder>`); anything else
-starts a new run. "Same config" is what main.py would build for the combination and the extra flags, compared
+A combination that already has a finished run with the same config on the same data (by content: the fingerprint
+in results.json "data") in --results-dir is skipped; an unfinished one (failed, interrupted, killed) on that data
+that kept its last.pt is resumed (`main.py --resume <folder>`); anything else starts a new run. "Same config" is what main.py would build for the combination and the extra flags, compared
 with each run's results.json["config"] without the settings that cannot change a number
 (config.RESULT_NEUTRAL_SETTINGS: --gpu, --num-workers, ...). Each run is a subprocess, so one that fails
 (listed at the end, exit code 1) or crashes does not stop the sweep; Ctrl-C (or SIGTERM) stops the current run
@@ -129,6 +129,9 @@ def check_extra_flags(extras: list[str]) -> None:
     parsed = parse_main_args(extras)
     if getattr(parsed, "resume", None) is not None:
         raise ValueError("--resume among the main.py flags after --: the sweep resumes unfinished runs by itself")
+    if getattr(parsed, "print_config", False):
+        raise ValueError("--print-config among the main.py flags after --: it runs nothing; give it to main.py "
+                         "itself (python main.py -d D -l L ... --print-config)")
     for dest, option, a, b in _SWEEP_OWN:
         first = option.split("/")[0]
         if getattr(parse_main_args([first, a, *extras]), dest) == getattr(parse_main_args([first, b, *extras]), dest):
@@ -145,11 +148,15 @@ def comparable(config: dict) -> dict:
     return comparable_settings(config)
 
 
-def wanted_config(argv: list[str]) -> dict:
-    """The comparable config main.py would build from `argv` (as main.main does); ValueError if it is invalid."""
+def built_config(argv: list[str]) -> Config:
+    """The config main.py would build from `argv` (as main.main does); ValueError if it is invalid."""
     args = parse_main_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "dataset"}
-    return comparable(build_config(args.dataset, **overrides).to_dict())
+    return build_config(args.dataset, **{k: v for k, v in vars(args).items() if k != "dataset"})
+
+
+def wanted_config(argv: list[str]) -> dict:
+    """The comparable config main.py would build from `argv`."""
+    return comparable(built_config(argv).to_dict())
 
 
 def _option_groups(extras: list[str]) -> list[list[str]]:
@@ -196,11 +203,29 @@ def scan_runs(results_dir: Path) -> list[tuple[Path, dict]]:
     return runs
 
 
-def decide(wanted: dict, runs: list[tuple[Path, dict]]) -> Decision:
-    """Skip, resume or start anew, given the comparable config `wanted` and the runs of `scan_runs` (after
-    main.prepare_results_dir marked the dead ones killed). A finished run wins over one running in another
-    process, which wins over a resumable one (the one with the most finished epochs, then the newest)."""
-    same = [(folder, r) for folder, r in runs if comparable(r["config"]) == wanted]
+def current_data(argv: list[str]) -> str | None:
+    """The fingerprint (datasets.data_fingerprint's sha256) of the data main.py would read for `argv`, with a
+    relative --data-root taken from the repository root; None where a file is missing (that run would say so)."""
+    from datasets import data_fingerprint
+    cfg = built_config(argv)
+    fingerprint = data_fingerprint(REPO / cfg.data_root, cfg.dataset, cfg.features)
+    return fingerprint["sha256"] if fingerprint else None
+
+
+def _recorded_data(results: dict) -> str | None:
+    data = results.get("data")
+    return data.get("sha256") if isinstance(data, dict) else None
+
+
+def decide(wanted: dict, runs: list[tuple[Path, dict]], data: str | None = None) -> Decision:
+    """Skip, resume or start anew, given the comparable config `wanted`, the fingerprint of the data the run
+    would read now (`data`, None: unknown) and the runs of `scan_runs` (after main.prepare_results_dir marked the
+    dead ones killed). Only a run on the same data counts (a run of an older version recorded none: it does not).
+    A finished run wins over one running in another process, which wins over a resumable one (the one with the
+    most finished epochs, then the newest)."""
+    same_config = [(folder, r) for folder, r in runs if comparable(r["config"]) == wanted]
+    same = [(f, r) for f, r in same_config if data is None or _recorded_data(r) == data]
+    other_data = [f for f, r in same_config if (f, r) not in same and r.get("status") == "finished"]
     by_status = {status: [(f, r) for f, r in same if r.get("status") == status]
                  for status in ("finished", "running", *UNFINISHED)}
     if by_status["finished"]:
@@ -215,6 +240,9 @@ def decide(wanted: dict, runs: list[tuple[Path, dict]]) -> Decision:
     if unfinished:
         folder, r = unfinished[-1]
         return Decision("new", reason=f"{folder} is {r['status']} but has no last.pt to resume from")
+    if other_data:
+        return Decision("new", reason=f"{other_data[-1]} finished on other data (its results.json \"data\" "
+                                      f"fingerprint differs, or it recorded none)")
     return Decision("new")
 
 
@@ -292,7 +320,7 @@ def run_combination(combination: Combination, head: str, extras: list[str], resu
     """Decide (just before the run, so a run finished meanwhile by another sweep on the same folder is skipped)
     and run one combination; `head` starts its progress lines. Returns how it ended and the interruption."""
     main_py.prepare_results_dir(str(results_dir))  # marks runs of dead processes "killed"
-    decision = decide(wanted, scan_runs(results_dir))
+    decision = decide(wanted, scan_runs(results_dir), current_data(run_argv(combination, extras, results_flag)))
     print(f"{head}: {_note(decision, results_arg)}", flush=True)
     if decision.action in ("done", "elsewhere"):
         return Outcome(combination, decision.action, str(_display(decision.folder, results_arg))), None
@@ -361,7 +389,7 @@ def print_commands(combinations: list[Combination], wanted: dict[Combination, di
     """--print: the commands on stdout (one per line, for a job array or GNU parallel), notes on stderr."""
     runs = scan_runs(results_dir)
     for combination in combinations:
-        decision = decide(wanted[combination], runs)
+        decision = decide(wanted[combination], runs, current_data(run_argv(combination, extras, results_flag)))
         if decision.action in ("new", "resume"):
             print(shlex.join(command(combination, decision, extras, results_flag, results_arg, "python")))
         if decision.action != "new" or decision.reason:

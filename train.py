@@ -564,6 +564,27 @@ class ResumeError(ValueError):
     """A run folder that cannot be resumed; the message says why and what to do."""
 
 
+class NoResumeState(ResumeError):
+    """A run folder without last.pt: no finished epoch's state was saved; the message says what happened."""
+
+
+def _why_no_last(run_dir: Path) -> str:
+    """What a run folder without last.pt went through, from what it holds (results.json, write_atomic's
+    temporaries): last.pt is written after each finished epoch's record, best.pt and predictions.npz."""
+    try:
+        finished = len(json.loads((run_dir / "results.json").read_text()).get("epochs") or {})
+    except (OSError, ValueError, AttributeError):
+        finished = 0
+    half_written = sorted({p.name.split(".")[1] + ".pt" for p in run_dir.glob(".*.pt.*.tmp")})
+    if half_written:
+        return (f"no finished epoch's state was saved: it stopped while writing {' and '.join(half_written)} of "
+                f"epoch {finished or 1} (the incomplete file is left aside, never read)")
+    if finished:
+        return (f"no finished epoch's state was saved: its results.json records {finished} epoch(s), but it stopped "
+                f"before last.pt was written (or an older version made it, which kept none)")
+    return "no finished epoch's state was saved: it stopped before its first epoch ended"
+
+
 @dataclass
 class Progress:
     """Where the loop stands after a finished epoch: what a resumed run needs besides the model and optimizer."""
@@ -633,8 +654,7 @@ def load_last(run_dir: Path) -> dict:
     """The state of `run_dir/last.pt`; ResumeError (one line: missing, damaged, another format) otherwise."""
     path = Path(run_dir) / "last.pt"
     if not path.is_file():
-        raise ResumeError(f"{path} does not exist: this run kept no resume state (it was made by an older version "
-                          f"or stopped before its first epoch ended); start it again instead")
+        raise NoResumeState(_why_no_last(Path(run_dir)))
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated or foreign file: torch raises several types
@@ -738,6 +758,8 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
     )
     if dist.main:
         save_json(run_dir / "results.json", results)
+        if not cfg.keep_last:  # a finished run cannot be resumed: its resume state is only weight (--keep-last)
+            (run_dir / "last.pt").unlink(missing_ok=True)
     return results
 
 

@@ -5,7 +5,7 @@ Everything here is small on purpose: an error type for expected failures (missin
 counts, an output folder that cannot be written), the download hints those errors print, one parser for the
 whitespace-separated text files, the all-or-nothing writer of the output arrays, the up-front check of an
 output folder, the ``main`` of the four format scripts, which turns expected errors into one
-``error: ...`` message plus exit code 1 instead of a traceback, and ``dataset.json``: the description of a
+``error: ...`` message plus exit code 2 instead of a traceback, and ``dataset.json``: the description of a
 formatted dataset folder (class names, image folder, whether the train labels are single positives already),
 its writer, its validating reader and the check of the formatted files against it. The one-line descriptions
 of write errors come from the top-level ``fileio.py`` (shared with the training code); this module stays
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -52,7 +53,10 @@ __all__ = [
 
 
 class PreprocError(Exception):
-    """An expected, user-fixable problem (raw data, paths), shown as ``error: ...`` without a traceback."""
+    """An expected, user-fixable problem (raw data, paths), shown as ``error: ...`` without a traceback; the
+    script exits with ``exit_code`` (2: bad data or usage, as main.py, report.py and sweep.py)."""
+
+    exit_code = 2
 
 
 # The command that creates each dataset's formatted_*.npy files (named in "missing file" errors).
@@ -227,18 +231,18 @@ def one_line(message: object) -> str:
 
 
 def run_main(func: Callable[[], object]) -> int:
-    """Run ``func``; expected errors (PreprocError, and an OSError such as an unreadable file) print
-    ``error: ...`` to stderr and give exit code 1. Anything else is a bug and propagates with its
-    traceback."""
+    """Run ``func``; expected errors (PreprocError, and an OSError such as an unreadable file or a path that
+    cannot be written) print ``error: ...`` to stderr and give exit code 2 (a failed download: 1). Anything
+    else is a bug and propagates with its traceback."""
     try:
         func()
     except PreprocError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except OSError as exc:  # fileio.OutputError included: its strerror is the one-line message
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -284,12 +288,13 @@ def format_hint(folder: os.PathLike | str, features: bool = False) -> str:
     """The command that (re)creates the formatted files of the dataset folder ``folder``: a benchmark's
     format script for a benchmark's folder name, else ``format_folder.py`` with placeholders."""
     folder = Path(folder)
+    quoted = shlex.quote(str(folder))  # a printed command is pasted into a shell: a path may hold spaces
     if folder.name == "demo":
-        return f"{FORMAT_COMMANDS['demo']} --save-path {folder}"
+        return f"{FORMAT_COMMANDS['demo']} --save-path {quoted}"
     if folder.name in FORMAT_COMMANDS:
-        return f"{FORMAT_COMMANDS[folder.name]} --load-path {folder} --save-path {folder}"
+        return f"{FORMAT_COMMANDS[folder.name]} --load-path {quoted} --save-path {quoted}"
     source = "--features <your features .npy>" if features else "--images <your image folder>"
-    return f"{FOLDER_FORMAT_COMMAND} --csv <your CSV> {source} --save-path {folder}"
+    return f"{FOLDER_FORMAT_COMMAND} --csv <your CSV> {source} --save-path {quoted}"
 
 
 def _is_int(value: object) -> bool:
@@ -471,7 +476,7 @@ def check_dataset_files(folder: os.PathLike | str) -> None:
             raise PreprocError(f"{json_path} says single_positive true, but row {row} of formatted_train_labels.npy "
                                f"has {int(counts[row])} positive labels; set \"single_positive\": false (full "
                                f"labels; then run: python preproc/generate_observed_labels.py --dataset "
-                               f"{folder.name}) or re-create the files with: {fix}")
+                               f"{shlex.quote(folder.name)}) or re-create the files with: {fix}")
     dims = {}
     for phase in PHASES:
         rows = len(labels[phase])

@@ -45,6 +45,7 @@ import argparse
 import hashlib
 import http.client
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -179,7 +180,10 @@ formatted_val_images.npy, formatted_val_labels.npy), copy them into
 # errors
 # --------------------------------------------------------------------------
 class DownloadError(PreprocError):
-    """An expected failure; its message says what happened and what to do."""
+    """An expected failure of the download itself (network, server, checksum); its message says what happened
+    and what to do. Exit code 1: not the user's data or usage."""
+
+    exit_code = 1
 
 
 class ChecksumError(DownloadError):
@@ -485,7 +489,7 @@ def extract(archive, dest) -> None:
         extract_archive(archive, dest)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:  # disk full, no permission, ...
-            raise DownloadError(describe_os_error(exc.filename or dest, exc)) from None
+            raise PreprocError(describe_os_error(exc.filename or dest, exc)) from None  # local: exit 2
         raise DownloadError(
             f"could not extract {archive}: {exc}.\n"
             "  what to do: the archive is probably truncated or corrupt; delete it and run the\n"
@@ -501,8 +505,8 @@ def next_commands(dataset: str, data_root: Optional[str] = None) -> List[str]:
     gen = f"python preproc/generate_observed_labels.py --dataset {dataset}"
     if data_root is not None and Path(data_root) != Path("./data"):
         folder = (Path(data_root) / dataset).as_posix()
-        fmt += f" --load-path {folder} --save-path {folder}"
-        gen += f" --data-root {Path(data_root).as_posix()}"
+        fmt += f" --load-path {shlex.quote(folder)} --save-path {shlex.quote(folder)}"
+        gen += f" --data-root {shlex.quote(Path(data_root).as_posix())}"
     return [fmt, gen]
 
 
@@ -564,7 +568,7 @@ def _run(args: argparse.Namespace) -> None:
             else:
                 print(f"{item.filename}: extracted; archive kept at {archive_path}.")
         except OSError as exc:  # a file in the way, no permission, a full disk, ...
-            raise DownloadError(describe_os_error(exc.filename or root, exc)) from None
+            raise PreprocError(describe_os_error(exc.filename or root, exc)) from None  # local: exit 2
 
     if args.no_extract:
         print(f"\nArchives downloaded to {root} (not extracted). To extract them, run again without --no-extract.")

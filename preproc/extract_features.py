@@ -17,6 +17,7 @@ read then (its images were resized by PIL). On an H200, PIL decoding in 16 worke
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,12 @@ if __package__ in (None, ""):  # run as a script: make the repository's modules 
 
 from main import Terminated, handle_interrupts, resolve_device, restore_interrupts  # noqa: E402
 from preproc.common import one_line  # noqa: E402
+
+
+def default_workers() -> int:
+    """4 workers, or as many as this process may use cores where that is fewer (more only compete for them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,10 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(the feature set is then named after the file's stem)")
     p.add_argument("--image-size", type=int, default=448, help="square input size")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=4,
-                   help="DataLoader workers decoding the JPEGs (with --decode device: reading the files)")
+    p.add_argument("--num-workers", type=int, default=default_workers(),
+                   help="DataLoader workers decoding the JPEGs (with --decode device: reading the files); default: "
+                        "4, or the machine's cores where it has fewer")
     p.add_argument("--data-root", default="data", help="folder holding <dataset>/formatted_*_images.npy")
-    p.add_argument("-g", "--gpu", default="0", help="CUDA device index, or 'cpu'")
+    p.add_argument("-g", "--gpu", default="auto", help="'auto' (the first CUDA device if there is one, else the "
+                   "CPU), a CUDA device index, or 'cpu'")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format (faster on CUDA; changes the features' last bits)")
     p.add_argument("--decode", choices=("pil", "device"), default="pil",

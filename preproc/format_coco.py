@@ -61,6 +61,9 @@ def category_list(data: dict, path: Path) -> List[Tuple[int, str]]:
     for pos, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
             raise PreprocError(f"{path}: category #{pos} has no 'id'")
+        if isinstance(cat["id"], bool) or not isinstance(cat["id"], (int, str)) or not str(cat["id"]).isdigit():
+            raise PreprocError(f"{path}: category #{pos} has id {cat['id']!r}; expected a non-negative integer "
+                               f"(fix the file, or use the official instances_*2014.json)")
         cats.append((int(cat["id"]), str(cat.get("name", ""))))
     ids = [c[0] for c in cats]
     if len(set(ids)) != len(ids):

@@ -34,6 +34,7 @@ import argparse
 import csv
 import io
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,10 +343,10 @@ def next_commands(save_path: Path, single_positive: bool) -> List[str]:
         default_root = save_path.parent.resolve() == Path("data").resolve()
     except OSError:
         default_root = False
-    root = "" if default_root else f" --data-root {save_path.parent}"
-    commands = [] if single_positive else [
-        f"python preproc/generate_observed_labels.py --dataset {save_path.name}{root}"]
-    return commands + [f"python main.py -d {save_path.name}{root}"]
+    root = "" if default_root else f" --data-root {shlex.quote(str(save_path.parent))}"
+    name = shlex.quote(save_path.name)
+    commands = [] if single_positive else [f"python preproc/generate_observed_labels.py --dataset {name}{root}"]
+    return commands + [f"python main.py -d {name}{root}"]
 
 
 # --- the whole format ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -70,6 +71,9 @@ def _check_args(num_pos: int, num_neg: int, seed: int) -> None:
     for name, value in (("num_pos", num_pos), ("num_neg", num_neg)):
         if value < -1:
             raise ValueError(f"{name} must be an integer >= 0, or -1 for 'all'; got {value!r}")
+    if num_pos == 0:  # the methods learn from the observed positives: none leaves nothing to learn
+        raise ValueError("num_pos 0 observes no positive label at all, and every method learns from the observed "
+                         "positives; use --num-pos 1 (single positive, the default) or more")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be between 0 and 2**32 - 1 (numpy's RandomState); got {seed}")
 
@@ -155,7 +159,7 @@ def _save_path_hint(folder: Path, dataset: str) -> str:
             return ""
     except OSError:
         pass
-    return f" --save-path {folder}"
+    return f" --save-path {shlex.quote(str(folder))}"
 
 
 def _load_labels(path: Path, dataset: str) -> np.ndarray:
@@ -193,11 +197,12 @@ def _dataset_json(folder: Path, dataset: str) -> Optional[dict]:
         )
     info = read_dataset_json(folder)
     if info["single_positive"]:
-        root = "" if folder.parent.resolve() == Path("data").resolve() else f" --data-root {folder.parent}"
+        root = "" if folder.parent.resolve() == Path("data").resolve() else \
+            f" --data-root {shlex.quote(str(folder.parent))}"
         raise ObservedLabelsError(
             f"{folder}: its train labels are single positives already ({folder / DATASET_JSON}: single_positive "
             f"true), so there are no full labels to draw from and its observed labels are already written; "
-            f"train on it directly: python main.py -d {dataset}{root}"
+            f"train on it directly: python main.py -d {shlex.quote(dataset)}{root}"
         )
     return info
 

@@ -139,21 +139,21 @@ def _has_our_classes(folder: Path) -> bool:
 
 
 def _foreign_entries(folder: Path) -> list[str]:
-    """Entries of `folder` that the generator did not write (looking into images/ too); symlinks count as
-    foreign. Formatted arrays (and a dataset.json) without our classes.txt and marker may be another
-    dataset's: foreign too."""
+    """Entries of `folder` that the generator did not write (looking into images/ too). A symlink counts as what
+    it points to (a regeneration removes the link, never its target). Formatted arrays (and a dataset.json)
+    without our classes.txt and marker may be another dataset's: foreign too."""
     foreign = []
     names = sorted(os.listdir(folder))
     for name in names:
         path = folder / name
-        if name not in KNOWN_NAMES or path.is_symlink():
+        if name not in KNOWN_NAMES:
             foreign.append(name)
         elif name == "images":
             if not path.is_dir():
                 foreign.append(name)
             else:
                 foreign += [f"images/{n}" for n in sorted(os.listdir(path))
-                            if not _IMAGE_NAME.match(n) or (path / n).is_symlink() or not (path / n).is_file()]
+                            if not _IMAGE_NAME.match(n) or not (path / n).is_file()]
         elif name in DERIVED:
             if not path.is_dir():
                 foreign.append(name)
@@ -299,6 +299,8 @@ def _build(save_path: os.PathLike | str, *, force: bool, flag: str) -> bool:
         fix = f"--data-root {dest.parent.parent}" if flag == "--data-root" else f"--save-path {dest.parent}"
         raise DemoError(f"{dest.parent} is itself the demo folder, so the demo would go into {dest}: "
                         f"pass {fix} instead")
+    if os.path.lexists(dest) and not dest.is_dir():  # before the lock: nothing is left beside a refused path
+        raise DemoError(f"{dest} is a file, not a folder: remove it or pass another {flag}")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with _lock(dest) as locked:

@@ -127,8 +127,8 @@ def test_refuses_a_folder_with_user_files_and_leaves_them_untouched(small, tmp_p
     message = str(err.value)
     assert isinstance(err.value, ValueError)  # main.py prints ValueErrors as one line
     assert "\n" not in message and str(dest) in message and "--data-root" in message and "not the demo's" in message
-    # the script refuses too: one line on stderr, exit code 1
-    assert make_demo.main(["--save-path", str(dest)]) == 1
+    # the script refuses too: one line on stderr, exit code 2
+    assert make_demo.main(["--save-path", str(dest)]) == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 1 and err_lines[0].startswith(f"error: refusing to write the demo into {dest}")
     assert "--save-path" in err_lines[0]
@@ -145,12 +145,13 @@ def test_script_refuses_a_file_and_a_foreign_folder_in_one_line(tmp_path):
                              (tmp_path / "afile", "is a file, not a folder")):
         proc = subprocess.run([sys.executable, str(ROOT / "preproc" / "make_demo.py"), "--save-path", str(target)],
                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0] and str(target) in lines[0]
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     assert (tmp_path / "afile").read_text() == "a file"
     assert sorted(os.listdir(tmp_path / "mine")) == ["thesis.tex"]
+    assert not (tmp_path / ".afile.lock").exists()  # a refused file leaves no lock file beside it (issue 23)
 
 
 def test_readme_is_kept_and_the_demo_is_the_reference(small, reference, tmp_path):
@@ -276,8 +277,8 @@ def test_data_root_pointing_at_the_demo_folder_is_a_one_line_error(demo_root, tm
     before = sorted(os.listdir(demo))
     assert main.main(["-d", "demo", "-g", "cpu", "--data-root", str(demo), "--results-dir", str(tmp_path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"error: {demo} is itself the demo folder, so the demo would go into {demo / 'demo'}: "
-                     f"pass --data-root {demo_root} instead"]
+    assert lines == [f"error: --data-root {demo} is the demo folder itself: --data-root names the folder that "
+                     f"holds demo/; give --data-root {demo_root}"]  # (config.build_config: for any dataset)
     assert sorted(os.listdir(demo)) == before and not (demo / "demo").exists()
     assert list(tmp_path.iterdir()) == []  # no run folder either
 
@@ -314,7 +315,7 @@ def test_script_regenerates_a_demo_complete_and_identical(small, reference, tmp_
     # a finished demo with a user's file in it is used as is, but not regenerated over
     (dest / "notes.txt").write_text("mine")
     make_demo.ensure_demo(dest)
-    assert make_demo.main(["--save-path", str(dest)]) == 1
+    assert make_demo.main(["--save-path", str(dest)]) == 2
     assert "notes.txt" in capsys.readouterr().err
     assert (dest / "notes.txt").read_text() == "mine" and make_demo.is_complete(dest)
 
@@ -327,6 +328,27 @@ def test_a_symlinked_demo_folder_is_regenerated_through_the_link(small, referenc
     make_demo.ensure_demo(tmp_path / "data" / "demo")
     assert (tmp_path / "data" / "demo").is_symlink() and snapshot(real) == reference
     assert leftovers(tmp_path / "disk") == []
+
+
+def test_a_demo_of_symlinked_files_is_the_demo_and_regenerating_it_keeps_the_link_targets(small, reference, tmp_path,
+                                                                                         capsys):
+    """A demo folder whose files are links to another demo's (cp -rs): its files are the demo's, not foreign;
+    regenerating it replaces the links by files and leaves what they point to alone (issue 23)."""
+    real = tmp_path / "shared" / "demo"
+    make_demo.ensure_demo(real)
+    dest = tmp_path / "data" / "demo"
+    (dest / "images").mkdir(parents=True)
+    for path in real.rglob("*"):
+        if path.is_file():
+            (dest / path.relative_to(real)).symlink_to(path)
+    assert make_demo._foreign_entries(dest) == [] and make_demo.is_complete(dest)
+    assert make_demo.main(["--save-path", str(dest)]) == 0
+    assert not any(p.is_symlink() for p in dest.rglob("*")) and snapshot(dest) == reference
+    assert snapshot(real) == reference and make_demo.is_complete(real)
+    # a link to a file that is not the demo's is still foreign
+    (dest / "images" / "mine.png").symlink_to(tmp_path / "shared" / "demo" / "classes.txt")
+    assert make_demo.main(["--save-path", str(dest)]) == 2
+    assert "images/mine.png" in capsys.readouterr().err
 
 
 def test_dataset_json_names_the_demo_classes(small, tmp_path):

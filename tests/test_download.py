@@ -344,7 +344,7 @@ def test_users_bad_archive_is_reported_and_left_untouched(server, tmp_path, monk
 def test_data_root_is_a_file(tmp_path, monkeypatch, capsys):
     _use(monkeypatch, "pascal", [dl.Archive("http://127.0.0.1:9/voc.tar", "voc.tar", None, None)])
     (tmp_path / "data").write_text("not a folder")
-    assert _run(tmp_path) == 1
+    assert _run(tmp_path) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: cannot write to ")
     assert f"{tmp_path / 'data'} is a file" in err and "--data-root" in err
@@ -354,7 +354,7 @@ def test_data_root_not_writable(tmp_path, monkeypatch, capsys):
     # simulated (the tests may run as root, for whom chmod does not make a folder read-only)
     _use(monkeypatch, "pascal", [dl.Archive("http://127.0.0.1:9/voc.tar", "voc.tar", None, None)])
     monkeypatch.setattr(dl.os, "access", lambda *args, **kwargs: False)
-    assert _run(tmp_path) == 1
+    assert _run(tmp_path) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not writable" in err and "--data-root" in err
     assert not (tmp_path / "data").exists()
@@ -371,7 +371,7 @@ def test_disk_full_during_extraction(server, tmp_path, monkeypatch, capsys, voc_
     server.files["/voc.tar"] = voc_tar
     _use(monkeypatch, "pascal", [dl.Archive(server.url("/voc.tar"), "voc.tar", _md5(voc_tar), len(voc_tar))])
     monkeypatch.setattr(tv_utils, "extract_archive", full)
-    assert _run(tmp_path, "--quiet") == 1
+    assert _run(tmp_path, "--quiet") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no space left" in err and "Traceback" not in err
     root = tmp_path / "data" / "pascal"
@@ -428,7 +428,7 @@ def test_data_root_a_file_as_a_script(tmp_path):
     (tmp_path / "data").write_text("x")
     res = subprocess.run([sys.executable, "preproc/download.py", "--dataset", "cub", "--data-root",
                           str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr == (f"error: cannot write to {tmp_path / 'data' / 'cub'}: {tmp_path / 'data'} is a file, "
                           "not a folder; choose another --data-root (or move that file away)\n")
 

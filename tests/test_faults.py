@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import signal
 import time
 import subprocess
@@ -59,6 +60,38 @@ def test_out_of_range_hyperparameters_stop_before_any_work(tmp_path, capsys, fla
     err = one_line_error(capsys)
     assert flag in err and value.lstrip("-") in err
     assert not (tmp_path / "res").exists()  # checked before the data (which does not even exist here)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-s", "99999999999999999999"], "-s/--pytorch-seed must be an integer in [0, 2**63 - 1], got 99999999999999999999"),
+    (["-s", "-1"], "-s/--pytorch-seed must be an integer in [0, 2**63 - 1], got -1"),
+    (["--subsample-seed", "-1"], "--subsample-seed must be an integer in [0, 2**32 - 1], got -1"),
+    (["--subsample-seed", str(2 ** 32)], f"--subsample-seed must be an integer in [0, 2**32 - 1], got {2 ** 32}"),
+    # LL-R at pascal's 10 epochs: 9 x delta_rel % of the entries by the last epoch
+    (["-l", "ll_r", "--delta-rel", "1000"], "--delta-rel 1000.0 with --epochs 10: -l ll_r would take 9000 % of a "
+                                            "batch's entries by the last epoch, more than all of them; choose "
+                                            "--delta-rel <= 11.1111"),
+    (["-l", "ll_ct", "--delta-rel", "12", "--epochs", "10"], "-l ll_ct would take 108 %"),
+    (["-l", "ll_cp", "--delta-rel", "101"], "--delta-rel 101.0: -l ll_cp would take 101 % of a batch's entries by "
+                                            "the last epoch, more than all of them; choose --delta-rel <= 100"),
+    (["-l", "role", "--expected-num-pos", "1e9"], "--expected-num-pos 1e+09: -l role's k, the mean number of "
+                                                  "positives per image, cannot exceed the 20 classes of pascal"),
+    (["-l", "role", "--expected-num-pos", "20.5"], "cannot exceed the 20 classes of pascal"),
+])
+def test_seeds_and_loss_rates_out_of_range_stop_in_one_line(tmp_path, capsys, flags, message):
+    """Issue 23: torch's and numpy's own overflow texts, and rates that a run could never reach, stop up front."""
+    assert main.main(["-d", "pascal", "--data-root", str(tmp_path / "nothing"), "--results-dir",
+                      str(tmp_path / "res"), *flags]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "res").exists()
+
+
+def test_loss_rates_at_their_limits_are_accepted():
+    from config import build_config
+    assert build_config("pascal", loss="ll_r", delta_rel=100 / 9).delta_rel == 100 / 9
+    assert build_config("pascal", loss="ll_cp", delta_rel=100.0).delta_rel == 100.0
+    assert build_config("pascal", loss="role", expected_num_pos=20.0).expected_num_pos == 20.0
+    assert build_config("pascal", pytorch_seed=2 ** 63 - 1, subsample_seed=2 ** 32 - 1).pytorch_seed == 2 ** 63 - 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,8 +193,9 @@ def test_missing_observed_labels_hint_keeps_the_data_root(tmp_path, capsys):
     assert f"generate_observed_labels.py --dataset pascal --data-root {root}" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("loss", ["EM", "an", "iun"])
-def test_observed_negatives_are_refused_for_losses_that_cannot_read_them(tmp_path, capsys, loss):
+@pytest.mark.parametrize("loss", ["EM", "an", "iun", "EM_APL"])
+def test_observed_negatives_are_refused_for_every_loss(tmp_path, capsys, loss):
+    """One rule for all (issue 23): EM_APL too, which would read a -1 as a pseudo-label with target 1."""
     root = write_pascal_root(tmp_path)
     path = root / "pascal" / "formatted_train_labels_obs.npy"
     labels, obs = np.load(root / "pascal" / "formatted_train_labels.npy"), np.load(path)
@@ -169,7 +203,23 @@ def test_observed_negatives_are_refused_for_losses_that_cannot_read_them(tmp_pat
     np.save(path, obs)
     assert run(tmp_path, "-l", loss, root=root) == 2
     err = one_line_error(capsys)
-    assert "observed negatives" in err and "--num-neg 0" in err and "pseudo" not in err
+    assert f"-l {loss} takes observed labels in {{0, 1}}, but {root}/pascal/formatted_train_labels_obs.npy holds " \
+           f"observed negatives (-1)" in err
+    assert err.endswith(f"regenerate it with python preproc/generate_observed_labels.py --dataset pascal "
+                        f"--data-root {root} --num-neg 0")
+    assert ("pseudo-label with target 1" in err) == (loss == "EM_APL")
+    assert run_folders(tmp_path) == []
+
+
+def test_observed_labels_without_a_positive_are_refused(tmp_path, capsys):
+    root = write_pascal_root(tmp_path)
+    path = root / "pascal" / "formatted_train_labels_obs.npy"
+    np.save(path, np.zeros_like(np.load(path)))  # as --num-pos 0 would have written them
+    assert run(tmp_path, "-l", "EM", root=root) == 2
+    assert one_line_error(capsys) == (f"error: -l EM: {root}/pascal/formatted_train_labels_obs.npy observes no "
+                                      f"positive label in the training part: nothing to learn from; regenerate it "
+                                      f"with python preproc/generate_observed_labels.py --dataset pascal --data-root "
+                                      f"{root} --num-pos 1")
     assert run_folders(tmp_path) == []
 
 
@@ -306,3 +356,61 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_the_run_marked_killed(tmp_pat
     assert (old / "best.pt").read_bytes() == b"the earlier run's checkpoint"
     results = json.loads((old / "results.json").read_text())
     assert results["status"] == "killed" and str(dead.pid) in results["error"] and "epoch 2" in results["error"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hints: what to run, pasteable as printed (issue 23)
+
+def test_missing_data_names_the_whole_chain_shell_quoted(tmp_path, capsys):
+    root = tmp_path / "my data"  # a space: each printed path must be quoted
+    assert main.main(["-d", "pascal", "--data-root", str(root), "--results-dir", str(tmp_path / "res"), *FAST]) == 2
+    quoted = shlex.quote(str(root))
+    assert quoted.startswith("'")
+    assert one_line_error(capsys) == (
+        f"error: missing {root}/pascal/formatted_train_images.npy; create it with: python preproc/download.py "
+        f"--dataset pascal --data-root {quoted}, then python preproc/format_pascal.py --load-path "
+        f"{shlex.quote(str(root / 'pascal'))} --save-path {shlex.quote(str(root / 'pascal'))}, then python "
+        f"preproc/generate_observed_labels.py --dataset pascal --data-root {quoted}")
+    # the raw data are there (the folder holds more than its README): the chain starts at the format step
+    (root / "pascal" / "VOCdevkit").mkdir(parents=True)
+    assert main.main(["-d", "pascal", "--data-root", str(root), "--results-dir", str(tmp_path / "res"), *FAST]) == 2
+    assert one_line_error(capsys).split("create it with: ")[1].startswith("python preproc/format_pascal.py")
+    # and each command runs as printed: the shell splits it into the same arguments
+    assert shlex.split(f"python preproc/generate_observed_labels.py --dataset pascal --data-root {quoted}")[-1] == \
+        str(root)
+
+
+def test_a_data_root_that_is_the_dataset_folder_itself_says_so(tmp_path, capsys):
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    for extra in ([], ["--features", "resnet18_random_48"]):
+        assert main.main(["-d", "demo", "--data-root", str(tmp_path / "data" / "demo"), "--results-dir",
+                          str(tmp_path / "res"), *extra]) == 2
+        assert one_line_error(capsys) == (f"error: --data-root {tmp_path / 'data' / 'demo'} is the demo folder itself: "
+                                          f"--data-root names the folder that holds demo/; give --data-root "
+                                          f"{tmp_path / 'data'}")
+    assert not (tmp_path / "data" / "demo" / "demo").exists() and not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_main_called_in_process_gives_back_the_callers_signal_handlers(tmp_path, monkeypatch, signum, code):
+    """A notebook or test calling main.main() and interrupting it keeps its own handlers (issue 23)."""
+    seen = []
+
+    def callers(sig, frame):  # the caller's own handler (a notebook's, a test runner's)
+        seen.append(sig)
+    real_loss = train.compute_loss
+
+    def loss(*args, **kwargs):  # the signal arrives in the middle of training, as from the keyboard or kill
+        os.kill(os.getpid(), signum)
+        return real_loss(*args, **kwargs)
+    before = signal.signal(signal.SIGINT, callers), signal.signal(signal.SIGTERM, callers)
+    try:
+        monkeypatch.setattr(train, "compute_loss", loss)
+        assert run(tmp_path) == code
+        assert signal.getsignal(signal.SIGINT) is callers and signal.getsignal(signal.SIGTERM) is callers
+        assert seen == []  # main's own handler took the signal while it ran
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    [folder] = run_folders(tmp_path)
+    assert json.loads((folder / "results.json").read_text())["status"] == "interrupted"

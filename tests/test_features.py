@@ -465,7 +465,10 @@ def test_load_features_names_the_missing_or_stale_file_and_the_command(tmp_path,
     folder = feature_dir(root, "pascal", name)
     shutil.copytree(reference[1], folder)  # the same image names and labels: the reference's features fit
     load_features(root, "pascal", name)
-    command = extract_command("pascal", "resnet18", str(weights_file), SIZE, reference[0])  # as recorded
+    # the recorded backbone, for this root (the set was copied from another one, whose command it recorded)
+    assert json.loads((folder / "info.json").read_text())["command"] == extract_command(
+        "pascal", "resnet18", str(weights_file), SIZE, reference[0])
+    command = extract_command("pascal", "resnet18", str(weights_file), SIZE, root)
     labels = root / "pascal" / "formatted_train_labels.npy"
     np.save(labels, np.load(labels)[:9])
     with pytest.raises(DataError, match=r"train_features\.npy has 10 rows but .*formatted_train_labels\.npy has 9: "
@@ -508,7 +511,7 @@ def test_the_command_line_extracts_and_reports_errors_in_one_line(tmp_path, weig
     assert err == f"error: --weights {tmp_path / 'none.pt'}: no such file (expected 'imagenet', 'random' or a " \
                   f"state dict path)\n"
     assert cli.main([*args, "-g", "x"]) == 2
-    assert capsys.readouterr().err == "error: -g/--gpu must be a CUDA index or 'cpu', got 'x'\n"
+    assert capsys.readouterr().err == "error: -g/--gpu must be 'auto', a CUDA index or 'cpu', got 'x'\n"
 
     # as a script, from another folder: an unknown dataset is one line, exit code 2
     run = subprocess.run([sys.executable, str(ROOT / "preproc" / "extract_features.py"), "--dataset", "nope",

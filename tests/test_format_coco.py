@@ -182,13 +182,26 @@ def test_unknown_category_id_is_an_error(tmp_path):
         fc.format_coco(write_tree(tmp_path / "raw", train, derived_val()), None)
 
 
+@pytest.mark.parametrize("bad", ["4a", 4.5, None, True, -3])
+def test_a_category_id_that_is_not_an_integer_is_one_line_exit_2(tmp_path, capsys, bad):
+    """Issue 23: `"id": "4a"` stopped with a traceback; now the file, the category and the fix, exit 2."""
+    train = merged_train()
+    train["categories"][3]["id"] = bad
+    raw = write_tree(tmp_path / "raw", train, derived_val())
+    assert fc.main(["--load-path", str(raw), "--save-path", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {raw / 'annotations' / 'instances_train2014.json'}: category #3 has id {bad!r}; expected "
+                   f"a non-negative integer (fix the file, or use the official instances_*2014.json)\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_raw_file_names_path_and_source(tmp_path, capsys):
     raw = tmp_path / "raw"
     (raw / "annotations").mkdir(parents=True)
     (raw / "annotations" / "instances_train2014.json").write_text(json.dumps(merged_train()))
     rc = fc.main(["--load-path", str(raw), "--save-path", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 1 and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err
     assert str(raw / "annotations" / "instances_val2014.json") in err
     assert "annotations_trainval2014.zip" in err
     assert "python preproc/download.py --dataset coco" in err

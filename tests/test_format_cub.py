@@ -167,7 +167,7 @@ def test_short_attribute_file_is_an_error(cub_tree, tmp_path):
 def test_missing_raw_file_names_path_and_source(tmp_path, capsys):
     rc = fcub.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 1 and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err
     assert str(tmp_path / "nothing" / "CUB_200_2011" / "images.txt") in err
     assert "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz" in err
     assert "python preproc/download.py --dataset cub" in err

@@ -153,7 +153,7 @@ def test_drawn_split_does_not_depend_on_row_order_but_on_the_seed(tmp_path, sing
 
 def test_observed_labels_refuse_a_single_positive_dataset(single, capsys):
     before = {p.name: p.read_bytes() for p in single["save"].iterdir()}
-    assert gol.main(["--dataset", "single", "--data-root", str(single["root"])]) == 1
+    assert gol.main(["--dataset", "single", "--data-root", str(single["root"])]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "single positives already" in err and "single_positive true" in err
     assert "python main.py -d single" in err
@@ -229,7 +229,7 @@ def test_bad_csv_is_one_line_naming_file_and_line(tmp_path, capsys, text, extra,
     extra = [str(classes) if a == "CLASSES" else a for a in extra]
     rc, _, err = run(["--csv", csv_path, "--images", images, "--save-path", tmp_path / "data" / "x", *extra], capsys)
     line = one_error_line(err)
-    assert rc == 1 and line.startswith(f"error: {csv_path}") and str(csv_path) in line
+    assert rc == 2 and line.startswith(f"error: {csv_path}") and str(csv_path) in line
     assert re.search(message, line), line
     assert not (tmp_path / "data").exists()
 
@@ -258,7 +258,7 @@ def test_bad_features_are_one_line(tmp_path, capsys, features, message):
     csv_path = write(tmp_path / "f.csv", FEATURES_CSV)
     rc, _, err = run(["--csv", csv_path, "--features", tmp_path / "feats.npy", "--save-path", tmp_path / "d" / "x"],
                      capsys)
-    assert rc == 1 and re.search(message, one_error_line(err))
+    assert rc == 2 and re.search(message, one_error_line(err))
     assert not (tmp_path / "d").exists()
 
 
@@ -266,18 +266,18 @@ def test_duplicate_row_id_and_flag_misuse(tmp_path, capsys):
     np.save(tmp_path / "feats.npy", np.zeros((2, 2)))
     csv_path = write(tmp_path / "f.csv", "image,labels\nr1,a\nr1,b\n")
     rc, _, err = run(["--csv", csv_path, "--features", tmp_path / "feats.npy", "--save-path", tmp_path / "x"], capsys)
-    assert rc == 1 and "line 3: row id 'r1' is listed again (first on line 2)" in one_error_line(err)
+    assert rc == 2 and "line 3: row id 'r1' is listed again (first on line 2)" in one_error_line(err)
     rc, _, err = run(["--csv", csv_path, "--features", tmp_path / "feats.npy", "--images", tmp_path,
                       "--save-path", tmp_path / "x"], capsys)
-    assert rc == 1 and "give only one of --images DIR" in one_error_line(err)
+    assert rc == 2 and "give only one of --images DIR" in one_error_line(err)
     rc, _, err = run(["--csv", csv_path, "--save-path", tmp_path / "x"], capsys)
-    assert rc == 1 and "give either --images DIR" in one_error_line(err)
+    assert rc == 2 and "give either --images DIR" in one_error_line(err)
     rc, _, err = run(["--csv", tmp_path / "nope.csv", "--images", tmp_path, "--save-path", tmp_path / "x"], capsys)
-    assert rc == 1 and one_error_line(err) == f"error: --csv {tmp_path / 'nope.csv'}: no such file"
+    assert rc == 2 and one_error_line(err) == f"error: --csv {tmp_path / 'nope.csv'}: no such file"
     split_csv = write(tmp_path / "s.csv", "image,labels,split\nr1,a,train\nr2,b,test\n")
     rc, _, err = run(["--csv", split_csv, "--features", tmp_path / "feats.npy", "--save-path", tmp_path / "x",
                       "--test-frac", "0.3"], capsys)
-    assert rc == 1 and "has a split column, which decides the test rows; drop --test-frac" in one_error_line(err)
+    assert rc == 2 and "has a split column, which decides the test rows; drop --test-frac" in one_error_line(err)
     assert not (tmp_path / "x").exists()
 
 
@@ -313,7 +313,7 @@ def test_another_datasets_folder_is_refused_unless_force(tmp_path, capsys, exist
         (save / name).write_bytes(data)
     rc, _, err = run(["--csv", csv_path, "--images", images, "--save-path", save], capsys)
     line = one_error_line(err)
-    assert rc == 1 and f"refusing to write into {save}" in line and "--force" in line
+    assert rc == 2 and f"refusing to write into {save}" in line and "--force" in line
     assert {p.name: p.read_bytes() for p in save.iterdir()} == existing
     rc, _, _ = run(["--csv", csv_path, "--images", images, "--save-path", save, "--force"], capsys)
     assert rc == 0 and read_dataset_json(save)["source"] == "preproc/format_folder.py"
@@ -324,7 +324,7 @@ def test_a_benchmark_name_is_refused(tmp_path, capsys):
     images = make_images(tmp_path / "images", IMAGES)
     csv_path = write(tmp_path / "l.csv", "image,labels\na.png,cat\nb.png,dog\n")
     rc, _, err = run(["--csv", csv_path, "--images", images, "--save-path", tmp_path / "coco"], capsys)
-    assert rc == 1 and "'coco' is a benchmark's name" in one_error_line(err)
+    assert rc == 2 and "'coco' is a benchmark's name" in one_error_line(err)
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
@@ -341,7 +341,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(np, "save", failing_save)
     save = tmp_path / "out"
     rc, _, err = run(["--csv", csv_path, "--images", images, "--save-path", save], capsys)
-    assert rc == 1 and "no space left" in one_error_line(err) and len(calls) == 3
+    assert rc == 2 and "no space left" in one_error_line(err) and len(calls) == 3
     assert list(save.iterdir()) == []  # no array, no dataset.json, no temporary
 
 
@@ -461,7 +461,7 @@ def test_a_hand_made_features_dataset_needs_no_row_ids(tmp_path):
 README_CSV = """\
 import csv, numpy as np
 names = open('data/demo/classes.txt').read().split()
-with open('mydata.csv', 'w', newline='') as f:
+with open('../mydata.csv', 'w', newline='') as f:  # outside the repository
     out = csv.writer(f)
     out.writerow(['image', 'labels', 'split'])
     for phase, split in (('train', 'train'), ('val', 'test')):
@@ -471,7 +471,7 @@ with open('mydata.csv', 'w', newline='') as f:
             out.writerow([image, ';'.join(n for n, y in zip(names, row) if y), split])
 """
 README_COMMANDS = [
-    "python preproc/format_folder.py --csv mydata.csv --images data/demo/images --classes data/demo/classes.txt "
+    "python preproc/format_folder.py --csv ../mydata.csv --images data/demo/images --classes data/demo/classes.txt "
     "--save-path data/mydata",
     "python preproc/generate_observed_labels.py --dataset mydata",
 ]
@@ -482,14 +482,16 @@ def test_readme_example(tmp_path, monkeypatch):
     demo itself (same rows, labels and observed labels), so `main.py -d mydata` trains what `-d demo` does."""
     monkeypatch.setattr(make_demo, "NUM_TRAIN", 60)
     monkeypatch.setattr(make_demo, "NUM_TEST", 15)
-    make_demo.ensure_demo(tmp_path / "data" / "demo")
-    subprocess.run([sys.executable, "-c", README_CSV], cwd=tmp_path, check=True)
+    repo = tmp_path / "repo"  # the CSV goes beside it, outside the repository
+    make_demo.ensure_demo(repo / "data" / "demo")
+    subprocess.run([sys.executable, "-c", README_CSV], cwd=repo, check=True)
+    assert (tmp_path / "mydata.csv").is_file() and not list(repo.glob("*.csv"))
     for command in README_COMMANDS:
         argv = shlex.split(command)
         argv[:2] = [sys.executable, str(ROOT / argv[1])]
-        proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+        proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-    demo, mine = tmp_path / "data" / "demo", tmp_path / "data" / "mydata"
+    demo, mine = repo / "data" / "demo", repo / "data" / "mydata"
     info = read_dataset_json(mine)
     assert info["class_names"] == list(make_demo.CLASS_NAMES) and info["single_positive"] is False
     assert image_root(mine, info) == Path(os.path.abspath(demo / "images"))

@@ -129,7 +129,7 @@ def test_wrong_concept_count_is_an_error(tmp_path):
 def test_missing_files_name_path_and_source(tmp_path, capsys):
     rc = fn.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 1 and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err
     assert str(tmp_path / "nothing" / "Concepts81.txt") in err
     assert "NUS-WIDE.html" in err and "python preproc/download.py --dataset nuswide" in err
 

@@ -182,7 +182,7 @@ def test_cli_as_script_from_repo_root(tmp_path):
 def test_missing_raw_file_names_path_and_source(tmp_path, capsys):
     rc = fp.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert "Traceback" not in err
     assert str(tmp_path / "nothing" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main" / "aeroplane_train.txt") in err
     assert "VOCtrainval_11-May-2012.tar" in err
@@ -206,7 +206,7 @@ def test_save_path_blocked_by_a_file_is_checked_first(tmp_path, capsys, where, s
     module = importlib.import_module(f"preproc.format_{script}")
     rc = module.main(["--load-path", str(tmp_path / "nothing"), "--save-path", str(save)])
     err = _one_error_line(capsys.readouterr().err)
-    assert rc == 1
+    assert rc == 2
     assert f"cannot write to {save}: {blocker} is a file, not a folder" in err and "--save-path" in err
     assert blocker.read_text() == "a file"
 
@@ -218,7 +218,7 @@ def test_save_path_not_writable(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
     rc = fp.main(["--load-path", str(load), "--save-path", str(tmp_path / "out")])
     err = _one_error_line(capsys.readouterr().err)
-    assert rc == 1 and "not writable" in err and "choose a writable --save-path" in err
+    assert rc == 2 and "not writable" in err and "choose a writable --save-path" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -243,7 +243,7 @@ def test_write_error_leaves_the_previous_files(tmp_path, monkeypatch, capsys, co
     monkeypatch.setattr(np, "save", failing_save)
     rc = fp.main(["--load-path", str(load), "--save-path", str(out)])
     err = _one_error_line(capsys.readouterr().err)
-    assert rc == 1 and message in err and str(out / "formatted_val_images.npy") in err
+    assert rc == 2 and message in err and str(out / "formatted_val_images.npy") in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # no new file, no temporary left
 
 
@@ -257,7 +257,7 @@ def test_unreadable_raw_file_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Path, "read_bytes", denied)
     rc = fp.main(["--load-path", str(load), "--save-path", str(tmp_path / "out")])
     err = _one_error_line(capsys.readouterr().err)
-    assert rc == 1 and "cannot read" in err and "aeroplane_train.txt: Permission denied" in err
+    assert rc == 2 and "cannot read" in err and "aeroplane_train.txt: Permission denied" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -266,7 +266,7 @@ def test_save_path_a_file_as_a_script(tmp_path):
     blocker.write_text("x")
     res = subprocess.run([sys.executable, "preproc/format_pascal.py", "--save-path", str(blocker)],
                          cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 1 and res.stderr.startswith("error: cannot write to") and "Traceback" not in res.stderr
+    assert res.returncode == 2 and res.stderr.startswith("error: cannot write to") and "Traceback" not in res.stderr
 
 
 def test_class_files_listing_different_images_warn_and_use_the_union(tmp_path, capsys):

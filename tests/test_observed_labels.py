@@ -196,7 +196,7 @@ def test_module_is_standalone():
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative import"
             names.add(node.module)
-    assert names <= {"__future__", "argparse", "os", "sys", "warnings", "pathlib", "typing", "numpy",
+    assert names <= {"__future__", "argparse", "os", "shlex", "sys", "warnings", "pathlib", "typing", "numpy",
                      "preproc.common"}
 
 
@@ -249,11 +249,11 @@ def test_cli_as_script_with_counts(tmp_path):
 
 
 def test_cli_missing_file_names_format_command(tmp_path, capsys):
-    assert gol.main(["--dataset", "cub", "--data-root", str(tmp_path)]) == 1
+    assert gol.main(["--dataset", "cub", "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "cub" / "formatted_train_labels.npy") in err
     assert "python preproc/format_cub.py" in err and "Traceback" not in err
-    assert gol.main(["--dataset", "demo", "--data-root", str(tmp_path)]) == 1
+    assert gol.main(["--dataset", "demo", "--data-root", str(tmp_path)]) == 2
     assert "python preproc/make_demo.py" in capsys.readouterr().err
 
 
@@ -262,7 +262,7 @@ def test_cli_non_binary_values_name_the_file(tmp_path, capsys):
     bad = good.copy()
     bad[3, 2] = 2.0
     root = make_root(tmp_path, "nuswide", good, bad)
-    assert gol.main(["--dataset", "nuswide", "--data-root", str(root)]) == 1
+    assert gol.main(["--dataset", "nuswide", "--data-root", str(root)]) == 2
     err = capsys.readouterr().err
     assert str(root / "nuswide" / "formatted_val_labels.npy") in err
     assert "expected values exactly 0 or 1, found 1 other entries (2.0)" in err
@@ -273,14 +273,19 @@ def test_cli_non_binary_values_name_the_file(tmp_path, capsys):
 def test_cli_rejects_bad_counts(tmp_path, capsys):
     lab = random_labels(10, 5, 0.5, seed=1)
     root = make_root(tmp_path, "pascal", lab, lab)
-    assert gol.main(["--dataset", "pascal", "--data-root", str(root), "--num-pos", "-2"]) == 1
+    assert gol.main(["--dataset", "pascal", "--data-root", str(root), "--num-pos", "-2"]) == 2
     assert "num_pos must be an integer >= 0, or -1" in capsys.readouterr().err
+    # no positive observed: nothing any method could learn from (issue 23)
+    assert gol.main(["--dataset", "pascal", "--data-root", str(root), "--num-pos", "0", "--num-neg", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: num_pos 0 observes no positive label at all") and err.count("\n") == 1
+    assert not (root / "pascal" / "formatted_train_labels_obs.npy").exists()
 
 
 def test_cli_rejects_a_seed_numpy_cannot_use(tmp_path, capsys):
     lab = random_labels(10, 5, 0.5, seed=1)
     root = make_root(tmp_path, "pascal", lab, lab)
-    assert gol.main(["--dataset", "pascal", "--data-root", str(root), "--seed", "-1"]) == 1
+    assert gol.main(["--dataset", "pascal", "--data-root", str(root), "--seed", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: seed must be between 0 and 2**32 - 1") and "Traceback" not in err
 
@@ -290,7 +295,7 @@ def test_cli_data_root_not_writable(tmp_path, monkeypatch, capsys):
     lab = random_labels(10, 5, 0.5, seed=1)
     root = make_root(tmp_path, "pascal", lab, lab)
     monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
-    assert gol.main(["--dataset", "pascal", "--data-root", str(root)]) == 1
+    assert gol.main(["--dataset", "pascal", "--data-root", str(root)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write to {root / 'pascal'}") and err.count("\n") == 1
     assert "not writable" in err and "--data-root" in err
@@ -309,7 +314,7 @@ def test_cli_disk_full_writes_neither_file(tmp_path, monkeypatch, capsys):
         real_save(fh, array, **kwargs)
 
     monkeypatch.setattr(np, "save", failing_save)
-    assert gol.main(["--dataset", "pascal", "--data-root", str(root)]) == 1
+    assert gol.main(["--dataset", "pascal", "--data-root", str(root)]) == 2
     err = capsys.readouterr().err
     last = err.splitlines()[-1]  # after the warnings about rows without a positive
     assert last.startswith("error: cannot write") and "no space left" in last and "Traceback" not in err
@@ -348,7 +353,7 @@ def test_cli_refuses_single_positive_labels_and_writes_nothing(tmp_path, capsys)
     lab = np.eye(5)[[0, 1, 2, 3, 4, 0]]
     root = make_root(tmp_path, "mine", lab, lab)
     describe(root / "mine", 5, single_positive=True)
-    assert gol.main(["--dataset", "mine", "--data-root", str(root)]) == 1
+    assert gol.main(["--dataset", "mine", "--data-root", str(root)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {root / 'mine'}: its train labels are single positives")
     assert f"python main.py -d mine --data-root {root}" in err
@@ -360,21 +365,21 @@ def test_cli_column_count_must_match_the_dataset_json(tmp_path, capsys):
     lab = random_labels(10, 6, 0.5, seed=1)
     root = make_root(tmp_path, "mine", lab, lab)
     describe(root / "mine", 5)
-    assert gol.main(["--dataset", "mine", "--data-root", str(root)]) == 1
+    assert gol.main(["--dataset", "mine", "--data-root", str(root)]) == 2
     err = capsys.readouterr().err
     assert "formatted_train_labels.npy: 6 label columns but" in err and "says num_classes 5" in err
     assert not list((root / "mine").glob("*obs*"))
 
 
 def test_cli_unknown_dataset_names_format_folder(tmp_path, capsys):
-    assert gol.main(["--dataset", "holiday", "--data-root", str(tmp_path)]) == 1
+    assert gol.main(["--dataset", "holiday", "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown dataset 'holiday'") and err.count("\n") == 1
     assert f"python preproc/format_folder.py --csv <your CSV> --images <your image folder> --save-path " \
            f"{tmp_path / 'holiday'}" in err
     # a dataset.json without label files: the missing file and the command that makes it
     describe(tmp_path / "holiday", 3)
-    assert gol.main(["--dataset", "holiday", "--data-root", str(tmp_path)]) == 1
+    assert gol.main(["--dataset", "holiday", "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"expected {tmp_path / 'holiday' / 'formatted_train_labels.npy'}" in err
     assert "python preproc/format_folder.py" in err

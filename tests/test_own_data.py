@@ -134,7 +134,14 @@ def test_features_dataset_trains_a_linear_classifier(tmp_path):
 @pytest.mark.parametrize("defaults, message", [({"batch_size": "32"}, "batch_size must be a int"),
                                                ({"loss": "an"}, "cannot set 'loss'"),
                                                ({"no_such": 1}, "cannot set 'no_such'"),
-                                               ({"lr": True}, "lr must be a float")])
+                                               ({"lr": True}, "lr must be a float"),
+                                               # a bad value of the file names the file, not a flag never given
+                                               ({"neg_proportion": 1.5}, '"defaults" neg_proportion 1.5 is not '
+                                                                         'valid (--neg-proportion must be in [0, 1], '
+                                                                         'got 1.5); correct it there, or give '
+                                                                         '--neg-proportion on the command line'),
+                                               ({"val_frac": 1.5}, '"defaults" val_frac 1.5 is not valid (val_frac '
+                                                                   'must be in [0, 1), got 1.5)')])
 def test_bad_dataset_json_defaults_are_one_line(demo_root, tmp_path, capsys, defaults, message):
     import shutil
     root = tmp_path / "data"

@@ -159,7 +159,7 @@ def test_same_config_and_seed_keeps_the_later_run_and_says_so(tmp_path, capsys):
     code, out, err = run_report(capsys, tmp_path)
     assert code == 0
     assert md_rows(out)["EM"] == ["EM loss", "90.00 (1)"]
-    assert err.splitlines() == [f"skipped {(old / 'results.json').resolve()}: same config and seed (0) as "
+    assert err.splitlines() == [f"skipped {(old / 'results.json').resolve()}: same config, data and seed (0) as "
                                 f"{(new / 'results.json').resolve()}, which is later and is kept"]
 
 

@@ -4,6 +4,7 @@ last.pt, predictions.npz; and the refusals (finished run, no / damaged / foreign
 the result), with nothing in the run folder touched by a refused or failed resume."""
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -150,9 +151,6 @@ def test_refusals_leave_the_folder_alone(stopped_run, capsys):
     before["last.pt"] = (run_dir / "last.pt").read_bytes()
     err = refused()
     assert "format 99" in err and f"format {train.CHECKPOINT_FORMAT}" in err
-    (run_dir / "last.pt").unlink()
-    del before["last.pt"]
-    assert "last.pt does not exist" in refused()
     assert main.main(["--resume", str(run_dir.parent / "nothing")]) == 2
     assert "no results.json" in capsys.readouterr().err
 
@@ -213,3 +211,53 @@ def test_other_protocols_stopped_and_resumed_equal_left_alone(bird_root, tmp_pat
     assert main.main(["--resume", str(run_dir)]) == 0
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "finished" and numbers(res) == numbers(ref)
+
+
+def test_a_run_stopped_before_its_first_last_pt_restarts_from_its_start(bird_root, tmp_path, monkeypatch, reference,
+                                                                      capsys):
+    """Stopped (a kill, a full disk) after epoch 1's record but before its last.pt was written: the resume says
+    so, and runs the whole run again in its folder, equal to the run left alone (issue 23)."""
+    _, ref = reference
+    real = train._save_last
+
+    def cut(*args, **kwargs):
+        if args[6].epoch == 1:  # progress
+            raise KeyboardInterrupt("stopped while writing last.pt")
+        return real(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(train, "_save_last", cut)
+        assert start(bird_root, tmp_path) == 130
+    run_dir = run_folder(tmp_path)
+    assert len(json.loads((run_dir / "results.json").read_text())["epochs"]) == 1
+    assert not (run_dir / "last.pt").exists()
+    with pytest.raises(train.NoResumeState, match=r"results.json records 1 epoch\(s\), but it stopped before last.pt"):
+        train.load_last(run_dir)
+    leftover = run_dir / ".last.pt.0123abcd.999999.89abcdef.tmp"  # what a kill -9 during the write leaves
+    leftover.write_bytes(b"half a checkpoint")
+    with pytest.raises(train.NoResumeState, match="it stopped while writing last.pt of epoch 1"):
+        train.load_last(run_dir)
+    capsys.readouterr()
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert f"resuming {run_dir} from its start (it was interrupted): no finished epoch's state was saved" in \
+        capsys.readouterr().out
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "finished" and numbers(res) == numbers(ref)
+    assert res["resumes"][0]["after_epoch"] == 0
+
+
+def test_a_read_only_run_folder_is_refused_in_one_line(stopped_run, monkeypatch, capsys):
+    """(A read-only mount, simulated: root, who runs these tests here, may write into any folder.)"""
+    before = {p.name: p.read_bytes() for p in stopped_run.iterdir()}
+    real = main.tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir) == stopped_run:
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(main.tempfile, "TemporaryFile", read_only)
+    assert main.main(["--resume", str(stopped_run)]) == 2
+    out, err = capsys.readouterr()
+    assert err == (f"error: --resume {stopped_run}: the run folder cannot be written (Read-only file system); make "
+                   f"it writable, or copy it somewhere writable and resume the copy\n")
+    assert "resuming" not in out
+    assert {p.name: p.read_bytes() for p in stopped_run.iterdir()} == before

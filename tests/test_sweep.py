@@ -121,7 +121,8 @@ def test_resume_keeps_only_the_result_neutral_extra_flags():
     (["--pytorch_seed=3"], "error: -s/--pytorch-seed among the main.py flags after --"),
     (["--loss", "an"], "error: -l/--loss among the main.py flags after --"),
     (["--results-dir", "x"], "error: --results-dir among the main.py flags after --"),
-    (["-g", "x"], "error: -g/--gpu must be a CUDA index or 'cpu', got 'x'"),
+    (["--print-config"], "error: --print-config among the main.py flags after --: it runs nothing"),
+    (["-g", "x"], "error: -g/--gpu must be 'auto', a CUDA index or 'cpu', got 'x'"),
 ])
 def test_a_bad_extra_flag_stops_the_sweep_before_any_run(tmp_path, capfd, extras, message):
     code = sweep.main(["-d", "pascal", "-l", "EM_APL", "-s", "0", "1", "--results-dir", str(tmp_path / "res"),
