@@ -13,6 +13,7 @@ from pathlib import Path
 
 from losses import LOSSES, check_hyperparameters
 from losses import flag as loss_flag
+from models import HEADS  # issue 25
 
 LOSS_NAMES = tuple(LOSSES)  # every registered loss
 IMAGE_CACHE_MODES = ("off", "ram", "disk")  # --image-cache (image_cache.py)
@@ -45,6 +46,15 @@ LL_DELTA_REL: dict[str, dict[str, float]] = {
 # positives per training image). The demo's is its own mean (1.90 per image).
 ROLE_EXPECTED_POSITIVES: dict[str, float] = {"pascal": 1.5, "coco": 2.9, "nuswide": 1.9, "cub": 31.4, "demo": 1.9}
 ROLE_LOSSES = ("role", "role_li")
+
+
+# ---- Methods since 2022 (issue 25): BoostLU's settings ----------------------------------------------------------
+# BoostLU (Kim et al. 2023) runs the Large-Loss methods with one delta_rel per scheme on every dataset (their
+# config.py `_LOOKUP['delta_rel']`, percent per epoch), not LL_DELTA_REL's per-dataset values, and alpha = 5
+# (their `--alpha` default and README command). Taken by build_config when --head boostlu.
+BOOSTLU_DELTA_REL: dict[str, float] = {"ll_r": 0.5, "ll_ct": 0.2, "ll_cp": 0.1}
+BOOSTLU_ALPHA = 5.0
+# ---- end of issue 25's block -------------------------------------------------------------------------------------
 
 
 def _loss_default(field: str) -> float:
@@ -133,6 +143,20 @@ class Config:
     dist_timeout: float = 600.0
     data_root: str = "data"
     results_dir: str = "results"
+    # ---- issue 25: GR-Loss's hyperparameters (losses.generalized_robust; the authors' defaults) ----
+    gr_w_start: float = _loss_default("gr_w_start")
+    gr_w_end: float = _loss_default("gr_w_end")
+    gr_b_start: float = _loss_default("gr_b_start")
+    gr_b_end: float = _loss_default("gr_b_end")
+    gr_mu_start: float = _loss_default("gr_mu_start")
+    gr_mu_end: float = _loss_default("gr_mu_end")
+    gr_sigma_start: float = _loss_default("gr_sigma_start")
+    gr_sigma_end: float = _loss_default("gr_sigma_end")
+    gr_q2: float = _loss_default("gr_q2")
+    gr_q3: float = _loss_default("gr_q3")
+    # ---- issue 25: the classifier head (models.HEADS; models.CAMHead) ----
+    head: str = "linear"  # "linear" (the original's), "cam", or "boostlu" (Kim et al. 2023)
+    boost_alpha: float = BOOSTLU_ALPHA  # BoostLU's factor on positive CAM values (--head boostlu only)
 
     @property
     def selection_key(self) -> str:
@@ -158,6 +182,8 @@ class Config:
         unused = {k for k in given if k in per_loss and k not in used}
         if self.features:  # a linear classifier on cached features: no images, no backbone
             unused |= set(given) & set(IMAGE_SETTINGS)
+        if self.head != "boostlu":
+            unused |= set(given) & {"boost_alpha"}
         return sorted(unused)
 
 
@@ -213,6 +239,8 @@ def build_config(dataset: str, **overrides) -> Config:
         values["delta_rel"] = LL_DELTA_REL.get(dataset, LL_DELTA_REL["coco"])[loss]
     if loss in ROLE_LOSSES and dataset in ROLE_EXPECTED_POSITIVES:
         values["expected_num_pos"] = ROLE_EXPECTED_POSITIVES[dataset]
+    if overrides.get("head") == "boostlu" and loss in BOOSTLU_DELTA_REL:  # issue 25: BoostLU's own rates
+        values["delta_rel"] = BOOSTLU_DELTA_REL[loss]
     values.update(dict(info.defaults))  # an own dataset's dataset.json "defaults", under the flags
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = Config(dataset=dataset, **values)
@@ -268,3 +296,18 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--dist-timeout must be a number of seconds > 0, got {cfg.dist_timeout}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")
+    _validate_head(cfg)
+
+
+def _validate_head(cfg: Config) -> None:
+    """Issue 25: --head and --boost-alpha."""
+    if cfg.head not in HEADS:
+        raise ValueError(f"--head must be one of {list(HEADS)}, got {cfg.head!r}")
+    if not (math.isfinite(cfg.boost_alpha) and cfg.boost_alpha > 0):
+        raise ValueError(f"--boost-alpha must be a finite number > 0, got {cfg.boost_alpha}")
+    if cfg.head != "linear" and cfg.features is not None:
+        raise ValueError(f"--head {cfg.head} needs the backbone's feature map, which --features (a linear probe on "
+                         f"pooled features) does not have: train on images, or use --head linear")
+    if cfg.head != "linear" and cfg.loss == "role_li":
+        raise ValueError(f"-l role_li starts from a linear classifier trained on pooled features; --head {cfg.head} "
+                         f"has none: use --head linear, or -l role")

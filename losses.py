@@ -64,18 +64,21 @@ def flag(field: str) -> str:
 
 
 # keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch, ROLE's
-# label estimates of the batch rows, and LL-Cp's corrections of the batch when the loop computed them already
-CONTEXT = ("epoch", "estimates", "corrected")
+# label estimates of the batch rows, LL-Cp's corrections of the batch when the loop computed them already, and
+# the run's number of epochs (GR-Loss's schedules)
+CONTEXT = ("epoch", "estimates", "corrected", "num_epochs")
 
 
 def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None,
-             corrections: Optional[Callable[..., torch.Tensor]] = None) -> Callable:
+             corrections: Optional[Callable[..., torch.Tensor]] = None, mean: bool = False) -> Callable:
     """Add a loss under `name`; its keyword-only parameters are the hyperparameters it takes (those with a default
     are optional), except `epoch` (1-based, given by the training loop). `negative_obs`: the loss reads negative
     observed labels (-q); the others refuse them, and main.py checks that at load time. `ranges`: the valid
     `Range` of every hyperparameter (all must have one). `corrections(logits, obs, **same keywords)`: the (B, C)
     mask of entries that become observed positives for good after the step (LL-Cp), applied by the loop, which
-    hands the mask to the loss (`corrected=`) so that it is computed once."""
+    hands the mask to the loss (`corrected=`) so that it is computed once. `mean`: the matrix is reduced by
+    `.mean()`, as the loss's authors' code does, instead of the original's division by a tensor of B*C and sum
+    (the same number, other last bits)."""
     ranges = dict(ranges or {})
 
     def add(fn: Callable) -> Callable:
@@ -95,6 +98,7 @@ def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str
             if k in fn.defaults and fn.defaults[k] not in r:
                 raise TypeError(f"loss {name!r}: default {k} = {fn.defaults[k]} is outside {r}")
         fn.ranges = ranges
+        fn.mean = mean
         fn.negative_obs = negative_obs
         LOSSES[name] = fn
         return fn
@@ -460,6 +464,61 @@ def role(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, expected_num_pos:
                            + expected_positive_regulariser(g, expected_num_pos) / num_classes ** 2)
 
 
+# ================================================================================================================
+# Methods since 2022 (issue 25). GR-Loss (Chen et al., IJCAI 2024, "Boosting Single Positive Multi-label
+# Classification with Generalized Robust Loss"; code yan4xi1/GRLoss). BoostLU is a model head: models.CAMHead.
+
+GR_EPS = 1e-7  # GR-Loss's LOG_EPSILON, inside the log of the observed positives (not the original's 1e-5)
+ANY_REAL = Range(-math.inf, math.inf)
+POSITIVE = Range(0.0, math.inf, lo_open=True)
+
+
+def gr_schedule(start: float, end: float, epoch: int, num_epochs: int, lag: int) -> float:
+    """GR-Loss's linear move of a parameter from `start` to `end` over the run, at `epoch` (1-based):
+        start + (end - start) * max(epoch - lag, 0) / num_epochs,
+    in the authors' float arithmetic and order (train.py, with their `linear_init` n = 0, its default). Their two
+    schedules differ by one epoch: K's w and b lag by 1 (w = w0 in epoch 1, never wT), V's mu and sigma by 0
+    (mu reaches muT in the last epoch)."""
+    return start + (end - start) * max(epoch - lag, 0) / num_epochs
+
+
+@register("gr", mean=True, ranges={"gr_w_start": ANY_REAL, "gr_w_end": ANY_REAL, "gr_b_start": ANY_REAL,
+                                   "gr_b_end": ANY_REAL, "gr_mu_start": ANY_REAL, "gr_mu_end": ANY_REAL,
+                                   "gr_sigma_start": POSITIVE, "gr_sigma_end": POSITIVE, "gr_q2": POSITIVE,
+                                   "gr_q3": POSITIVE})
+def generalized_robust(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, gr_w_start: float = 0.0,
+                       gr_w_end: float = 2.0, gr_b_start: float = -2.0, gr_b_end: float = -2.0,
+                       gr_mu_start: float = 0.5, gr_mu_end: float = 0.8, gr_sigma_start: float = 2.0,
+                       gr_sigma_end: float = 0.5, gr_q2: float = 0.01, gr_q3: float = 1.0, epoch: int = 1,
+                       num_epochs: int) -> None:
+    """GR-Loss (generalized robust loss), the mean over the B x C entries of
+        obs = 1 -> -log(p + 1e-7)
+        obs = 0 -> V(p) * [K(p) * (1 - p^q2) / q2 + (1 - K(p)) * (1 - (1 - p)^q3) / q3]
+    with K(p) = 1 / (1 + exp(-(w p + b))) (a soft pseudo-label) and V(p) = exp(-0.5 ((p - mu) / sigma)^2) (a
+    reweighting), both of p without gradient. w, b, mu, sigma move linearly over the run (`gr_schedule`: w, b
+    lagging one epoch behind mu, sigma); q2, q3 are fixed. Defaults: the authors' (config.py: --beta [w0, wT, b0, bT]
+    = [0, 2, -2, -2], --alpha [mu0, sigma0, muT, sigmaT] = [0.5, 2, 0.8, 0.5], --q2q3 [0.01, 1]), the same for
+    every dataset (their code and README publish this one setting).
+    Source: Chen et al., IJCAI 2024, Eq. of the GR loss; code yan4xi1/GRLoss, losses.py `GR_loss`, `loss1`,
+    `loss2`, models.py `KFunction`, `VFunction`, and the schedule in train.py.
+    """
+    w = gr_schedule(gr_w_start, gr_w_end, epoch, num_epochs, lag=1)
+    b = gr_schedule(gr_b_start, gr_b_end, epoch, num_epochs, lag=1)
+    mu = gr_schedule(gr_mu_start, gr_mu_end, epoch, num_epochs, lag=0)
+    sigma = gr_schedule(gr_sigma_start, gr_sigma_end, epoch, num_epochs, lag=0)
+    p_fixed = e.preds.detach()
+    k = 1 / (1 + torch.exp(-(w * p_fixed + b)))
+    v = torch.exp(-0.5 * ((p_fixed - mu) / sigma) ** 2)
+    pos = obs == 1
+    e.set(pos, -torch.log(e.p(pos) + GR_EPS))
+    u = obs == 0
+    # p^q2 and (1-p)^q3 have infinite slopes at 0 for q < 1: e.safe keeps the other entries away from it
+    loss1 = (1 - torch.pow(e.safe(e.p(u), u), gr_q2)) / gr_q2
+    loss2 = (1 - torch.pow(e.safe(1 - e.p(u), u), gr_q3)) / gr_q3
+    e.set(u, e.at(v, u) * (e.at(k, u) * loss1 + (1 - e.at(k, u)) * loss2))
+# ================================================================================================================
+
+
 def check_observed(name: str, obs: torch.Tensor) -> None:
     """The original's asserts on a batch's labels: obs in [-1, 1], and >= 0 unless the loss reads negatives.
     Each check reads the labels back to the host; the training loop runs them once at load time instead."""
@@ -472,7 +531,8 @@ def check_observed(name: str, obs: torch.Tensor) -> None:
 
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
                  checked: bool = False, where: bool = False, epoch: int = 1, estimates: torch.Tensor | None = None,
-                 corrected: torch.Tensor | None = None, **hparams: float) -> torch.Tensor:
+                 corrected: torch.Tensor | None = None, num_epochs: int | None = None,
+                 **hparams: float) -> torch.Tensor:
     """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored; one it
     takes that is absent or None gets its default (TypeError if it has none, e.g. EM's alpha).
 
@@ -481,7 +541,8 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods); `estimates`,
     the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`); `corrected`, the (B, C) boolean
     mask of the loss's `corrections` for these logits and labels, to a loss that has them (LL-Cp), which then
-    does not compute it again.
+    does not compute it again; `num_epochs`, the run's number of epochs, to a loss with a schedule over the run
+    (GR-Loss).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
@@ -498,17 +559,22 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     entries = Entries(logits, where)
-    context = {"epoch": epoch, "estimates": estimates, "corrected": corrected}
+    context = {"epoch": epoch, "estimates": estimates, "corrected": corrected, "num_epochs": num_epochs}
     if "estimates" in fn.context and estimates is None:
         raise TypeError(f"loss {name!r} needs the label estimates of the batch rows (estimates=)")
+    if "num_epochs" in fn.context and num_epochs is None:
+        raise TypeError(f"loss {name!r} needs the run's number of epochs (num_epochs=)")
     if estimates is not None and estimates.shape != logits.shape:
         raise ValueError(f"estimates must be (B, C) like the logits, got {tuple(estimates.shape)}")
     if corrected is not None and (corrected.shape != logits.shape or corrected.dtype != torch.bool):
         raise ValueError(f"corrected must be a (B, C) boolean mask like the logits, got {tuple(corrected.shape)} "
                          f"{corrected.dtype}")
     fn(entries, obs, true, **given, **{k: context[k] for k in fn.context})
-    # divide by a tensor holding B * C, then sum, as the original: on CUDA, dividing by a Python number
-    # multiplies by its reciprocal instead, which differs in the last bit
-    denominator = entries.loss.numel() * torch.ones_like(entries.loss)
-    loss = (entries.loss / denominator).sum()
+    if fn.mean:
+        loss = entries.loss.mean()
+    else:
+        # divide by a tensor holding B * C, then sum, as the original: on CUDA, dividing by a Python number
+        # multiplies by its reciprocal instead, which differs in the last bit
+        denominator = entries.loss.numel() * torch.ones_like(entries.loss)
+        loss = (entries.loss / denominator).sum()
     return loss if entries.regulariser is None else loss + entries.regulariser

@@ -29,6 +29,7 @@ from config import (AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, IMAGE_SETTIN
 
 # what --resume accepts besides the run folder: settings that cannot change its numbers
 RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
+from config import HEADS  # issue 25
 from preproc.common import one_line
 
 
@@ -84,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: Kim et al.'s per dataset, config.LL_DELTA_REL)")
     b.add_argument("--expected-num-pos", type=float, help="role, role_li: k of the expected-positive regulariser "
                    "> 0 (default: Cole et al.'s per dataset, config.ROLE_EXPECTED_POSITIVES)")
+    # ---- issue 25: GR-Loss (Chen et al. 2024); the authors' --beta w0 wT b0 bT, --alpha mu0 sigma0 muT sigmaT, --q2q3 ----
+    r = p.add_argument_group("GR-Loss (-l gr; default: Chen et al.'s, losses.generalized_robust)")
+    for symbol, default, meaning in (("w", "0 -> 2", "slope of K(p) = sigmoid(w p + b)"),
+                                     ("b", "-2 -> -2", "offset of K(p)"),
+                                     ("mu", "0.5 -> 0.8", "centre of V(p) = exp(-((p - mu) / sigma)^2 / 2)"),
+                                     ("sigma", "2 -> 0.5", "width of V(p), > 0")):
+        for end in ("start", "end"):
+            r.add_argument(f"--gr-{symbol}-{end}", type=float,
+                           help=f"gr: {meaning}, at the {end} of its linear schedule (default {default})")
+    r.add_argument("--gr-q2", type=float, help="gr: q2 > 0 of the pseudo-positive term (1 - p^q2) / q2 (default 0.01)")
+    r.add_argument("--gr-q3", type=float, help="gr: q3 > 0 of the negative term (1 - (1-p)^q3) / q3 (default 1)")
     m = p.add_argument_group("model and data")
     m.add_argument("--arch", help="torchvision backbone (original: resnet50)")
     m.add_argument("--weights", help="'imagenet' (torchvision IMAGENET1K_V1), 'random', or a state-dict path")
@@ -114,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cudnn-benchmark", action="store_true", default=None,
                    help="let cuDNN pick its fastest convolution algorithms (a nondeterministic choice)")
     m.add_argument("--results-dir", help="where run folders are created (default: results)")
+    # ---- issue 25: the classifier head (models.CAMHead) ----
+    m.add_argument("--head", choices=HEADS, help="classifier: linear (pooling then Linear, the original's), cam (a "
+                   "1x1 convolution over the last feature map, averaged) or boostlu (cam with positive CAM values x "
+                   "--boost-alpha, Kim et al. 2023); default linear")
+    m.add_argument("--boost-alpha", type=float, help="boostlu: factor > 0 on positive CAM values, in training and "
+                   "evaluation (default 5, Kim et al. 2023)")
     t = p.add_argument_group("several GPUs: torchrun --nproc_per_node N main.py ... (README 'Several GPUs')")
     t.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm: BatchNorm statistics over the global batch instead of each GPU's share "
@@ -313,7 +331,8 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
     datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,
                               cfg.split_seed, **subsets)
     check_observed_labels(cfg, datasets)
-    model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
+    model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights, cfg.head,
+                        cfg.boost_alpha if cfg.head == "boostlu" else 1.0).to(device)
     if cfg.freeze_backbone:  # head-only training: Adam gets the head's parameters only
         model.backbone.requires_grad_(False)
     # the size of the last training batch (every batch, with --batch-size 1); a rank's shard is ceil(N / world)

@@ -412,7 +412,7 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         mask = None if corrections is None else corrections(logits, obs, epoch=epoch, **hyperparameters)
         loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
                             checked=True, where=True, epoch=epoch, estimates=estimates, corrected=mask,
-                            **hyperparameters)
+                            num_epochs=cfg.num_epochs, **hyperparameters)
         if mask is not None:
             corrected.append((batch["idx"], mask))
         optimizer.zero_grad()
