@@ -70,7 +70,8 @@ CONTEXT = ("epoch", "estimates", "corrected", "num_epochs")
 
 
 def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None,
-             corrections: Optional[Callable[..., torch.Tensor]] = None, mean: bool = False) -> Callable:
+             corrections: Optional[Callable[..., torch.Tensor]] = None, mean: bool = False,
+             masked: bool = False) -> Callable:
     """Add a loss under `name`; its keyword-only parameters are the hyperparameters it takes (those with a default
     are optional), except `epoch` (1-based, given by the training loop). `negative_obs`: the loss reads negative
     observed labels (-q); the others refuse them, and main.py checks that at load time. `ranges`: the valid
@@ -78,7 +79,10 @@ def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str
     mask of entries that become observed positives for good after the step (LL-Cp), applied by the loop, which
     hands the mask to the loss (`corrected=`) so that it is computed once. `mean`: the matrix is reduced by
     `.mean()`, as the loss's authors' code does, instead of the original's division by a tensor of B*C and sum
-    (the same number, other last bits)."""
+    (the same number, other last bits). `masked`: always filled by boolean indexing, also when the caller asks for
+    torch.where: for x ** q with a general q the CPU computes the last elements of a tensor by another code path
+    (scalar, not vectorised), so the bits of an entry depend on its place in the tensor, and only the authors'
+    masked subsets give their bits (one host sync per step on a GPU, as in their code)."""
     ranges = dict(ranges or {})
 
     def add(fn: Callable) -> Callable:
@@ -98,7 +102,7 @@ def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str
             if k in fn.defaults and fn.defaults[k] not in r:
                 raise TypeError(f"loss {name!r}: default {k} = {fn.defaults[k]} is outside {r}")
         fn.ranges = ranges
-        fn.mean = mean
+        fn.mean, fn.masked = mean, masked
         fn.negative_obs = negative_obs
         LOSSES[name] = fn
         return fn
@@ -482,7 +486,7 @@ def gr_schedule(start: float, end: float, epoch: int, num_epochs: int, lag: int)
     return start + (end - start) * max(epoch - lag, 0) / num_epochs
 
 
-@register("gr", mean=True, ranges={"gr_w_start": ANY_REAL, "gr_w_end": ANY_REAL, "gr_b_start": ANY_REAL,
+@register("gr", mean=True, masked=True, ranges={"gr_w_start": ANY_REAL, "gr_w_end": ANY_REAL, "gr_b_start": ANY_REAL,
                                    "gr_b_end": ANY_REAL, "gr_mu_start": ANY_REAL, "gr_mu_end": ANY_REAL,
                                    "gr_sigma_start": POSITIVE, "gr_sigma_end": POSITIVE, "gr_q2": POSITIVE,
                                    "gr_q3": POSITIVE})
@@ -512,7 +516,8 @@ def generalized_robust(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, gr_
     pos = obs == 1
     e.set(pos, -torch.log(e.p(pos) + GR_EPS))
     u = obs == 0
-    # p^q2 and (1-p)^q3 have infinite slopes at 0 for q < 1: e.safe keeps the other entries away from it
+    # (filled masked: see register). p^q2 and (1-p)^q3 have infinite slopes at 0 for q < 1: e.safe would keep the
+    # other entries of a torch.where filling away from it
     loss1 = (1 - torch.pow(e.safe(e.p(u), u), gr_q2)) / gr_q2
     loss2 = (1 - torch.pow(e.safe(1 - e.p(u), u), gr_q3)) / gr_q3
     e.set(u, e.at(v, u) * (e.at(k, u) * loss1 + (1 - e.at(k, u)) * loss2))
@@ -558,7 +563,7 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
         check_observed(name, obs)
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
-    entries = Entries(logits, where)
+    entries = Entries(logits, where and not fn.masked)
     context = {"epoch": epoch, "estimates": estimates, "corrected": corrected, "num_epochs": num_epochs}
     if "estimates" in fn.context and estimates is None:
         raise TypeError(f"loss {name!r} needs the label estimates of the batch rows (estimates=)")
