@@ -493,8 +493,10 @@ def _cell_text(cell: object, latex: bool) -> str:
     if isinstance(cell, Stat):
         std = "" if cell.std is None else f"{pm}{cell.std:.2f}"
         return f"{cell.mean:.2f}{std} ({cell.n})"
-    if isinstance(cell, Paper):  # as printed in the paper: 2 decimals with a std, Kim et al.'s 1 without
-        return f"{cell.mean:.2f}{pm}{cell.std:.2f}" if cell.std is not None else f"{cell.mean:.1f}"
+    if isinstance(cell, Paper):  # as printed in the paper: 2 decimals with a std; without, Kim et al. 2022's 1
+        if cell.std is not None:  # (or the 2 of the methods since 2022: 89.29)
+            return f"{cell.mean:.2f}{pm}{cell.std:.2f}"
+        return f"{cell.mean:.1f}" if round(cell.mean, 1) == cell.mean else f"{cell.mean:.2f}"
     if isinstance(cell, Diff):
         text = f"{cell.value:+.2f}"
         if cell.marked:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ def authors_tree(method: str, git_dir: Path, workdir: Path, data_root: Path, ima
     archive = subprocess.run(["git", "-C", str(git_dir), "archive", "HEAD"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     (tree / "munch.py").write_text(MUNCH_SHIM)
+    shutil.rmtree(tree / "data", ignore_errors=True)  # (BoostLU's holds the datasets' READMEs)
     (tree / "data").symlink_to(data_root)
     patch(tree / "datasets.py", "transforms.Resize((448, 448))", f"transforms.Resize(({image_size}, {image_size}))", 3)
     patch(tree / "train.py", "def run_train(P):\n", "def run_train(P):\n    torch.manual_seed(0)  # as main.py\n")

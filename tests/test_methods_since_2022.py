@@ -308,3 +308,38 @@ def test_report_knows_the_reported_numbers():
         "ll_r+boostlu": (89.29, 72.89, 49.59, 19.80), "ll_ct+boostlu": (88.61, 71.78, 48.37, 19.25),
         "ll_cp+boostlu": (87.81, 71.41, 48.61, 19.34), "gr": (89.83, 73.17, 49.08, 21.64)}
     assert "BoostLU" in PAPER_METHODS["ll_r+boostlu"] and "GR" in PAPER_METHODS["gr"]
+
+
+def test_sweep_tells_a_boostlu_run_from_a_linear_one(tmp_path, capsys):
+    """A finished -l ll_r run with the linear head is not the BoostLU row's run, nor the reverse (head and the
+    BoostLU delta_rel are in results.json's config); a finished gr run is done."""
+    import sweep
+    from test_sweep import fake_run, recorded_config
+    res = tmp_path / "res"
+    same = dict(gpu="cpu", results_dir=str(res))
+    fake_run(res, "pascal_ll_r_s0_linear", recorded_config("pascal", "ll_r", 0, **same), "finished")
+    boost = fake_run(res, "pascal_ll_ct_s0_boost", recorded_config("pascal", "ll_ct", 0, head="boostlu", **same),
+                     "finished")
+    assert sweep.main(["--print", "-d", "pascal", "-l", "ll_r", "ll_ct", "-s", "0", "--results-dir", str(res),
+                       "--", "-g", "cpu", "--head", "boostlu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"python main.py -d pascal -l ll_r -s 0 -g cpu --head boostlu --results-dir {res}"]
+    assert f"-d pascal -l ll_ct -s 0: done: {boost}" in err
+    assert sweep.main(["--print", "-d", "pascal", "-l", "ll_ct", "-s", "0", "--results-dir", str(res),
+                       "--", "-g", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"python main.py -d pascal -l ll_ct -s 0 -g cpu --results-dir {res}"]
+
+
+def test_report_paper_compares_each_row_with_its_own_source(tmp_path, capsys):
+    """An ll_r run with --head boostlu is compared with BoostLU's LL-R number, a linear one with Kim et al. 2022's."""
+    from test_report import md_rows, run_report, write_run
+    write_run(tmp_path, "pascal", "ll_r", 0, 89.0)
+    write_run(tmp_path, "pascal", "ll_r", 0, 90.0, stamp="20240101-000001", head="boostlu")
+    write_run(tmp_path, "pascal", "gr", 0, 88.83)
+    code, out, _ = run_report(capsys, tmp_path, "--paper")
+    assert code == 0
+    rows = md_rows(out)
+    assert rows["ll_r"] == ["LL-R (Kim et al. 2022)", "89.00 (1)", "89.2", "-0.20"]
+    assert rows["ll_r (delta_rel=0.5, head=boostlu)"] == ["BoostLU + LL-R (Kim et al. 2023)", "90.00 (1)", "89.29",
+                                                          "+0.71"]
+    assert rows["gr"] == ["GR-Loss (Chen et al. 2024)", "88.83 (1)", "89.83", "-1.00"]
