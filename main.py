@@ -26,10 +26,10 @@ import numpy as np
 
 from config import (AMP_MODES, DATASET_SETTINGS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LOSS_NAMES, RESULT_NEUTRAL_SETTINGS,
                     ROLE_LOSSES, STOP_METRICS, VAL_LABELS, Config, build_config, flag, validate)
+from config import HEADS  # issue 25
 
 # what --resume accepts besides the run folder: settings that cannot change its numbers
 RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
-from config import HEADS  # issue 25
 from preproc.common import one_line
 
 

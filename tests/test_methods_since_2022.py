@@ -219,6 +219,23 @@ def test_cam_head_equals_the_linear_head_up_to_float_rounding():
         assert a.abs().max() > 0.1
 
 
+def test_cam_heads_load_torchvision_weights_and_best_pt_both_ways(tmp_path):
+    """--weights with a CAM head: a torchvision state dict fills the trunk; a BoostLU run's best.pt gives its
+    backbone to a linear run and the reverse (the trunk keeps torchvision's parameter names)."""
+    torch.manual_seed(5)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "resnet18.pt")
+    boost = models.build_model("resnet18", 4, str(tmp_path / "resnet18.pt"), "boostlu", 5.0)
+    assert len(boost.backbone.state_dict()) == len(state) - 2  # all but fc.weight, fc.bias
+    assert all(torch.equal(v, state[k]) for k, v in boost.backbone.state_dict().items())
+    torch.save({"model": boost.state_dict()}, tmp_path / "best.pt")
+    linear = models.build_model("resnet18", 4, str(tmp_path / "best.pt"))
+    assert all(torch.equal(v, state[k]) for k, v in linear.backbone.state_dict().items())
+    torch.save({"model": linear.state_dict()}, tmp_path / "best_linear.pt")
+    again = models.build_model("resnet18", 4, str(tmp_path / "best_linear.pt"), "cam")
+    assert all(torch.equal(v, state[k]) for k, v in again.backbone.state_dict().items())
+
+
 def test_linear_head_is_the_model_of_before():
     """--head linear (the default) builds what build_model built before heads existed: torchvision's model with its
     classifier replaced by Identity, then one Linear drawn after it, from the same generator."""
