@@ -486,10 +486,10 @@ def gr_schedule(start: float, end: float, epoch: int, num_epochs: int, lag: int)
     return start + (end - start) * max(epoch - lag, 0) / num_epochs
 
 
-@register("gr", mean=True, masked=True, ranges={"gr_w_start": ANY_REAL, "gr_w_end": ANY_REAL, "gr_b_start": ANY_REAL,
-                                   "gr_b_end": ANY_REAL, "gr_mu_start": ANY_REAL, "gr_mu_end": ANY_REAL,
-                                   "gr_sigma_start": POSITIVE, "gr_sigma_end": POSITIVE, "gr_q2": POSITIVE,
-                                   "gr_q3": POSITIVE})
+@register("gr", mean=True, masked=True,
+          ranges={"gr_w_start": ANY_REAL, "gr_w_end": ANY_REAL, "gr_b_start": ANY_REAL, "gr_b_end": ANY_REAL,
+                  "gr_mu_start": ANY_REAL, "gr_mu_end": ANY_REAL, "gr_sigma_start": POSITIVE,
+                  "gr_sigma_end": POSITIVE, "gr_q2": POSITIVE, "gr_q3": POSITIVE})
 def generalized_robust(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, gr_w_start: float = 0.0,
                        gr_w_end: float = 2.0, gr_b_start: float = -2.0, gr_b_end: float = -2.0,
                        gr_mu_start: float = 0.5, gr_mu_end: float = 0.8, gr_sigma_start: float = 2.0,
@@ -516,8 +516,7 @@ def generalized_robust(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, gr_
     pos = obs == 1
     e.set(pos, -torch.log(e.p(pos) + GR_EPS))
     u = obs == 0
-    # (filled masked: see register). p^q2 and (1-p)^q3 have infinite slopes at 0 for q < 1: e.safe would keep the
-    # other entries of a torch.where filling away from it
+    # always filled masked (register); e.safe would keep a torch.where filling finite where p^q is singular (q < 1)
     loss1 = (1 - torch.pow(e.safe(e.p(u), u), gr_q2)) / gr_q2
     loss2 = (1 - torch.pow(e.safe(1 - e.p(u), u), gr_q3)) / gr_q3
     e.set(u, e.at(v, u) * (e.at(k, u) * loss1 + (1 - e.at(k, u)) * loss2))
