@@ -14,6 +14,7 @@ from pathlib import Path
 
 from losses import LOSSES, check_hyperparameters
 from losses import flag as loss_flag
+from models import HEADS  # issue 25
 
 LOSS_NAMES = tuple(LOSSES)  # every registered loss
 IMAGE_CACHE_MODES = ("off", "ram", "disk")  # --image-cache (image_cache.py)
@@ -33,7 +34,8 @@ RESULT_NEUTRAL_SETTINGS = ("gpu", "image_cache", "data_root", "results_dir", "di
 # The training loop of each source whose numbers the README's table prints (--protocol): the settings that differ
 # between them, each also a flag of its own. The dataset table's batch, lr and epochs stay unless a protocol sets
 # them (not for a linear probe on --features, which has its own: LINEAR_SETTINGS).
-EARLY_STOPS = ("first-drop", "drop-3", "none")  # --early-stop
+# --early-stop: drop-N stops when val falls more than N below the best (Kim et al.: 3; GR-Loss's loop: 2)
+EARLY_STOPS = ("first-drop", "drop-2", "drop-3", "none")
 TEST_PASSES = ("best", "every", "end")  # --test-pass
 ROLE_LI_INITS = ("float64", "float32")  # --role-li-init
 PROTOCOLS: dict[str, dict] = {
@@ -68,6 +70,15 @@ LL_DELTA_REL: dict[str, dict[str, float]] = {
 ROLE_EXPECTED_POSITIVES: dict[str, float] = {"pascal": 1.5, "coco": 2.9, "nuswide": 1.9, "cub": 31.4, "demo": 1.9}
 ROLE_LOSSES = ("role", "role_li")
 EXPECTED_POSITIVES_LOSSES = (*ROLE_LOSSES, "epr")  # the losses that read expected_num_pos (Cole et al.'s k)
+
+
+# ---- Methods since 2022 (issue 25): BoostLU's settings ----------------------------------------------------------
+# BoostLU (Kim et al. 2023) runs the Large-Loss methods with one delta_rel per scheme on every dataset (their
+# config.py `_LOOKUP['delta_rel']`, percent per epoch), not LL_DELTA_REL's per-dataset values, and alpha = 5
+# (their `--alpha` default and README command). Taken by build_config when --head boostlu.
+BOOSTLU_DELTA_REL: dict[str, float] = {"ll_r": 0.5, "ll_ct": 0.2, "ll_cp": 0.1}
+BOOSTLU_ALPHA = 5.0
+# ---- end of issue 25's block -------------------------------------------------------------------------------------
 
 
 def _loss_default(field: str) -> float:
@@ -144,7 +155,7 @@ class Config:
     # the training loop of a source (PROTOCOLS): its own settings below, each also a flag
     protocol: str = "zhou"
     head_lr_mult: float = 1.0  # the classifier head's lr is head_lr_mult x lr (Kim et al.'s lr_mult)
-    early_stop: str = "first-drop"  # first-drop (Zhou), drop-3 (Kim: val mAP > 3 below the best), none (Cole)
+    early_stop: str = "first-drop"  # first-drop (Zhou), drop-N (Kim: val mAP > 3 below the best), none (Cole)
     drop_last: bool = False  # drop the last partial batch of the train, val and test loaders (Cole)
     test_pass: str = "best"  # the test set is scored after each improving epoch, every epoch, or at the end
     role_li_init: str = "float64"  # the dtype of ROLE+LI's logit(phase-1 estimates) (Cole: float32)
@@ -175,6 +186,20 @@ class Config:
     data_root: str = "data"
     results_dir: str = "results"
     keep_last: bool = False  # keep a finished run's last.pt (the resume state; it cannot be resumed any more)
+    # ---- issue 25: GR-Loss's hyperparameters (losses.generalized_robust; the authors' defaults) ----
+    gr_w_start: float = _loss_default("gr_w_start")
+    gr_w_end: float = _loss_default("gr_w_end")
+    gr_b_start: float = _loss_default("gr_b_start")
+    gr_b_end: float = _loss_default("gr_b_end")
+    gr_mu_start: float = _loss_default("gr_mu_start")
+    gr_mu_end: float = _loss_default("gr_mu_end")
+    gr_sigma_start: float = _loss_default("gr_sigma_start")
+    gr_sigma_end: float = _loss_default("gr_sigma_end")
+    gr_q2: float = _loss_default("gr_q2")
+    gr_q3: float = _loss_default("gr_q3")
+    # ---- issue 25: the classifier head (models.HEADS; models.CAMHead) ----
+    head: str = "linear"  # "linear" (the original's), "cam", or "boostlu" (Kim et al. 2023)
+    boost_alpha: float = BOOSTLU_ALPHA  # BoostLU's factor on positive CAM values (--head boostlu only)
 
     @property
     def selection_key(self) -> str:
@@ -202,6 +227,8 @@ class Config:
         unused = {k for k in given if k in per_loss and k not in used}
         if self.features:  # a linear classifier on cached features: no images, no backbone
             unused |= set(given) & set(IMAGE_SETTINGS)
+        if self.head != "boostlu":
+            unused |= set(given) & {"boost_alpha"}
         return sorted(unused)
 
 
@@ -272,6 +299,8 @@ def build_config_with_sources(dataset: str, **overrides) -> tuple[Config, dict[s
         (f"config.LL_DELTA_REL[{entry!r}]", {"delta_rel": delta_rel[loss]} if loss in delta_rel else {}),
         ("config.ROLE_EXPECTED_POSITIVES", {"expected_num_pos": ROLE_EXPECTED_POSITIVES[dataset]}
          if loss in EXPECTED_POSITIVES_LOSSES and dataset in ROLE_EXPECTED_POSITIVES else {}),
+        ("config.BOOSTLU_DELTA_REL (--head boostlu)", {"delta_rel": BOOSTLU_DELTA_REL[loss]}
+         if overrides.get("head") == "boostlu" and loss in BOOSTLU_DELTA_REL else {}),
         (str(root / dataset / "dataset.json"), dict(info.defaults)),  # an own dataset's, under the protocol
         (f"config.PROTOCOLS[{protocol!r}]", {k: v for k, v in PROTOCOLS[protocol].items()
                                              if not (overrides.get("features") and k in PROTOCOL_SCHEDULE)}),
@@ -369,3 +398,18 @@ def validate(cfg: Config) -> None:
                              f"than all of them; choose --delta-rel <= {limit:g}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")
+    _validate_head(cfg)
+
+
+def _validate_head(cfg: Config) -> None:
+    """Issue 25: --head and --boost-alpha."""
+    if cfg.head not in HEADS:
+        raise ValueError(f"--head must be one of {list(HEADS)}, got {cfg.head!r}")
+    if not (math.isfinite(cfg.boost_alpha) and cfg.boost_alpha > 0):
+        raise ValueError(f"--boost-alpha must be a finite number > 0, got {cfg.boost_alpha}")
+    if cfg.head != "linear" and cfg.features is not None:
+        raise ValueError(f"--head {cfg.head} needs the backbone's feature map, which --features (a linear probe on "
+                         f"pooled features) does not have: train on images, or use --head linear")
+    if cfg.head != "linear" and cfg.loss == "role_li":
+        raise ValueError(f"-l role_li starts from a linear classifier trained on pooled features; --head {cfg.head} "
+                         f"has none: use --head linear, or -l role")

@@ -66,19 +66,25 @@ def flag(field: str) -> str:
 
 
 # keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch, ROLE's
-# label estimates of the batch rows and EM_PL's pseudo-label scores of the batch rows
-CONTEXT = ("epoch", "estimates", "pseudo_scores")
+# label estimates of the batch rows, EM_PL's pseudo-label scores of the batch rows, and the run's number of epochs
+# (GR-Loss's schedules)
+CONTEXT = ("epoch", "estimates", "pseudo_scores", "num_epochs")
 
 
 def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None,
-             corrections: Optional[Callable[..., torch.Tensor]] = None, plain_mean: bool = False) -> Callable:
+             corrections: Optional[Callable[..., torch.Tensor]] = None, plain_mean: bool = False,
+             masked: bool = False) -> Callable:
     """Add a loss under `name`; its keyword-only parameters are the hyperparameters it takes (those with a default
     are optional), except `epoch` (1-based, given by the training loop). `negative_obs`: the loss reads negative
     observed labels (-q); the others refuse them, and main.py checks that at load time. `ranges`: the valid
     `Range` of every hyperparameter (all must have one). `corrections(logits, obs, **same keywords)`: the (B, C)
     mask of entries that become observed positives for good after the step (LL-Cp), applied by the loop.
     `plain_mean`: the loss is `matrix.mean()`, as its source reduces (Kim et al.), not the original's division by
-    a tensor of B * C and sum (the two differ in the last bits)."""
+    a tensor of B * C and sum (the two differ in the last bits). `masked`: always filled by boolean
+    indexing, also when the caller asks for torch.where: for x ** q with a general q the CPU computes the last
+    elements of a tensor by another code path (scalar, not vectorised), so the bits of an entry depend on its place
+    in the tensor, and only the authors' masked subsets give their bits (one host sync per step on a GPU, as in
+    their code)."""
     ranges = dict(ranges or {})
 
     def add(fn: Callable) -> Callable:
@@ -86,7 +92,7 @@ def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str
                   if v.kind is inspect.Parameter.KEYWORD_ONLY and v.name not in CONTEXT]
         fn.context = tuple(k for k in inspect.signature(fn).parameters if k in CONTEXT)
         fn.corrections = corrections
-        fn.plain_mean = plain_mean
+        fn.plain_mean, fn.masked = plain_mean, masked
         fn.hyperparameters = tuple(v.name for v in params)
         fn.required = tuple(v.name for v in params if v.default is inspect.Parameter.empty)
         fn.defaults = {v.name: v.default for v in params if v.default is not inspect.Parameter.empty}
@@ -616,6 +622,63 @@ def entropy_maximisation_pseudo_labels(e: Entries, obs: torch.Tensor, true: torc
     e.set(negative, pl_beta_neg * (0.1 * neg_log(e.p(negative)) + 0.9 * neg_log(1 - e.p(negative))))
 # ---------------------------------------------------------------------------------------------------- (issue 26)
 
+
+
+# ================================================================================================================
+# Methods since 2022 (issue 25). GR-Loss (Chen et al., IJCAI 2024, "Boosting Single Positive Multi-label
+# Classification with Generalized Robust Loss"; code yan4xi1/GRLoss). BoostLU is a model head: models.CAMHead.
+
+GR_EPS = 1e-7  # GR-Loss's LOG_EPSILON, inside the log of the observed positives (not the original's 1e-5)
+ANY_REAL = Range(-math.inf, math.inf)
+POSITIVE = Range(0.0, math.inf, lo_open=True)
+
+
+def gr_schedule(start: float, end: float, epoch: int, num_epochs: int, lag: int) -> float:
+    """GR-Loss's linear move of a parameter from `start` to `end` over the run, at `epoch` (1-based):
+        start + (end - start) * max(epoch - lag, 0) / num_epochs,
+    in the authors' float arithmetic and order (train.py, with their `linear_init` n = 0, its default). Their two
+    schedules differ by one epoch: K's w and b lag by 1 (w = w0 in epoch 1, never wT), V's mu and sigma by 0
+    (mu reaches muT in the last epoch)."""
+    return start + (end - start) * max(epoch - lag, 0) / num_epochs
+
+
+@register("gr", plain_mean=True, masked=True,
+          ranges={"gr_w_start": ANY_REAL, "gr_w_end": ANY_REAL, "gr_b_start": ANY_REAL, "gr_b_end": ANY_REAL,
+                  "gr_mu_start": ANY_REAL, "gr_mu_end": ANY_REAL, "gr_sigma_start": POSITIVE,
+                  "gr_sigma_end": POSITIVE, "gr_q2": POSITIVE, "gr_q3": POSITIVE})
+def generalized_robust(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, gr_w_start: float = 0.0,
+                       gr_w_end: float = 2.0, gr_b_start: float = -2.0, gr_b_end: float = -2.0,
+                       gr_mu_start: float = 0.5, gr_mu_end: float = 0.8, gr_sigma_start: float = 2.0,
+                       gr_sigma_end: float = 0.5, gr_q2: float = 0.01, gr_q3: float = 1.0, epoch: int = 1,
+                       num_epochs: int) -> None:
+    """GR-Loss (generalized robust loss), the mean over the B x C entries of
+        obs = 1 -> -log(p + 1e-7)
+        obs = 0 -> V(p) * [K(p) * (1 - p^q2) / q2 + (1 - K(p)) * (1 - (1 - p)^q3) / q3]
+    with K(p) = 1 / (1 + exp(-(w p + b))) (a soft pseudo-label) and V(p) = exp(-0.5 ((p - mu) / sigma)^2) (a
+    reweighting), both of p without gradient. w, b, mu, sigma move linearly over the run (`gr_schedule`: w, b
+    lagging one epoch behind mu, sigma); q2, q3 are fixed. Defaults: the authors' (config.py: --beta [w0, wT, b0, bT]
+    = [0, 2, -2, -2], --alpha [mu0, sigma0, muT, sigmaT] = [0.5, 2, 0.8, 0.5], --q2q3 [0.01, 1]), the same for
+    every dataset (their code and README publish this one setting).
+    Source: Chen et al., IJCAI 2024, Eq. of the GR loss; code yan4xi1/GRLoss, losses.py `GR_loss`, `loss1`,
+    `loss2`, models.py `KFunction`, `VFunction`, and the schedule in train.py.
+    """
+    w = gr_schedule(gr_w_start, gr_w_end, epoch, num_epochs, lag=1)
+    b = gr_schedule(gr_b_start, gr_b_end, epoch, num_epochs, lag=1)
+    mu = gr_schedule(gr_mu_start, gr_mu_end, epoch, num_epochs, lag=0)
+    sigma = gr_schedule(gr_sigma_start, gr_sigma_end, epoch, num_epochs, lag=0)
+    p_fixed = e.preds.detach()
+    k = 1 / (1 + torch.exp(-(w * p_fixed + b)))
+    v = torch.exp(-0.5 * ((p_fixed - mu) / sigma) ** 2)
+    pos = obs == 1
+    e.set(pos, -torch.log(e.p(pos) + GR_EPS))
+    u = obs == 0
+    # always filled masked (register); e.safe would keep a torch.where filling finite where p^q is singular (q < 1)
+    loss1 = (1 - torch.pow(e.safe(e.p(u), u), gr_q2)) / gr_q2
+    loss2 = (1 - torch.pow(e.safe(1 - e.p(u), u), gr_q3)) / gr_q3
+    e.set(u, e.at(v, u) * (e.at(k, u) * loss1 + (1 - e.at(k, u)) * loss2))
+# ================================================================================================================
+
+
 def check_observed(name: str, obs: torch.Tensor) -> None:
     """The original's asserts on a batch's labels: obs in [-1, 1], and >= 0 unless the loss reads negatives.
     Each check reads the labels back to the host; the training loop runs them once at load time instead."""
@@ -628,7 +691,8 @@ def check_observed(name: str, obs: torch.Tensor) -> None:
 
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
                  checked: bool = False, where: bool = False, epoch: int = 1, estimates: torch.Tensor | None = None,
-                 pseudo_scores: torch.Tensor | None = None, **hparams: float) -> torch.Tensor:
+                 pseudo_scores: torch.Tensor | None = None, num_epochs: int | None = None,
+                 **hparams: float) -> torch.Tensor:
     """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored; one it
     takes that is absent or None gets its default (TypeError if it has none, e.g. EM's alpha).
 
@@ -636,7 +700,8 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     by torch.where (see `Entries`). With both, nothing here waits for the device: the same bits, no sync.
     `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods, SPLC,
     EM_PL); `estimates`, the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`);
-    `pseudo_scores`, the (B, C) score rows of the batch, to EM_PL.
+    `pseudo_scores`, the (B, C) score rows of the batch, to EM_PL; `num_epochs`, the run's number of epochs, to a
+    loss with a schedule over the run (GR-Loss).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
@@ -652,10 +717,12 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
         check_observed(name, obs)
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
-    entries = Entries(logits, where)
-    context = {"epoch": epoch, "estimates": estimates, "pseudo_scores": pseudo_scores}
+    entries = Entries(logits, where and not fn.masked)
+    context = {"epoch": epoch, "estimates": estimates, "pseudo_scores": pseudo_scores, "num_epochs": num_epochs}
     if "estimates" in fn.context and estimates is None:
         raise TypeError(f"loss {name!r} needs the label estimates of the batch rows (estimates=)")
+    if "num_epochs" in fn.context and num_epochs is None:
+        raise TypeError(f"loss {name!r} needs the run's number of epochs (num_epochs=)")
     if estimates is not None and estimates.shape != logits.shape:
         raise ValueError(f"estimates must be (B, C) like the logits, got {tuple(estimates.shape)}")
     if "pseudo_scores" in fn.context and (pseudo_scores is None or pseudo_scores.shape != logits.shape):

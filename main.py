@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, IMAGE_CACHE_MODES, IMAGE_SETTINGS, LINEAR_SETTINGS,
-                    LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES, ROLE_LI_INITS,
-                    ROLE_LOSSES, STOP_METRICS, TEST_PASSES, VAL_LABELS, Config, build_config_with_sources, flag, validate)
+from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, HEADS, IMAGE_CACHE_MODES, IMAGE_SETTINGS,
+                    LINEAR_SETTINGS, LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES,
+                    ROLE_LI_INITS, ROLE_LOSSES, STOP_METRICS, TEST_PASSES, VAL_LABELS, Config, build_config_with_sources,
+                    flag, validate)
 
 # what --resume accepts besides the run folder: settings that cannot change its numbers
 RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
@@ -103,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pl-beta-pos", type=float, help="EM_PL: weight of the positive pseudo-labels (default 0.7)")
     r.add_argument("--pl-beta-neg", type=float, help="EM_PL: weight of the negative pseudo-labels (default 0)")
     r.add_argument("--pl-warmup-epoch", type=int, help="EM_PL: epochs of plain EM before the pseudo-labels (default 0)")
+    # ---- issue 25: GR-Loss (Chen et al. 2024); the authors' --beta w0 wT b0 bT, --alpha mu0 sigma0 muT sigmaT, --q2q3 ----
+    r = p.add_argument_group("GR-Loss (-l gr; default: Chen et al.'s, losses.generalized_robust)")
+    for symbol, default, meaning in (("w", "0 -> 2", "slope of K(p) = sigmoid(w p + b)"),
+                                     ("b", "-2 -> -2", "offset of K(p)"),
+                                     ("mu", "0.5 -> 0.8", "centre of V(p) = exp(-((p - mu) / sigma)^2 / 2)"),
+                                     ("sigma", "2 -> 0.5", "width of V(p), > 0")):
+        for end in ("start", "end"):
+            r.add_argument(f"--gr-{symbol}-{end}", type=float,
+                           help=f"gr: {meaning}, at the {end} of its linear schedule (default {default})")
+    r.add_argument("--gr-q2", type=float, help="gr: q2 > 0 of the pseudo-positive term (1 - p^q2) / q2 (default 0.01)")
+    r.add_argument("--gr-q3", type=float, help="gr: q3 > 0 of the negative term (1 - (1-p)^q3) / q3 (default 1)")
     m = p.add_argument_group("model and data")
     m.add_argument("--arch", help="torchvision backbone (original: resnet50)")
     m.add_argument("--weights", help="'imagenet' (torchvision IMAGENET1K_V1), 'random', or a state-dict path")
@@ -119,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "below (and, for kim, batch 16, lr 1e-5, 10 epochs), each of which a flag overrides")
     r.add_argument("--head-lr-mult", type=float, help="the classifier head learns at this x lr (zhou, cole: 1; kim: 10)")
     r.add_argument("--early-stop", choices=EARLY_STOPS, help="first-drop: stop at the first epoch whose val mAP does "
-                   "not strictly improve (zhou); drop-3: when it falls more than 3 below the best (kim); none: run "
+                   "not strictly improve (zhou); drop-3: when it falls more than 3 below the best (kim; drop-2: 2); none: run "
                    "every epoch (cole); the best val epoch is kept in all")
     r.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=None,
                    help="drop the last partial batch of the train, val and test loaders (cole; zhou, kim: no)")
@@ -151,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--keep-last", action="store_true", default=None,
                    help="keep last.pt (the resume state) when the run finishes; by default a finished run deletes it "
                         "(it cannot be resumed, and it is most of the run folder)")
+    # ---- issue 25: the classifier head (models.CAMHead) ----
+    m.add_argument("--head", choices=HEADS, help="classifier: linear (pooling then Linear, the original's), cam (a "
+                   "1x1 convolution over the last feature map, averaged) or boostlu (cam with positive CAM values x "
+                   "--boost-alpha, Kim et al. 2023); default linear")
+    m.add_argument("--boost-alpha", type=float, help="boostlu: factor > 0 on positive CAM values, in training and "
+                   "evaluation (default 5, Kim et al. 2023)")
     t = p.add_argument_group("several GPUs: torchrun --nproc_per_node N main.py ... (README 'Several GPUs')")
     t.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm: BatchNorm statistics over the global batch instead of each GPU's share "
@@ -415,7 +433,8 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
                               cfg.split_seed, **subsets)
     check_observed_labels(cfg, datasets)
     setup.update(attach_pseudo_scores(cfg, datasets))
-    model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights).to(device)
+    model = build_model(cfg.arch, datasets["train"].labels_true.shape[1], cfg.weights, cfg.head,
+                        cfg.boost_alpha if cfg.head == "boostlu" else 1.0).to(device)
     if cfg.freeze_backbone:  # head-only training: Adam gets the head's parameters only
         model.backbone.requires_grad_(False)
     # the size of the last training batch (every batch, with --batch-size 1); a rank's shard is ceil(N / world)

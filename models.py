@@ -3,15 +3,20 @@
 With arch="resnet50" this is the original's model: ResNet-50 trunk -> global average pooling -> 2048-d ->
 Linear(2048, C) with bias, fine-tuned end to end. Any torchvision classification model works the same way
 (resnet18, mobilenet_v2, ...), which the tests and CPU runs use.
+
+`head` (--head) chooses the classifier: "linear" (the above, the default), or a class activation map head
+(`CAMHead`: "cam", and "boostlu", Kim et al. 2023's BoostLU), which needs the backbone's last feature map.
 """
 from __future__ import annotations
 
 import copy
 import urllib.error
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 # torchvision is imported inside the functions that use it: importing it takes ~2 s, which a linear probe on
 # cached features (main.py --features) never needs.
 
@@ -20,11 +25,39 @@ class WeightsError(RuntimeError):
     """Pretrained weights could not be obtained or do not fit; the message says what to do."""
 
 
+# --head: the classifier on the backbone. "linear": global average pooling, then Linear (the original's);
+# "cam" and "boostlu": a 1x1 convolution over the last feature map (CAMHead), without and with BoostLU's boost.
+HEADS = ("linear", "cam", "boostlu")
+
+
+class CAMHead(nn.Module):
+    """Logits as the global average of a class activation map: CAM = Conv1x1(feature map) (weight and bias),
+    positive CAM values multiplied by `alpha`, then averaged over the map, in training and evaluation alike:
+        logit_c = mean_{h,w} [ CAM_c,h,w * (alpha if CAM_c,h,w > 0 else 1) ].
+    alpha = 1 ("cam") is the linear head computed in another order (pooling commutes with the 1x1 convolution),
+    equal up to float rounding; alpha > 1 is BoostLU ("boostlu", default alpha 5).
+    Source: Kim et al., CVPR 2023, "Bridging the Gap between Model Explanations in Partially Annotated
+    Multi-label Classification" (youngwk/BridgeGapExplanationPAMC, models.py `ImageClassifier`: Conv2d(feat_dim, C,
+    1), `torch.where(CAM > 0, CAM * alpha, CAM)`, `adaptive_avg_pool2d(CAM, 1)`). A Conv2d(D, C, 1) is initialised
+    from the same random numbers as a Linear(D, C), so both heads start from the same weights under one seed."""
+
+    def __init__(self, feat_dim: int, num_classes: int, alpha: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(feat_dim, num_classes, 1)
+        self.alpha = alpha
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        cam = self.conv(feature_map)
+        cam = torch.where(cam > 0, cam * self.alpha, cam)  # x 1 is exact: "cam" runs the same code
+        return F.adaptive_avg_pool2d(cam, 1).squeeze(-1).squeeze(-1)
+
+
 class MultilabelClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, head: str = "linear",
+                 boost_alpha: float = 1.0) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(feat_dim, num_classes)
+        self.head = nn.Linear(feat_dim, num_classes) if head == "linear" else CAMHead(feat_dim, num_classes, boost_alpha)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # torchvision's forward flattens the pooled map, so a batch of one keeps its batch dimension.
@@ -114,13 +147,35 @@ def _backbone(arch: str) -> nn.Module:
 _AUX_HEADS = {"inception_v3": ("AuxLogits.",), "googlenet": ("aux1.", "aux2.")}
 
 
-def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> MultilabelClassifier:
+def _feature_map_trunk(model: nn.Module, arch: str) -> nn.Sequential:
+    """The layers of `model` (its classifier stripped) before its global average pooling, as one Sequential that
+    keeps their names (so the state dict's keys are the linear head's): the source's
+    `Sequential(*list(resnet50.children())[:-2])`. Only models whose forward runs their children in order and
+    ends in AdaptiveAvgPool2d -> flatten -> classifier qualify: torchvision's ResNet family and RegNets."""
+    import torchvision
+    children = list(model.named_children())
+    if not (isinstance(model, (torchvision.models.ResNet, torchvision.models.RegNet))
+            and isinstance(children[-2][1], nn.AdaptiveAvgPool2d) and isinstance(children[-1][1], nn.Identity)):
+        raise ValueError(f"--head cam/boostlu needs the backbone's last feature map, which this project takes from "
+                         f"ResNet-style models (resnet*, resnext*, wide_resnet*, regnet*); --arch {arch} is not one: "
+                         f"choose one of those or --head linear")
+    return nn.Sequential(OrderedDict(children[:-2]))
+
+
+def build_model(arch: str, num_classes: int, weights: str = "imagenet", head: str = "linear",
+                boost_alpha: float = 1.0) -> MultilabelClassifier:
     """`weights`: "imagenet" (torchvision IMAGENET1K_V1), "random", or the path of a torchvision-format state dict
-    (or of a best.pt of this project, whose backbone is used).
+    (or of a best.pt of this project, whose backbone is used). `head`: one of HEADS; `boost_alpha` is the CAM
+    head's factor on positive CAM values (1 for "cam").
 
     Never falls back silently: a weights source that fails raises WeightsError.
     """
+    if head not in HEADS:
+        raise ValueError(f"--head must be one of {list(HEADS)}, got {head!r}")
     backbone = _backbone(arch)
+    classifier_name, feat_dim = _strip_last_linear(backbone)
+    if head != "linear":  # (before any download: an --arch without a feature map fails at once)
+        backbone = _feature_map_trunk(backbone, arch)
     if weights == "imagenet":
         state = _imagenet_state_dict(arch)
     elif weights == "random":
@@ -131,7 +186,6 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> Multi
             raise WeightsError(f"--weights {weights}: no such file (expected 'imagenet', 'random' or a state dict path)")
         state = _load_state_dict_file(path)
 
-    classifier_name, feat_dim = _strip_last_linear(backbone)
     if state is not None:
         # the ImageNet classifier is replaced by our head, so its weights are not needed
         unused = (classifier_name + ".", *_AUX_HEADS.get(arch, ()))
@@ -142,7 +196,7 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> Multi
             first = str(exc).strip().splitlines()[0]
             raise WeightsError(f"--weights {weights}: the tensors do not fit torchvision's {arch} ({first}); "
                                f"pass weights saved from {arch}, or choose the matching --arch") from exc
-    return MultilabelClassifier(backbone, feat_dim, num_classes)
+    return MultilabelClassifier(backbone, feat_dim, num_classes, head, boost_alpha)
 
 
 def check_model_runs(model: nn.Module, arch: str, image_size: int, device: torch.device,

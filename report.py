@@ -85,6 +85,12 @@ PAPER_TABLE: tuple[tuple[str, str, dict[str, tuple[float, float | None]]], ...] 
     ("ll_cp", "LL-Cp (Kim et al. 2022)", _paper_row("88.4", "70.7", "48.3", "20.1")),
     ("EM", "EM loss", _paper_row("89.09±0.17", "70.70±0.31", "47.15±0.11", "20.85±0.42")),
     ("EM_APL", "EM loss + APL", _paper_row("89.19±0.31", "70.87±0.23", "47.59±0.22", "21.84±0.34")),
+    # ---- methods since 2022 (issue 25; docs/methods_since_2022.md): their authors' own numbers, no std. BoostLU
+    # (Kim et al. 2023, Table 1) is a model head on the LL losses: key "<loss>+boostlu" (`paper_key`).
+    ("ll_r+boostlu", "BoostLU + LL-R (Kim et al. 2023)", _paper_row("89.29", "72.89", "49.59", "19.80")),
+    ("ll_ct+boostlu", "BoostLU + LL-Ct (Kim et al. 2023)", _paper_row("88.61", "71.78", "48.37", "19.25")),
+    ("ll_cp+boostlu", "BoostLU + LL-Cp (Kim et al. 2023)", _paper_row("87.81", "71.41", "48.61", "19.34")),
+    ("gr", "GR-Loss (Chen et al. 2024)", _paper_row("89.83", "73.17", "49.08", "21.64")),
     # VLPL's own numbers (mvrl/VLPL README: ResNet-50 at 448 px, CLIP ViT-L/14-336 pseudo-labels), without std
     ("EM_PL", "EM + CLIP pseudo-labels (VLPL, Xing et al. 2024)", _paper_row("89.10", "71.45", "49.55", "24.02")),
 )
@@ -101,8 +107,9 @@ STD_NOTE = ("mean ± std (n): test mAP (%) at the best-val epoch over n seeds; s
 SETTINGS_NOTE = ("A setting in parentheses differs from the dataset's defaults (config.py) or between the runs "
                  "of one cell (data=...: the data they trained on); runs of different settings or data are never "
                  "pooled.")
-PAPER_NOTE = ("paper: Zhou et al. 2022 (LL rows: Kim et al. 2022, VLPL: Xing et al. 2024, who give no std); "
-              "diff = ours - paper; marked (bold) where the difference is larger than 2 × the paper's std.")
+PAPER_NOTE = ("paper: Zhou et al. 2022 (LL rows: Kim et al. 2022; BoostLU rows: Kim et al. 2023; GR-Loss: Chen et "
+              "al. 2024; VLPL: Xing et al. 2024; these give no std); diff = ours - paper; marked (bold) where the "
+              "difference is larger than 2 × the paper's std.")
 
 
 class UsageError(Exception):
@@ -310,6 +317,12 @@ class Experiment:
     def label(self) -> str:
         return f"{self.loss} ({self.settings})" if self.settings else self.loss
 
+    @property
+    def paper_key(self) -> str:
+        """The PAPER_TABLE row this experiment reproduces: its loss, or "<loss>+<head>" for a CAM head (BoostLU)."""
+        head = self.runs[0].config.get("head", "linear")
+        return self.loss if head == "linear" else f"{self.loss}+{head}"
+
     def test_map(self) -> Stat:
         return Stat(tuple(r.test_map for r in self.runs))
 
@@ -457,12 +470,12 @@ def results_table(experiments: Sequence[Experiment], with_paper: bool) -> Table:
     for exp in experiments:
         if rows and rows[-1][0] == exp.label:
             continue
-        row: list[object] = [exp.label, PAPER_METHODS.get(exp.loss, "–")]
+        row: list[object] = [exp.label, PAPER_METHODS.get(exp.paper_key, "–")]
         for d in datasets:
             stat = cells.get((exp.label, d))
             row.append(stat)
             if with_paper and d in DATASET_HEADERS:
-                paper = PAPER_VALUES.get(exp.loss, {}).get(d)
+                paper = PAPER_VALUES.get(exp.paper_key, {}).get(d)
                 row.append(Paper(*paper) if paper else None)
                 row.append(None if stat is None or paper is None else difference(stat, *paper))
         rows.append(tuple(row))
@@ -515,8 +528,10 @@ def _cell_text(cell: object, latex: bool) -> str:
     if isinstance(cell, Stat):
         std = "" if cell.std is None else f"{pm}{cell.std:.2f}"
         return f"{cell.mean:.2f}{std} ({cell.n})"
-    if isinstance(cell, Paper):  # as printed in the paper: 2 decimals with a std, Kim et al.'s 1 without
-        return f"{cell.mean:.2f}{pm}{cell.std:.2f}" if cell.std is not None else f"{cell.mean:.1f}"
+    if isinstance(cell, Paper):  # as printed in the paper: 2 decimals with a std; without, Kim et al. 2022's 1
+        if cell.std is not None:  # (or the 2 of the methods since 2022: 89.29)
+            return f"{cell.mean:.2f}{pm}{cell.std:.2f}"
+        return f"{cell.mean:.1f}" if round(cell.mean, 1) == cell.mean else f"{cell.mean:.2f}"
     if isinstance(cell, Diff):
         text = f"{cell.value:+.2f}"
         if cell.marked:
@@ -710,12 +725,12 @@ def plot_dataset(experiments: Sequence[Experiment], dataset: str) -> Figure:
     for rect, stat in zip(ours, stats):
         ax.annotate(f"n={stat.n}", (rect.get_x() + rect.get_width() / 2, stat.mean + (stat.std or 0)),
                     ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-    papers = [PAPER_VALUES.get(e.loss, {}).get(dataset) for e in exps]
+    papers = [PAPER_VALUES.get(e.paper_key, {}).get(dataset) for e in exps]
     if any(papers):
         px = [xi + 0.2 for xi, p in zip(x, papers) if p]
         ax.bar(px, [p[0] for p in papers if p], 0.4, yerr=[np.nan if p[1] is None else p[1] for p in papers if p],
                capsize=4, color="tab:gray",
-               label="paper: Zhou et al. 2022 ± std (LL rows: Kim et al. 2022, VLPL: Xing et al. 2024, no std)")
+               label="paper: Zhou et al. 2022 ± std (LL, BoostLU, GR-Loss, VLPL rows: their own, no std)")
     ax.set_xticks(x)
     ax.set_xticklabels([e.label for e in exps], rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("loss (settings)")

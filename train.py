@@ -430,7 +430,7 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         batch_scores = None if scores is None else scores[batch["idx"].to(engine.device)]
         loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
                             checked=True, where=True, epoch=epoch, estimates=estimates,
-                            pseudo_scores=batch_scores, **hyperparameters)
+                            pseudo_scores=batch_scores, num_epochs=cfg.num_epochs, **hyperparameters)
         if mask is not None:
             corrected.append((batch["idx"], mask))
         optimizer.zero_grad()
@@ -835,7 +835,8 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         if stop:
             # the original leaves both loops here, so this epoch has no test pass
             print(f"*** early stop: val {cfg.selection_key} {val_map:.2f} " + (
-                "did not improve on" if cfg.early_stop == "first-drop" else "fell more than 3 below") +
+                "did not improve on" if cfg.early_stop == "first-drop" else
+                f"fell more than {cfg.early_stop.removeprefix('drop-')} below") +
                 f" {progress.best_val_map:.2f} (epoch {results['best_epoch']}) ***", flush=True)
             break
 
@@ -854,11 +855,13 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
 
 def _stops(cfg: Config, improved: bool, val_metric: float, best_val_metric: float) -> bool:
     """Whether the loop ends after an epoch (--early-stop): at the first epoch that does not strictly improve
-    (first-drop, Zhou et al.), when val falls more than 3 below the best before it (drop-3, Kim et al.), or never
-    (none, Cole et al.: every epoch runs)."""
+    (first-drop, Zhou et al.), when val falls more than N below the best before it (drop-N: Kim et al.'s 3,
+    GR-Loss's 2), or never (none, Cole et al.: every epoch runs)."""
     if improved:
         return False
-    return cfg.early_stop == "first-drop" or (cfg.early_stop == "drop-3" and best_val_metric - val_metric > 3)
+    if cfg.early_stop.startswith("drop-"):
+        return best_val_metric - val_metric > int(cfg.early_stop.removeprefix("drop-"))
+    return cfg.early_stop == "first-drop"
 
 
 def _kept(out: dict) -> dict:

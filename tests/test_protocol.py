@@ -99,6 +99,8 @@ def test_drop_3_compares_with_the_best_not_the_last(tmp_path, monkeypatch):
     cfg = config.build_config("demo", early_stop="drop-3")
     assert not _stops(cfg, False, 57.0, 60.0) and _stops(cfg, False, 56.99, 60.0)
     assert not _stops(cfg, True, 10.0, 60.0)  # an improving epoch never stops
+    drop_2 = config.build_config("demo", early_stop="drop-2")  # GR-Loss's loop
+    assert not _stops(drop_2, False, 58.0, 60.0) and _stops(drop_2, False, 57.99, 60.0)
     none = config.build_config("demo", early_stop="none")
     assert not _stops(none, False, 0.0, 100.0)
     first = config.build_config("demo")

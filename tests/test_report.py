@@ -254,11 +254,13 @@ def test_paper_constant_matches_the_readme_table():
     section = text[text.index("### The paper's table"):]
     lines = [l for l in section.splitlines()[1:] if l.startswith("| ")][1:]
     lines = lines[: next(i for i, l in enumerate(lines) if not l.startswith("| 1 P.") and not l.startswith("| All"))]
-    assert len(lines) == len(report.PAPER_TABLE) == 19
-    for line, (loss, _, values) in zip(lines, report.PAPER_TABLE):
+    assert len(lines) == len(report.PAPER_TABLE) == 23
+    for line, (key, _, values) in zip(lines, report.PAPER_TABLE):
         cells = [c.strip().replace("*", "") for c in line.strip("|").split("|")]
         command = cells[7]
+        loss, _, head = key.partition("+")  # "ll_r+boostlu": -l ll_r --head boostlu
         assert f"-l {loss} " in command or command.startswith("–")
+        assert (f"--head {head} " in command) == bool(head)
         for dataset, cell in zip(("pascal", "coco", "nuswide", "cub"), cells[2:6]):
             mean, _, std = cell.partition("±")
             assert values[dataset] == (float(mean), float(std) if std else None), (loss, dataset)
