@@ -111,12 +111,22 @@ def new_method_mutants() -> list[Mutant]:
               ("batch_size=16, lr=1e-5, num_epochs=10)", "batch_size=16", "batch_size=8"),
               ("batch_size=16, lr=1e-5, num_epochs=10)", "lr=1e-5", "lr=1e-4"),
               ("batch_size=16, lr=1e-5, num_epochs=10)", "num_epochs=10", "num_epochs=20")]
-    train = [("best_val_metric - val_metric > 3", "> 3", "> 2")]
+    train = [("best_val_metric - val_metric > int(", "> int(", ">= int(")]
     losses = [("hill_lambda: float = 1.5", "1.5", "1.0"),
               ("def hill(", "focal_margin: float = 1.0", "focal_margin: float = 0.5"),
               ("splc_tau: float = 0.6", "0.6", "0.5"), ("splc_start_epoch: int = 2", "= 2", "= 1"),
               ("pl_beta_pos: float = 0.7", "0.7", "0.5"), ("pl_beta_neg: float = 0.0", "0.0", "0.1"),
               ("pl_pos_threshold: float = 0.3", "0.3", "0.5"), ("pl_warmup_epoch: int = 0", "= 0", "= 1")]
+    # BoostLU (Kim et al. 2023) and GR-Loss (Chen et al. 2024), issue 25
+    config += [("BOOSTLU_DELTA_REL: dict", '"ll_r": 0.5', '"ll_r": 0.4'),
+               ("BOOSTLU_DELTA_REL: dict", '"ll_ct": 0.2', '"ll_ct": 0.3'),
+               ("BOOSTLU_DELTA_REL: dict", '"ll_cp": 0.1', '"ll_cp": 0.2'), ("BOOSTLU_ALPHA = 5.0", "5.0", "4.0")]
+    losses += [("gr_w_start: float = 0.0", "= 0.0", "= 0.5"), ("gr_w_end: float = 2.0", "= 2.0", "= 1.0"),
+               ("gr_b_start: float = -2.0", "gr_b_start: float = -2.0", "gr_b_start: float = -1.0"),
+               ("gr_b_end: float = -2.0", "gr_b_end: float = -2.0", "gr_b_end: float = -1.0"),
+               ("gr_mu_start: float = 0.5", "= 0.5", "= 0.6"), ("gr_mu_end: float = 0.8", "= 0.8", "= 0.7"),
+               ("gr_sigma_start: float = 2.0", "= 2.0", "= 1.0"), ("gr_sigma_end: float = 0.5", "= 0.5", "= 1.0"),
+               ("gr_q2: float = 0.01", "0.01", "0.1"), ("gr_q3: float = 1.0", "= 1.0", "= 0.5")]
     return ([Mutant("config.py", *m) for m in config] + [Mutant("train.py", *m) for m in train]
             + [Mutant("losses.py", *m) for m in losses])
 
