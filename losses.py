@@ -672,9 +672,9 @@ def generalized_robust(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, gr_
     pos = obs == 1
     e.set(pos, -torch.log(e.p(pos) + GR_EPS))
     u = obs == 0
-    # always filled masked (register); e.safe would keep a torch.where filling finite where p^q is singular (q < 1)
-    loss1 = (1 - torch.pow(e.safe(e.p(u), u), gr_q2)) / gr_q2
-    loss2 = (1 - torch.pow(e.safe(1 - e.p(u), u), gr_q3)) / gr_q3
+    # always filled masked (register): the unknowns' own values, where p^q (q < 1) is finite
+    loss1 = (1 - torch.pow(e.p(u), gr_q2)) / gr_q2
+    loss2 = (1 - torch.pow(1 - e.p(u), gr_q3)) / gr_q3
     e.set(u, e.at(v, u) * (e.at(k, u) * loss1 + (1 - e.at(k, u)) * loss2))
 # ================================================================================================================
 
