@@ -781,9 +781,8 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
         if progress.best_epoch == progress.epoch and engine.dist.main:
             _rewrite_best_if_ahead(run_dir, best_state, progress, datasets, cfg)
         last_val = resume["epochs"][str(progress.epoch)]["val"][cfg.selection_key]
-        # it ended (all epochs, or a stop), and was cut before it could say so
-        finished = progress.epoch >= cfg.num_epochs or _stops(cfg, progress.best_epoch == progress.epoch, last_val,
-                                                              progress.best_val_map)
+        # it stopped (after all epochs the range below is empty anyway), and was cut before it could say so
+        finished = _stops(cfg, progress.best_epoch == progress.epoch, last_val, progress.best_val_map)
 
     for epoch in range(progress.epoch + 1, cfg.num_epochs + 1) if not finished else ():
         record: dict = {}  # enters results["epochs"] only once the epoch is complete
