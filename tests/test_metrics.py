@@ -100,8 +100,8 @@ def test_per_class_ap_is_sklearns_to_the_bit(seed, n, c, decimals, dtype):
 
 
 @pytest.mark.parametrize("seed,n,decimals", [(5, 70000, None), (6, 3000, 1), (7, 500, 0)])
-def test_float32_scores_packed_sort_is_sklearns_to_the_bit(seed, n, decimals):
-    """float32 scores take the packed-integer sort: negative scores (logits), -0.0 beside 0.0 (equal: one
+def test_float32_scores_are_sklearns_to_the_bit(seed, n, decimals):
+    """float32 scores sorted as they are: negative scores (logits), -0.0 beside 0.0 (equal: one
     threshold), ties, more rows than 2^16; the bits must stay scikit-learn's."""
     rng = np.random.RandomState(seed)
     c = 4
