@@ -46,8 +46,8 @@ def _per_class_ap(scores: np.ndarray, label_sets: list[np.ndarray]) -> list[np.n
     sets (the clean and the observed labels), which is where scikit-learn spends its time on large sets; the order
     inside a run of equal scores never reaches the AP, which reads the cumulative counts only at the end of each
     run (the thresholds), so any sort gives scikit-learn's bits, and float32 scores sort as their float64 values.
-    On COCO's sizes (65,665 / 16,416 / 40,137 x 80) this is 0.11 / 0.03 / 0.07 s for scikit-learn's ~1.2 / 0.15 /
-    0.35 s."""
+    On COCO's sizes (65,665 / 16,416 / 40,137 x 80, clean and observed labels) it takes about 0.12 / 0.03 / 0.07 s
+    of CPU where `average_precision_score` column by column takes about 1.9 / 0.45 / 1.0 s."""
     by_class = np.ascontiguousarray(scores.T)  # each class's values contiguous
     labels_by_class = [np.ascontiguousarray(y.T) for y in label_sets]
     count_dtype = np.int32 if scores.shape[0] < 2 ** 31 else np.int64
