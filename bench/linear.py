@@ -141,11 +141,16 @@ def run_loss(loss: str, data: Path, runs: Path, flags: list[str]) -> dict:
 
 
 def summary(figures: dict) -> str:
+    """Each epoch's seconds, then the median and max against the target, on a PASS/FAIL line."""
     cpu = figures["epoch_cpu_seconds"]
-    cpu_text = f"cpu median {statistics.median(cpu):.1f} max {max(cpu):.1f} s" if cpu else "cpu n/a"
-    return (f"{figures['loss']}: {figures['epochs']} epochs, s per epoch median {figures['median_epoch_seconds']:.1f} "
-            f"max {figures['max_epoch_seconds']:.1f} (wall, the loop's record), {cpu_text}; target <= "
-            f"{figures['target_epoch_seconds']:g} s: {'PASS' if figures['target_met'] else 'FAIL'}")
+    cpu_text = f"CPU median {statistics.median(cpu):.1f} max {max(cpu):.1f} s" if cpu else "CPU n/a"
+    passes = ", ".join(f"{phase} {statistics.median(figures[f'{phase}_pass_seconds']):.1f}"
+                       for phase in ("train", "val", "test") if figures[f"{phase}_pass_seconds"])
+    return (f"{figures['loss']}: seconds per epoch {figures['epoch_seconds']} (the loop's record; its passes, median: "
+            f"{passes}), wall line to line {figures['epoch_wall_seconds']}, CPU {cpu}\n"
+            f"{figures['loss']}: {figures['epochs']} epochs, median {figures['median_epoch_seconds']:.1f} s, max "
+            f"{figures['max_epoch_seconds']:.1f} s, {cpu_text}; target <= {figures['target_epoch_seconds']:g} s per "
+            f"epoch: {'PASS' if figures['target_met'] else 'FAIL'}")
 
 
 def main() -> int:
