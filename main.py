@@ -23,7 +23,13 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+# Before torch loads its OpenMP runtime: between parallel regions its threads sleep instead of spinning. On a
+# machine whose cores other processes use too, a spinning thread holds a core that the working one needs: a
+# COCO-sized linear-probe epoch (`bench/linear.py --loss an`, 2 cores at load 12) took 108 s spinning and 5 s
+# sleeping, with the same bits (the work is split the same way). The user's own OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
 
 from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, HEADS, IMAGE_CACHE_MODES, IMAGE_SETTINGS,
                     LINEAR_SETTINGS, LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES,
