@@ -4,6 +4,9 @@ features give a clearly higher test mAP than random-backbone features."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 
 import main
 from config import LOSS_NAMES
+from conftest import ROOT
 from features import extract_features
 from helpers import mobilenet_v2_imagenet_state, pseudo_scores_flags
 
@@ -98,3 +102,29 @@ def test_pretrained_features_beat_random_ones_on_real_images(bird_root, tmp_path
     # measured: 61.6 against 32.9 (chance 32.9: a random MobileNetV2's features barely vary between images)
     assert pretrained["test_map"] >= random_net["test_map"] + 15
     assert pretrained["test_map"] >= pretrained["chance_test_map"] + 20
+
+
+def test_openmp_threads_sleep_unless_the_user_says_otherwise(feature_root, tmp_path):
+    """main.py sets OMP_WAIT_POLICY=PASSIVE before torch loads its OpenMP runtime (a user's own value wins), and
+    a run's numbers and weights do not depend on it."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # (this process imported main)
+    show = [sys.executable, "-c", "import os, main; print(os.environ['OMP_WAIT_POLICY'])"]
+    assert subprocess.run(show, cwd=ROOT, env=env, capture_output=True, text=True).stdout == "PASSIVE\n"
+    assert subprocess.run(show, cwd=ROOT, env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                          text=True).stdout == "ACTIVE\n"
+    runs = {}
+    for policy in ("ACTIVE", "PASSIVE"):
+        results = tmp_path / policy
+        subprocess.run([sys.executable, "main.py", "-d", "pascal", "-g", "cpu", "--data-root", str(feature_root),
+                        "--results-dir", str(results), "-l", "EM_APL", "--features", "resnet18_random_32",
+                        "--epochs", "3", "--warmup-epoch", "1", "--early-stop", "none"], cwd=ROOT,
+                       env={**env, "OMP_WAIT_POLICY": policy}, capture_output=True, check=True)
+        (run_dir,) = results.iterdir()
+        record = json.loads((run_dir / "results.json").read_text())
+        runs[policy] = ({e: {phase: {k: v for k, v in values.items() if k != "seconds"} if isinstance(values, dict)
+                             else values for phase, values in epoch.items() if phase != "seconds"}
+                         for e, epoch in record["epochs"].items()}, record["test_per_class_ap"],
+                        torch.load(run_dir / "best.pt", weights_only=False)["model"])
+    (epochs_a, ap_a, model_a), (epochs_b, ap_b, model_b) = runs["ACTIVE"], runs["PASSIVE"]
+    assert len(epochs_a) == 3 and epochs_a == epochs_b and ap_a == ap_b
+    assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
