@@ -21,8 +21,8 @@ results.json and checkpoint writes; the first from the line before training). PA
 win. `--loss all` runs every registered loss in turn on one dataset (EM_APL with `--warmup-epoch 1`, so that its
 epochs hold APL rounds; role_li is skipped, with its reason) and ends with a table. On a shared virtual machine
 the same run's wall time varies by up to 2x with the host's load: run it a few times, and read the CPU seconds.
-main.py lets torch's OpenMP threads sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE unless set): with
-`OMP_WAIT_POLICY=ACTIVE` (spinning threads) the same `an` epoch took 108 s instead of 4-5 s on 2 cores at load 12.
+main.py lets torch's OpenMP threads sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE unless set): with the
+runtime's default (they spin first) an `an` epoch took 108 s instead of 4-5 s on 2 cores at load 12.
 """
 from __future__ import annotations
 
