@@ -25,7 +25,8 @@ VAL_LABELS = ("clean", "observed")  # --val-labels
 STOP_METRICS = ("map", *(f"{m}_{k}" for m in ("prec_at", "rec_at") for k in (1, 3, 5)), "top_1", "top_3", "top_5")
 # Settings of the image pipeline and the backbone, which a linear probe on cached features (--features) does not read.
 IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_workers", "image_cache", "amp",
-                  "channels_last", "compile", "cudnn_benchmark", "freeze_backbone", "sync_bn")
+                  "channels_last", "compile", "cudnn_benchmark", "freeze_backbone", "frozen_backbone_epochs",
+                  "sync_bn")
 # Settings that cannot change a run's numbers (where it runs and where its files are; the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
 # Not --num-workers / --persistent-workers: each worker draws the flips of its batches from its own stream.
@@ -165,6 +166,10 @@ class Config:
     val_labels: str = "clean"  # model selection on the val part's full labels, or its "observed" single positives
     stop_metric: str = "map"  # the val metric that selects the best epoch (and stops early)
     freeze_backbone: bool = False  # train the classifier head only, on images (the backbone in eval mode)
+    # GR-Loss's --linear_init (Chen et al.'s train.py): the first N epochs train the head alone, the backbone's
+    # parameters without gradients but in train mode (its BatchNorm statistics still move); -l gr's schedules
+    # start after them. 0: off, as in their code's default and every other source
+    frozen_backbone_epochs: int = 0
     train_subsample: float = 1.0  # share of the train part kept (drawn with subsample_seed)
     val_subsample: float = 1.0  # share of the val part kept
     subsample_seed: int = 0
@@ -381,6 +386,12 @@ def validate(cfg: Config) -> None:
     if cfg.freeze_backbone and cfg.features:
         raise ValueError("--freeze-backbone trains the head on images; --features is already a head on frozen "
                          "features: give one of them")
+    if not 0 <= cfg.frozen_backbone_epochs < cfg.num_epochs:
+        raise ValueError(f"--frozen-backbone-epochs must be in [0, --epochs - 1] = [0, {cfg.num_epochs - 1}], got "
+                         f"{cfg.frozen_backbone_epochs}")
+    if cfg.frozen_backbone_epochs and (cfg.features or cfg.freeze_backbone):
+        raise ValueError(f"--frozen-backbone-epochs trains the backbone after its first epochs; "
+                         f"{'--features' if cfg.features else '--freeze-backbone'} never trains it: give one of them")
     if not (math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
         raise ValueError(f"--dist-timeout must be a number of seconds > 0, got {cfg.dist_timeout}")
     # torch.manual_seed takes up to 64 bits (and each torchrun rank adds its rank); numpy's RandomState 32 bits

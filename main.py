@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--stop-metric", choices=STOP_METRICS, help="val metric that selects the best epoch (default map)")
     o.add_argument("--freeze-backbone", action="store_true", default=None,
                    help="train only the classifier head, on images (backbone frozen, in eval mode)")
+    o.add_argument("--frozen-backbone-epochs", type=int, metavar="N",
+                   help="train the head alone for the first N epochs (the backbone's parameters get no gradient, in "
+                        "train mode), then everything; GR-Loss's --linear_init, whose schedules start after them "
+                        "(default 0)")
     o.add_argument("--train-subsample", type=float, help="keep this share (0, 1] of the train part (default 1)")
     o.add_argument("--val-subsample", type=float, help="keep this share (0, 1] of the val part (default 1)")
     o.add_argument("--subsample-seed", type=int, help="seed of the subsampling (default 0)")
@@ -546,7 +550,9 @@ def setup_device(cfg: Config, gpu_given: str | None):
         ("-l role_li", "its linear phase runs on one device: train -l role_li with python main.py",
          cfg.loss == "role_li"),
         ("--drop-last", "each process's share ends in its own partial batch: run it with python main.py",
-         cfg.drop_last)) if given]
+         cfg.drop_last),
+        ("--frozen-backbone-epochs", "DistributedDataParallel needs the same trainable parameters in every epoch: "
+         "run it with python main.py", cfg.frozen_backbone_epochs)) if given]
     if refused:
         raise ValueError(f"{refused[0][0]} is not supported under torchrun: {refused[0][1]}")
     ctx, device = distributed.setup(gpu_given, cfg.batch_size, cfg.dist_timeout, cfg.sync_bn)
