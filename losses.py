@@ -467,9 +467,11 @@ def large_loss_correction_temporary(e: Entries, obs: torch.Tensor, true: torch.T
     _large_loss(e, obs, epoch, delta_rel, correct=True, fixed=False)
 
 
-def _permanent_corrections(logits: torch.Tensor, obs: torch.Tensor, *, delta_rel: float = 0.2,
-                           epoch: int = 1) -> torch.Tensor:
-    return large_losses(logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, fixed=True), strict=True)
+def _permanent_corrections(logits: torch.Tensor, obs: torch.Tensor, *, delta_rel: float = 0.2, epoch: int = 1,
+                           ties: bool = False) -> torch.Tensor:
+    """LL-Cp's corrections for good: the entries whose unknown-entry loss is strictly above the k-th largest (Kim
+    et al.'s `>`), or, `ties` (--ll-cp-corrections at-or-above), at or above it (BoostLU's `>=`)."""
+    return large_losses(logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, fixed=True), strict=not ties)
 
 
 @register("ll_cp", ranges=DELTA_REL, corrections=_permanent_corrections, plain_mean=True)

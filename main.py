@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, HEADS, IMAGE_CACHE_MODES, IMAGE_SETTINGS,
-                    LINEAR_SETTINGS, LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES,
+                    LINEAR_SETTINGS, LL_CP_CORRECTIONS, LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES,
                     ROLE_LI_INITS, ROLE_LOSSES, STOP_METRICS, TEST_PASSES, VAL_LABELS, Config, build_config_with_sources,
                     flag, validate)
 
@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--boost-alpha, Kim et al. 2023); default linear")
     m.add_argument("--boost-alpha", type=float, help="boostlu: factor > 0 on positive CAM values, in training and "
                    "evaluation (default 5, Kim et al. 2023)")
+    m.add_argument("--ll-cp-corrections", choices=LL_CP_CORRECTIONS,
+                   help="ll_cp: correct for good the unknown entries whose loss is above the batch's k-th largest "
+                        "(Kim et al.) or at or above it (ties included: BoostLU's code; the default with --head "
+                        "boostlu)")
     t = p.add_argument_group("several GPUs: torchrun --nproc_per_node N main.py ... (README 'Several GPUs')")
     t.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm: BatchNorm statistics over the global batch instead of each GPU's share "

@@ -428,7 +428,9 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         obs = batch["label_vec_obs"].to(engine.device, non_blocking=True)
         # labels were checked once at load time; torch.where filling gives the original's bits without a sync
         estimates = None if engine.estimates is None else engine.estimates(batch["idx"].to(engine.device))
-        mask = None if corrections is None else corrections(logits, obs, epoch=epoch, **hyperparameters)
+        mask = None if corrections is None else corrections(logits, obs, epoch=epoch,
+                                                            ties=cfg.ll_cp_corrections == "at-or-above",
+                                                            **hyperparameters)
         batch_scores = None if scores is None else scores[batch["idx"].to(engine.device)]
         loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
                             checked=True, where=True, epoch=epoch, estimates=estimates,
