@@ -25,7 +25,8 @@ VAL_LABELS = ("clean", "observed")  # --val-labels
 STOP_METRICS = ("map", *(f"{m}_{k}" for m in ("prec_at", "rec_at") for k in (1, 3, 5)), "top_1", "top_3", "top_5")
 # Settings of the image pipeline and the backbone, which a linear probe on cached features (--features) does not read.
 IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_workers", "image_cache", "amp",
-                  "channels_last", "compile", "cudnn_benchmark", "freeze_backbone", "sync_bn")
+                  "channels_last", "compile", "cudnn_benchmark", "freeze_backbone", "frozen_backbone_epochs",
+                  "sync_bn")
 # Settings that cannot change a run's numbers (where it runs and where its files are; the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
 # Not --num-workers / --persistent-workers: each worker draws the flips of its batches from its own stream.
@@ -78,6 +79,11 @@ EXPECTED_POSITIVES_LOSSES = (*ROLE_LOSSES, "epr")  # the losses that read expect
 # (their `--alpha` default and README command). Taken by build_config when --head boostlu.
 BOOSTLU_DELTA_REL: dict[str, float] = {"ll_r": 0.5, "ll_ct": 0.2, "ll_cp": 0.1}
 BOOSTLU_ALPHA = 5.0
+# which entries LL-Cp corrects for good (--ll-cp-corrections): those whose loss is above the batch's k-th largest
+# (Kim et al.'s `correction_idx = torch.where(unobserved_loss > topk_lossvalue)`) or at or above it (BoostLU's `>=`:
+# ties included, and with a k-th largest of 0 every entry). --head boostlu takes BoostLU's.
+LL_CP_CORRECTIONS = ("above", "at-or-above")
+BOOSTLU_LL_CP_CORRECTIONS = "at-or-above"
 # ---- end of issue 25's block -------------------------------------------------------------------------------------
 
 
@@ -165,6 +171,10 @@ class Config:
     val_labels: str = "clean"  # model selection on the val part's full labels, or its "observed" single positives
     stop_metric: str = "map"  # the val metric that selects the best epoch (and stops early)
     freeze_backbone: bool = False  # train the classifier head only, on images (the backbone in eval mode)
+    # GR-Loss's --linear_init (Chen et al.'s train.py): the first N epochs train the head alone, the backbone's
+    # parameters without gradients but in train mode (its BatchNorm statistics still move); -l gr's schedules
+    # start after them. 0: off, as in their code's default and every other source
+    frozen_backbone_epochs: int = 0
     train_subsample: float = 1.0  # share of the train part kept (drawn with subsample_seed)
     val_subsample: float = 1.0  # share of the val part kept
     subsample_seed: int = 0
@@ -200,6 +210,7 @@ class Config:
     # ---- issue 25: the classifier head (models.HEADS; models.CAMHead) ----
     head: str = "linear"  # "linear" (the original's), "cam", or "boostlu" (Kim et al. 2023)
     boost_alpha: float = BOOSTLU_ALPHA  # BoostLU's factor on positive CAM values (--head boostlu only)
+    ll_cp_corrections: str = "above"  # LL_CP_CORRECTIONS: Kim et al.'s "above"; BoostLU's "at-or-above"
 
     @property
     def selection_key(self) -> str:
@@ -220,7 +231,8 @@ class Config:
 
     def unused_settings(self, given: set[str]) -> list[str]:
         """Those of the `given` fields (set on the command line) that the chosen loss does not read."""
-        one_loss = {"role_li_init": "role_li", "pseudo_scores": "EM_PL"}  # settings that a single loss reads
+        # settings that a single loss reads
+        one_loss = {"role_li_init": "role_li", "pseudo_scores": "EM_PL", "ll_cp_corrections": "ll_cp"}
         per_loss = {k for fn in LOSSES.values() for k in fn.hyperparameters} | set(APL_SETTINGS) | set(one_loss)
         used = set(LOSSES[self.loss].hyperparameters) | (set(APL_SETTINGS) if self.loss == "EM_APL" else set()) \
             | {k for k, loss in one_loss.items() if loss == self.loss}
@@ -301,6 +313,8 @@ def build_config_with_sources(dataset: str, **overrides) -> tuple[Config, dict[s
          if loss in EXPECTED_POSITIVES_LOSSES and dataset in ROLE_EXPECTED_POSITIVES else {}),
         ("config.BOOSTLU_DELTA_REL (--head boostlu)", {"delta_rel": BOOSTLU_DELTA_REL[loss]}
          if overrides.get("head") == "boostlu" and loss in BOOSTLU_DELTA_REL else {}),
+        ("config.BOOSTLU_LL_CP_CORRECTIONS (--head boostlu)", {"ll_cp_corrections": BOOSTLU_LL_CP_CORRECTIONS}
+         if overrides.get("head") == "boostlu" and loss == "ll_cp" else {}),
         (str(root / dataset / "dataset.json"), dict(info.defaults)),  # an own dataset's, under the protocol
         (f"config.PROTOCOLS[{protocol!r}]", {k: v for k, v in PROTOCOLS[protocol].items()
                                              if not (overrides.get("features") and k in PROTOCOL_SCHEDULE)}),
@@ -381,6 +395,12 @@ def validate(cfg: Config) -> None:
     if cfg.freeze_backbone and cfg.features:
         raise ValueError("--freeze-backbone trains the head on images; --features is already a head on frozen "
                          "features: give one of them")
+    if not 0 <= cfg.frozen_backbone_epochs < cfg.num_epochs:
+        raise ValueError(f"--frozen-backbone-epochs must be in [0, --epochs - 1] = [0, {cfg.num_epochs - 1}], got "
+                         f"{cfg.frozen_backbone_epochs}")
+    if cfg.frozen_backbone_epochs and (cfg.features or cfg.freeze_backbone):
+        raise ValueError(f"--frozen-backbone-epochs trains the backbone after its first epochs; "
+                         f"{'--features' if cfg.features else '--freeze-backbone'} never trains it: give one of them")
     if not (math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
         raise ValueError(f"--dist-timeout must be a number of seconds > 0, got {cfg.dist_timeout}")
     # torch.manual_seed takes up to 64 bits (and each torchrun rank adds its rank); numpy's RandomState 32 bits
@@ -405,6 +425,9 @@ def _validate_head(cfg: Config) -> None:
     """Issue 25: --head and --boost-alpha."""
     if cfg.head not in HEADS:
         raise ValueError(f"--head must be one of {list(HEADS)}, got {cfg.head!r}")
+    if cfg.ll_cp_corrections not in LL_CP_CORRECTIONS:
+        raise ValueError(f"--ll-cp-corrections must be one of {list(LL_CP_CORRECTIONS)}, got "
+                         f"{cfg.ll_cp_corrections!r}")
     if not (math.isfinite(cfg.boost_alpha) and cfg.boost_alpha > 0):
         raise ValueError(f"--boost-alpha must be a finite number > 0, got {cfg.boost_alpha}")
     if cfg.head != "linear" and cfg.features is not None:

@@ -68,7 +68,7 @@ def flag(field: str) -> str:
 # keyword-only parameters that the training loop supplies, not hyperparameters: the 1-based epoch, ROLE's
 # label estimates of the batch rows, EM_PL's pseudo-label scores of the batch rows, and the run's number of epochs
 # (GR-Loss's schedules)
-CONTEXT = ("epoch", "estimates", "pseudo_scores", "num_epochs")
+CONTEXT = ("epoch", "estimates", "pseudo_scores", "num_epochs", "frozen_backbone_epochs")
 
 
 def register(name: str, negative_obs: bool = False, ranges: Optional[Mapping[str, Range]] = None,
@@ -467,9 +467,11 @@ def large_loss_correction_temporary(e: Entries, obs: torch.Tensor, true: torch.T
     _large_loss(e, obs, epoch, delta_rel, correct=True, fixed=False)
 
 
-def _permanent_corrections(logits: torch.Tensor, obs: torch.Tensor, *, delta_rel: float = 0.2,
-                           epoch: int = 1) -> torch.Tensor:
-    return large_losses(logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, fixed=True), strict=True)
+def _permanent_corrections(logits: torch.Tensor, obs: torch.Tensor, *, delta_rel: float = 0.2, epoch: int = 1,
+                           ties: bool = False) -> torch.Tensor:
+    """LL-Cp's corrections for good: the entries whose unknown-entry loss is strictly above the k-th largest (Kim
+    et al.'s `>`), or, `ties` (--ll-cp-corrections at-or-above), at or above it (BoostLU's `>=`)."""
+    return large_losses(logits, obs, large_loss_count(obs.numel(), epoch, delta_rel, fixed=True), strict=not ties)
 
 
 @register("ll_cp", ranges=DELTA_REL, corrections=_permanent_corrections, plain_mean=True)
@@ -633,13 +635,14 @@ ANY_REAL = Range(-math.inf, math.inf)
 POSITIVE = Range(0.0, math.inf, lo_open=True)
 
 
-def gr_schedule(start: float, end: float, epoch: int, num_epochs: int, lag: int) -> float:
+def gr_schedule(start: float, end: float, epoch: int, num_epochs: int, lag: int, frozen: int = 0) -> float:
     """GR-Loss's linear move of a parameter from `start` to `end` over the run, at `epoch` (1-based):
-        start + (end - start) * max(epoch - lag, 0) / num_epochs,
-    in the authors' float arithmetic and order (train.py, with their `linear_init` n = 0, its default). Their two
-    schedules differ by one epoch: K's w and b lag by 1 (w = w0 in epoch 1, never wT), V's mu and sigma by 0
-    (mu reaches muT in the last epoch)."""
-    return start + (end - start) * max(epoch - lag, 0) / num_epochs
+        start + (end - start) * max(epoch - n - lag, 0) / (num_epochs - n),
+    in the authors' float arithmetic and order (train.py), where n = `frozen` is their `linear_init`: the epochs
+    that train the head alone (--frozen-backbone-epochs), after which the schedules start. Their two schedules
+    differ by one epoch: K's w and b lag by 1 (w = w0 in epoch n + 1, never wT), V's mu and sigma by 0 (mu reaches
+    muT in the last epoch)."""
+    return start + (end - start) * max(epoch - frozen - lag, 0) / (num_epochs - frozen)
 
 
 @register("gr", plain_mean=True, masked=True,
@@ -650,22 +653,24 @@ def generalized_robust(e: Entries, obs: torch.Tensor, true: torch.Tensor, *, gr_
                        gr_w_end: float = 2.0, gr_b_start: float = -2.0, gr_b_end: float = -2.0,
                        gr_mu_start: float = 0.5, gr_mu_end: float = 0.8, gr_sigma_start: float = 2.0,
                        gr_sigma_end: float = 0.5, gr_q2: float = 0.01, gr_q3: float = 1.0, epoch: int = 1,
-                       num_epochs: int) -> None:
+                       num_epochs: int, frozen_backbone_epochs: int = 0) -> None:
     """GR-Loss (generalized robust loss), the mean over the B x C entries of
         obs = 1 -> -log(p + 1e-7)
         obs = 0 -> V(p) * [K(p) * (1 - p^q2) / q2 + (1 - K(p)) * (1 - (1 - p)^q3) / q3]
     with K(p) = 1 / (1 + exp(-(w p + b))) (a soft pseudo-label) and V(p) = exp(-0.5 ((p - mu) / sigma)^2) (a
     reweighting), both of p without gradient. w, b, mu, sigma move linearly over the run (`gr_schedule`: w, b
-    lagging one epoch behind mu, sigma); q2, q3 are fixed. Defaults: the authors' (config.py: --beta [w0, wT, b0, bT]
+    lagging one epoch behind mu, sigma; both start after the run's `frozen_backbone_epochs`, their --linear_init,
+    0 by default); q2, q3 are fixed. Defaults: the authors' (config.py: --beta [w0, wT, b0, bT]
     = [0, 2, -2, -2], --alpha [mu0, sigma0, muT, sigmaT] = [0.5, 2, 0.8, 0.5], --q2q3 [0.01, 1]), the same for
     every dataset (their code and README publish this one setting).
     Source: Chen et al., IJCAI 2024, Eq. of the GR loss; code yan4xi1/GRLoss, losses.py `GR_loss`, `loss1`,
     `loss2`, models.py `KFunction`, `VFunction`, and the schedule in train.py.
     """
-    w = gr_schedule(gr_w_start, gr_w_end, epoch, num_epochs, lag=1)
-    b = gr_schedule(gr_b_start, gr_b_end, epoch, num_epochs, lag=1)
-    mu = gr_schedule(gr_mu_start, gr_mu_end, epoch, num_epochs, lag=0)
-    sigma = gr_schedule(gr_sigma_start, gr_sigma_end, epoch, num_epochs, lag=0)
+    frozen = frozen_backbone_epochs
+    w = gr_schedule(gr_w_start, gr_w_end, epoch, num_epochs, lag=1, frozen=frozen)
+    b = gr_schedule(gr_b_start, gr_b_end, epoch, num_epochs, lag=1, frozen=frozen)
+    mu = gr_schedule(gr_mu_start, gr_mu_end, epoch, num_epochs, lag=0, frozen=frozen)
+    sigma = gr_schedule(gr_sigma_start, gr_sigma_end, epoch, num_epochs, lag=0, frozen=frozen)
     p_fixed = e.preds.detach()
     k = 1 / (1 + torch.exp(-(w * p_fixed + b)))
     v = torch.exp(-0.5 * ((p_fixed - mu) / sigma) ** 2)
@@ -692,7 +697,7 @@ def check_observed(name: str, obs: torch.Tensor) -> None:
 def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch.Tensor, *,
                  checked: bool = False, where: bool = False, epoch: int = 1, estimates: torch.Tensor | None = None,
                  pseudo_scores: torch.Tensor | None = None, num_epochs: int | None = None,
-                 **hparams: float) -> torch.Tensor:
+                 frozen_backbone_epochs: int = 0, **hparams: float) -> torch.Tensor:
     """Mean over the B x C entries of loss `name`. Hyperparameters the loss does not take are ignored; one it
     takes that is absent or None gets its default (TypeError if it has none, e.g. EM's alpha).
 
@@ -701,7 +706,8 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     `epoch` (1-based) is passed to the losses whose schedule depends on it (the Large-Loss methods, SPLC,
     EM_PL); `estimates`, the (B, C) label estimates of the batch rows in (0, 1), to ROLE (`role`);
     `pseudo_scores`, the (B, C) score rows of the batch, to EM_PL; `num_epochs`, the run's number of epochs, to a
-    loss with a schedule over the run (GR-Loss).
+    loss with a schedule over the run (GR-Loss), and `frozen_backbone_epochs`, the run's first epochs that train
+    the head alone (--frozen-backbone-epochs), after which GR-Loss's schedule starts.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
@@ -718,7 +724,8 @@ def compute_loss(name: str, logits: torch.Tensor, obs: torch.Tensor, true: torch
     # Labels in the logits' dtype, as the original's float32 label tensors (so the matrix stays float32).
     obs, true = obs.to(logits.dtype), true.to(logits.dtype)
     entries = Entries(logits, where and not fn.masked)
-    context = {"epoch": epoch, "estimates": estimates, "pseudo_scores": pseudo_scores, "num_epochs": num_epochs}
+    context = {"epoch": epoch, "estimates": estimates, "pseudo_scores": pseudo_scores, "num_epochs": num_epochs,
+               "frozen_backbone_epochs": frozen_backbone_epochs}
     if "estimates" in fn.context and estimates is None:
         raise TypeError(f"loss {name!r} needs the label estimates of the batch rows (estimates=)")
     if "num_epochs" in fn.context and num_epochs is None:

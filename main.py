@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, HEADS, IMAGE_CACHE_MODES, IMAGE_SETTINGS,
-                    LINEAR_SETTINGS, LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES,
+                    LINEAR_SETTINGS, LL_CP_CORRECTIONS, LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES,
                     ROLE_LI_INITS, ROLE_LOSSES, STOP_METRICS, TEST_PASSES, VAL_LABELS, Config, build_config_with_sources,
                     flag, validate)
 
@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--stop-metric", choices=STOP_METRICS, help="val metric that selects the best epoch (default map)")
     o.add_argument("--freeze-backbone", action="store_true", default=None,
                    help="train only the classifier head, on images (backbone frozen, in eval mode)")
+    o.add_argument("--frozen-backbone-epochs", type=int, metavar="N",
+                   help="train the head alone for the first N epochs (the backbone's parameters get no gradient, in "
+                        "train mode), then everything; GR-Loss's --linear_init, whose schedules start after them "
+                        "(default 0)")
     o.add_argument("--train-subsample", type=float, help="keep this share (0, 1] of the train part (default 1)")
     o.add_argument("--val-subsample", type=float, help="keep this share (0, 1] of the val part (default 1)")
     o.add_argument("--subsample-seed", type=int, help="seed of the subsampling (default 0)")
@@ -175,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--boost-alpha, Kim et al. 2023); default linear")
     m.add_argument("--boost-alpha", type=float, help="boostlu: factor > 0 on positive CAM values, in training and "
                    "evaluation (default 5, Kim et al. 2023)")
+    m.add_argument("--ll-cp-corrections", choices=LL_CP_CORRECTIONS,
+                   help="ll_cp: correct for good the unknown entries whose loss is above the batch's k-th largest "
+                        "(Kim et al.) or at or above it (ties included: BoostLU's code; the default with --head "
+                        "boostlu)")
     t = p.add_argument_group("several GPUs: torchrun --nproc_per_node N main.py ... (README 'Several GPUs')")
     t.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm: BatchNorm statistics over the global batch instead of each GPU's share "
@@ -552,7 +560,9 @@ def setup_device(cfg: Config, gpu_given: str | None):
         ("-l role_li", "its linear phase runs on one device: train -l role_li with python main.py",
          cfg.loss == "role_li"),
         ("--drop-last", "each process's share ends in its own partial batch: run it with python main.py",
-         cfg.drop_last)) if given]
+         cfg.drop_last),
+        ("--frozen-backbone-epochs", "DistributedDataParallel needs the same trainable parameters in every epoch: "
+         "run it with python main.py", cfg.frozen_backbone_epochs)) if given]
     if refused:
         raise ValueError(f"{refused[0][0]} is not supported under torchrun: {refused[0][1]}")
     ctx, device = distributed.setup(gpu_given, cfg.batch_size, cfg.dist_timeout, cfg.sync_bn)

@@ -413,6 +413,8 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
     per-epoch DataLoader workers. In a torchrun launch every rank trains on its shard (reshuffled each epoch),
     the corrections of all ranks reach every rank, and the returned predictions are all ranks' (gather_pass)."""
     engine.train()
+    if cfg.frozen_backbone_epochs:  # GR-Loss's linear init: the head alone first, the backbone still in train mode
+        engine.model.backbone.requires_grad_(epoch > cfg.frozen_backbone_epochs)
     if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # a DistributedSampler: this epoch's shuffle
         loader.sampler.set_epoch(epoch)
     hyperparameters = cfg.loss_hyperparameters()
@@ -426,11 +428,14 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         obs = batch["label_vec_obs"].to(engine.device, non_blocking=True)
         # labels were checked once at load time; torch.where filling gives the original's bits without a sync
         estimates = None if engine.estimates is None else engine.estimates(batch["idx"].to(engine.device))
-        mask = None if corrections is None else corrections(logits, obs, epoch=epoch, **hyperparameters)
+        mask = None if corrections is None else corrections(logits, obs, epoch=epoch,
+                                                            ties=cfg.ll_cp_corrections == "at-or-above",
+                                                            **hyperparameters)
         batch_scores = None if scores is None else scores[batch["idx"].to(engine.device)]
         loss = compute_loss(cfg.loss, logits, obs, batch["label_vec_true"].to(engine.device, non_blocking=True),
                             checked=True, where=True, epoch=epoch, estimates=estimates,
-                            pseudo_scores=batch_scores, num_epochs=cfg.num_epochs, **hyperparameters)
+                            pseudo_scores=batch_scores, num_epochs=cfg.num_epochs,
+                            frozen_backbone_epochs=cfg.frozen_backbone_epochs, **hyperparameters)
         if mask is not None:
             corrected.append((batch["idx"], mask))
         optimizer.zero_grad()

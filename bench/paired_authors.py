@@ -4,6 +4,8 @@ best checkpoints hold the same weights, tensor by tensor (torch.equal).
 
     python bench/paired_authors.py gr AUTHORS_GIT_DIR         # yan4xi1/GRLoss (a bare clone or a work tree)
     python bench/paired_authors.py boostlu AUTHORS_GIT_DIR    # youngwk/BridgeGapExplanationPAMC (LL-R)
+    python bench/paired_authors.py gr AUTHORS_GIT_DIR --authors-args='--linear_init 1' \
+        --ours --frozen-backbone-epochs 1                     # GRLoss's linear init
 
 The authors' code is read from their repository at run time (git archive into a temporary folder), never kept
 here; the patches below only point it at the data, shrink the model (ResNet-18, random weights, small images,
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,7 +80,8 @@ def run_authors(method: str, tree: Path, args: argparse.Namespace) -> tuple[list
               "--lr", repr(args.lr)]
     extra = (["--arch", "resnet18", "--num_workers", "0", "--lr_mult", repr(args.head_lr_mult)] if method == "gr"
              else ["--largelossmod_scheme", "LL-R", "--alpha", "5"])
-    out = subprocess.run([sys.executable, "main.py", *common, *extra], cwd=tree, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "main.py", *common, *extra, *args.authors_args], cwd=tree,
+                         capture_output=True, text=True)
     if "Traceback" in out.stdout or out.returncode:
         raise SystemExit(f"the authors' run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     val = [float(v) for v in re.findall(r"Epoch \d+ : val mAP ([0-9.e+-]+)", out.stdout)]
@@ -112,6 +116,9 @@ def main() -> None:
     p.add_argument("--authors-test-each-best", action="store_true",
                    help="make the authors' loop draw a test loader's seed at each improving epoch, as main.py's "
                         "loop does (it tests there; theirs tests once, at the end)")
+    p.add_argument("--authors-args", type=shlex.split, default=[], metavar="'ARGS'",
+                   help="further arguments of the authors' main.py, one string after '=', e.g. "
+                        "--authors-args='--linear_init 1' (GRLoss) with --ours --frozen-backbone-epochs 1")
     p.add_argument("--ours", nargs=argparse.REMAINDER, default=[], help="further flags for main.py")
     args = p.parse_args()
     from helpers import write_pascal_root

@@ -147,6 +147,56 @@ def test_a_zero_threshold_replaces_the_observed_positives_too_as_kims_code_does(
     assert compute_loss("ll_ct", logits, obs, obs, epoch=2, delta_rel=10.0).item() == pytest.approx(expected)
 
 
+def boostlu_correction_mask(preds: torch.Tensor, label_vec: torch.Tensor, P: dict) -> torch.Tensor:
+    """youngwk/BridgeGapExplanationPAMC losses.py `compute_batch_loss`'s `correction_idx` for LL-Cp (the same
+    ranking as Kim et al.'s, `>=` where theirs has `>`), as the mask that train.py writes into the labels."""
+    unobserved_loss = (label_vec == 0).bool() * F.binary_cross_entropy_with_logits(preds, label_vec.clip(0),
+                                                                                  reduction="none")
+    mask = torch.zeros_like(label_vec, dtype=torch.bool)
+    if P["clean_rate"] == 1:
+        return mask  # their correction_idx: two empty tensors
+    k = math.ceil(preds.size(0) * preds.size(1) * P["delta_rel"])
+    topk_lossvalue = torch.topk(unobserved_loss.flatten(), k).values[-1]
+    mask[torch.where(unobserved_loss >= topk_lossvalue)] = True
+    return mask
+
+
+def test_boostlus_corrections_take_the_ties_as_their_code_does():
+    differs = 0
+    for regime in REGIMES:
+        for seed in range(6):
+            logits, obs = _batch(seed, regime)
+            schedule = KimSchedule(2.0, "LL-Cp")
+            for epoch in range(1, 5):
+                theirs = boostlu_correction_mask(logits, obs, schedule.P)
+                ours = LOSSES["ll_cp"].corrections(logits, obs, delta_rel=2.0, epoch=epoch, ties=True)
+                assert torch.equal(ours, theirs), (regime, seed, epoch)
+                differs += not torch.equal(ours, LOSSES["ll_cp"].corrections(logits, obs, delta_rel=2.0, epoch=epoch))
+                schedule.end_epoch()
+    assert differs == 4 * 6 * 3  # the k-th largest itself is in one set only: the rules part in every epoch >= 2
+
+
+def test_head_boostlu_takes_boostlus_correction_rule_and_the_step_passes_it(tmp_path):
+    assert config.build_config("demo", loss="ll_cp").ll_cp_corrections == "above"
+    assert config.build_config("coco", loss="ll_cp", head="boostlu").ll_cp_corrections == "at-or-above"
+    assert config.build_config("coco", loss="ll_cp", head="boostlu",
+                               ll_cp_corrections="above").ll_cp_corrections == "above"
+    ds = tiny_dataset(tmp_path, 16, 6)
+    seen = []
+    real = train.LOSSES["ll_cp"].corrections
+    train.LOSSES["ll_cp"].corrections = lambda logits, obs, **kw: seen.append(kw["ties"]) or real(logits, obs, **kw)
+    try:
+        for rule in ("above", "at-or-above"):
+            cfg = config.build_config("demo", loss="ll_cp", delta_rel=10.0, batch_size=8, num_workers=0,
+                                      ll_cp_corrections=rule)
+            engine = train.build_engine(TinyNet(6), CPU)
+            train.train_epoch(engine, DataLoader(ds, batch_size=8), torch.optim.Adam(engine.model.parameters()),
+                              torch.amp.GradScaler("cpu", enabled=False), cfg, 2, ds)
+    finally:
+        train.LOSSES["ll_cp"].corrections = real
+    assert seen == [False, False, True, True]
+
+
 # --- the schedule: Kim's float clean_rate ------------------------------------------------------------------------
 
 def test_the_schedule_of_k_is_kims_float_arithmetic():

@@ -46,10 +46,10 @@ def authors_schedule(epoch: int, num_epochs: int, beta, alpha, n: int = 0) -> tu
 
 
 def authors_gr_loss(logits: torch.Tensor, label_vec: torch.Tensor, epoch: int, num_epochs: int, beta, alpha,
-                    q2q3) -> torch.Tensor:
+                    q2q3, n: int = 0) -> torch.Tensor:
     """GRLoss train.py's step (preds, preds1 = detached, K = KFunction(w, b)(preds1), V = VFunction) and
     losses.py's GR_loss, in their masked-assignment style."""
-    w, b, mu, sigma = authors_schedule(epoch, num_epochs, beta, alpha)
+    w, b, mu, sigma = authors_schedule(epoch, num_epochs, beta, alpha, n)
     preds = torch.sigmoid(logits)
     preds1 = preds.detach()
     K = 1 / (1 + torch.exp(-(w * preds1 + b)))
@@ -118,17 +118,91 @@ def test_gr_hand_values():
 
 def test_gr_schedules_epoch_by_epoch_match_the_authors_arithmetic():
     for num_epochs in (1, 2, 8, 10, 25):
-        for epoch in range(1, num_epochs + 1):
-            for beta, alpha in ((AUTHORS_BETA, AUTHORS_ALPHA), (OTHER_SETTING[0], OTHER_SETTING[1])):
-                w, b, mu, sigma = authors_schedule(epoch, num_epochs, beta, alpha)
-                assert gr_schedule(float(beta[0]), float(beta[1]), epoch, num_epochs, lag=1) == w
-                assert gr_schedule(float(beta[2]), float(beta[3]), epoch, num_epochs, lag=1) == b
-                assert gr_schedule(float(alpha[0]), float(alpha[2]), epoch, num_epochs, lag=0) == mu
-                assert gr_schedule(float(alpha[1]), float(alpha[3]), epoch, num_epochs, lag=0) == sigma
+        for n in sorted({0, 1, 3, num_epochs - 1} & set(range(num_epochs))):  # their --linear_init
+            for epoch in range(1, num_epochs + 1):
+                for beta, alpha in ((AUTHORS_BETA, AUTHORS_ALPHA), (OTHER_SETTING[0], OTHER_SETTING[1])):
+                    w, b, mu, sigma = authors_schedule(epoch, num_epochs, beta, alpha, n)
+                    kw = dict(frozen=n) if n else {}  # n = 0: the call of a run without frozen epochs
+                    assert gr_schedule(float(beta[0]), float(beta[1]), epoch, num_epochs, lag=1, **kw) == w
+                    assert gr_schedule(float(beta[2]), float(beta[3]), epoch, num_epochs, lag=1, **kw) == b
+                    assert gr_schedule(float(alpha[0]), float(alpha[2]), epoch, num_epochs, lag=0, **kw) == mu
+                    assert gr_schedule(float(alpha[1]), float(alpha[3]), epoch, num_epochs, lag=0, **kw) == sigma
+    # their linear init of n = 2 epochs out of 8: nothing moves before epoch 3, and mu still reaches muT at the end
+    assert [gr_schedule(0.5, 0.8, e, 8, lag=0, frozen=2) for e in (1, 2, 3, 8)] == [0.5, 0.5, 0.5 + 0.3 / 6, 0.8]
+    assert [gr_schedule(0.0, 2.0, e, 8, lag=1, frozen=2) for e in (3, 4)] == [0.0, 2.0 / 6]
     # the off-by-one, in numbers (8 epochs, the authors' defaults): w starts at w0 and never reaches wT ...
     assert [gr_schedule(0.0, 2.0, e, 8, lag=1) for e in (1, 2, 8)] == [0.0, 0.25, 1.75]
     # ... mu moves in epoch 1 already and reaches muT in the last epoch
     assert [gr_schedule(0.5, 0.8, e, 8, lag=0) for e in (1, 8)] == [0.5 + 0.3 / 8, 0.8]
+
+
+@pytest.mark.parametrize("epoch, n", [(1, 1), (2, 1), (3, 2), (6, 3)])
+def test_gr_after_frozen_epochs_is_bit_identical_to_the_authors_code(epoch, n):
+    logits, obs, true = random_batch(7)
+    x = logits.clone().requires_grad_(True)
+    got = compute_loss("gr", x, obs, true, where=True, checked=True, epoch=epoch, num_epochs=8,
+                       frozen_backbone_epochs=n)
+    got.backward()
+    y = logits.clone().requires_grad_(True)
+    ref = authors_gr_loss(y, obs.float(), epoch, 8, AUTHORS_BETA, AUTHORS_ALPHA, AUTHORS_Q2Q3, n)
+    ref.backward()
+    assert torch.equal(got, ref) and torch.equal(x.grad, y.grad)
+    # and it is another loss than the one without frozen epochs (the schedule has moved less)
+    assert got.item() != compute_loss("gr", logits, obs, true, epoch=epoch, num_epochs=8).item()
+
+
+class _BackboneAndHead(torch.nn.Module):
+    """A model with the project's two parts: `backbone` (a convolution and a BatchNorm) and `head`."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_frozen_backbone_epochs_train_the_head_alone_then_everything(tmp_path, monkeypatch):
+    """GRLoss train.py's --linear_init n: in epochs <= n the backbone's parameters have requires_grad False (no
+    gradient, so Adam leaves them and keeps no state for them) while the model is in train mode (BatchNorm's
+    running statistics move); from epoch n + 1 all train; the loss gets n for its schedule."""
+    import train
+    from helpers import tiny_dataset
+    from torch.utils.data import DataLoader
+    torch.manual_seed(0)
+    ds = tiny_dataset(tmp_path, 16, 5)
+    cfg = config.build_config("demo", loss="gr", frozen_backbone_epochs=1, num_epochs=3, batch_size=8,
+                              num_workers=0)
+    engine = train.build_engine(_BackboneAndHead(5), torch.device("cpu"))
+    optimizer = torch.optim.Adam(engine.model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seen = []
+    real = train.compute_loss
+    monkeypatch.setattr(train, "compute_loss", lambda *a, **kw: seen.append(kw["frozen_backbone_epochs"]) or
+                        real(*a, **kw))
+    conv, bn, head = engine.model.backbone[0], engine.model.backbone[1], engine.model.head
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    train.train_epoch(engine, DataLoader(ds, batch_size=8), optimizer, scaler, cfg, 1, ds)
+    assert torch.equal(conv.weight, before["backbone.0.weight"]) and torch.equal(bn.weight, before["backbone.1.weight"])
+    assert not torch.equal(bn.running_mean, before["backbone.1.running_mean"])  # train mode
+    assert not torch.equal(head.weight, before["head.weight"])
+    assert conv.weight not in optimizer.state and head.weight in optimizer.state
+    train.train_epoch(engine, DataLoader(ds, batch_size=8), optimizer, scaler, cfg, 2, ds)
+    assert not torch.equal(conv.weight, before["backbone.0.weight"]) and optimizer.state[conv.weight]["step"] == 2
+    assert optimizer.state[head.weight]["step"] == 4
+    assert seen == [1] * 4
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--frozen-backbone-epochs", "3", "--epochs", "3"], "--frozen-backbone-epochs must be in [0, --epochs - 1]"),
+    (["--frozen-backbone-epochs", "-1"], "--frozen-backbone-epochs must be in"),
+    (["--frozen-backbone-epochs", "1", "--freeze-backbone"], "give one of them")])
+def test_frozen_backbone_epochs_are_checked_with_one_line(args, words, capsys):
+    assert main.main(["-d", "demo", "-l", "gr", *args, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
 
 
 def test_gr_reads_its_schedule_from_the_epoch_and_the_run_length():
