@@ -148,10 +148,12 @@ def test_the_run_splits_off_the_last_fifth_of_a_permutation_seeded_1200(run_conf
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The docs (README.md, docs/original.md): their settings tables and the defaults they state, against the code
+# The docs (README.md, docs/command-line.md, docs/original.md): their settings tables and the defaults they state,
+# against the code
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+COMMAND_LINE = ROOT / "docs" / "command-line.md"  # every flag; README.md's "Command line" table is its brief
 ORIGINAL = ROOT / "docs" / "original.md"
 SETTINGS_HEADER = ("| dataset | batch | lr | α (EM) | θ (APL share) | T_w (warm-up) | β (APL weight) "
                    "| LL δ (R / Ct / Cp) | ROLE k |")
@@ -179,15 +181,25 @@ def check_zhou_columns(run_config, rows: list[list[str]]) -> None:
             cfg.batch_size, cfg.lr, cfg.alpha, cfg.neg_proportion, cfg.warmup_epoch, cfg.beta), dataset
 
 
-def readme_flag_defaults() -> dict[str, str]:
-    """The "Command line" table's default of each flag: a row that names several flags and as many
-    comma-separated defaults gives each its own; otherwise every flag of the row has the row's default."""
+def flag_defaults(path: Path) -> dict[str, str]:
+    """The default of each flag in `path`'s "| flag | default | meaning |" table: a row that names several flags and
+    as many comma-separated defaults gives each its own; otherwise every flag of the row has the row's default."""
     defaults = {}
-    for names, default, _ in doc_table(README, "| flag | default | meaning |"):
+    for names, default, _ in doc_table(path, "| flag | default | meaning |"):
         flags = re.findall(r"`([^`]+)`", names)
         values = [value.strip().strip("`") for value in default.split(",")]
         defaults.update(zip(flags, values) if len(values) == len(flags) else ((f, default.strip("`")) for f in flags))
     return defaults
+
+
+def readme_flag_defaults() -> dict[str, str]:
+    """docs/command-line.md's default of every flag, after checking that README.md's brief table states the same
+    default for each flag it names."""
+    every, brief = flag_defaults(COMMAND_LINE), flag_defaults(README)
+    for flag, default in brief.items():
+        assert flag in every, f"README.md's command-line table names {flag}, docs/command-line.md does not"
+        assert default == every[flag], f"{flag}: README.md says {default!r}, docs/command-line.md {every[flag]!r}"
+    return every
 
 
 def test_readme_settings_table_is_the_code(run_config):
