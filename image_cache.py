@@ -225,11 +225,16 @@ class CachedLoader:
             flips = torch.tensor([bool(torch.rand(1, generator=generator) < 0.5) if self.flip else False
                                   for _ in indices])
             rows = np.asarray(indices)
-            batch = {"image": torch.from_numpy(self.images[rows]), "flip": flips,
+            batch = {"image": self._images(rows), "flip": flips,
                      "label_vec_obs": torch.from_numpy(self.dataset.labels_obs[rows]).float(),
                      "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows]).float(),
                      "idx": torch.from_numpy(rows)}
-            yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+            yield {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in batch.items()} \
+                if self.pin_memory else batch
+
+    def _images(self, rows: np.ndarray) -> torch.Tensor:
+        """The batch's uint8 NHWC images (device_decode.DecodedLoader decodes them instead)."""
+        return torch.from_numpy(self.images[rows])
 
 
 _NORMALISE: dict[torch.device, tuple[torch.Tensor, ...]] = {}
@@ -258,20 +263,31 @@ def to_model_input(batch: dict, device: torch.device, channels_last: bool = Fals
 
 def make_loaders(datasets: dict[str, MultilabelDataset], batch_size: int, num_workers: int, persistent_workers: bool,
                  device: torch.device, image_cache: str = "off", image_size: int | None = None,
-                 cache_dir: Path | None = None, shards: Callable | None = None, drop_last: bool = False) -> dict:
+                 cache_dir: Path | None = None, shards: Callable | None = None, drop_last: bool = False,
+                 eval_batch_size: int | None = None, image_decode: str = "pil") -> dict:
     """The train / val / test loaders: the original's DataLoaders, or cached loaders that give the same batches;
-    `drop_last` for all three (Cole et al.'s loaders).
+    `drop_last` for all three (Cole et al.'s loaders). `eval_batch_size`: the val and test loaders' (None: the
+    training batch size, the original's). `image_decode` "device": device_decode.DecodedLoader (the same batches,
+    the JPEGs decoded on `device`: pixels within a few levels of PIL's).
     `shards(dataset, train)`: in a torchrun launch, the DataLoader arguments of this rank's share of the rows
     (distributed.shard_arguments), instead of batches of `batch_size` over all of them."""
+    sizes = {phase: batch_size if phase == "train" or eval_batch_size is None else eval_batch_size
+             for phase in datasets}
+    if image_decode == "device":
+        from device_decode import DecodedLoader
+        return {phase: DecodedLoader(ds, image_size, device, sizes[phase], shuffle=(phase == "train"),
+                                     flip=(phase == "train"), num_workers=num_workers,
+                                     persistent_workers=persistent_workers, drop_last=drop_last)
+                for phase, ds in datasets.items()}
     if image_cache == "off":
         return {phase: DataLoader(ds, **(shards(ds, phase == "train") if shards is not None else
-                                         dict(batch_size=batch_size, shuffle=(phase == "train"))),
+                                         dict(batch_size=sizes[phase], shuffle=(phase == "train"))),
                                   num_workers=num_workers, pin_memory=device.type == "cuda",
                                   persistent_workers=persistent_workers and num_workers > 0, drop_last=drop_last)
                 for phase, ds in datasets.items()}
     build_workers = num_workers if num_workers > 0 else min(8, os.cpu_count() or 1)
     return {phase: CachedLoader(ds, build_cache(ds, image_size, image_cache, phase, cache_dir, build_workers),
-                                batch_size, shuffle=(phase == "train"), flip=(phase == "train"),
+                                sizes[phase], shuffle=(phase == "train"), flip=(phase == "train"),
                                 num_workers=num_workers, persistent_workers=persistent_workers,
                                 pin_memory=device.type == "cuda", drop_last=drop_last)
             for phase, ds in datasets.items()}
