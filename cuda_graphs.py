@@ -5,6 +5,11 @@ Why: at the paper's batch (8 images at 448 px) a ResNet-50 step on a recent GPU 
 an H200, whatever the precision). A CUDA graph records the kernels of one step once; a replay launches them all
 with one call.
 
+Why torch.cuda.graphs directly rather than torch.compile(mode="reduce-overhead"): compile's graphs replay inductor's
+own (fused) kernels, so they cannot give the eager step's bits; its warm-up takes minutes, it recompiles for the last
+partial batch's shape and for Python values a guard sees change (a loss's epoch), and the optimizer step stays out
+unless compiled too. The capture below is explicit and checkable rule by rule.
+
 Two modes:
   model  the forward, the loss and the backward of a training step are one graph, the eval forward another (one
          per batch shape); torch's Adam (capturable=False: the run's own optimizer, unchanged) runs eagerly after

@@ -370,10 +370,11 @@ def _forward_pass(engine: Engine, loader, desc: str, step: Callable[[torch.Tenso
         size = len(batch["idx"])
         if step is None:
             with torch.inference_mode():
-                logits = engine.graphs.eval_logits(engine, batch) if engine.graphs else engine.logits(batch, False)
+                logits = engine.graphs.eval_logits(engine, batch) if engine.graphs is not None else \
+                    engine.logits(batch, training=False)
                 preds.append(torch.sigmoid(logits))
         else:
-            if engine.graphs:  # a replayed CUDA graph (or eager, for a batch of another size)
+            if engine.graphs is not None:  # a replayed CUDA graph (or eager, for a batch of another size)
                 logits, loss = engine.graphs.train_step(engine, batch, step, update)
             else:
                 logits = engine.logits(batch)

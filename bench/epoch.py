@@ -51,6 +51,7 @@ from preproc.generate_observed_labels import generate_observed  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from make_bench_root import make_bench_root  # noqa: E402
+from step import bench_device  # noqa: E402
 
 CUB = REPO / "tests" / "data" / "cub" / "CUB_200_2011"
 # name -> (settings on top of the faithful ones, what they change)
@@ -294,12 +295,9 @@ def decode_check(args, root: Path, device: torch.device) -> dict:
 
 def main_(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available (BENCH_SMOKE=1 runs on the CPU)", file=sys.stderr)
+    device = bench_device(args.device)
+    if device is None:
         return 2
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     if args.epochs < 2:
         print("error: --epochs must be >= 2", file=sys.stderr)
         return 2
