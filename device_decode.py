@@ -30,7 +30,8 @@ class DecodedLoader(CachedLoader):
                  shuffle: bool, flip: bool, num_workers: int = 0, persistent_workers: bool = False,
                  drop_last: bool = False) -> None:
         super().__init__(dataset, None, batch_size, shuffle, flip, num_workers, persistent_workers,
-                         pin_memory=torch.device(device).type == "cuda", drop_last=drop_last)
+                         pin_memory=torch.device(device).type == "cuda", drop_last=drop_last,
+                         prefetch=False)  # (decoding stays in this thread: it launches work on the device)
         self.image_size, self.device = image_size, torch.device(device)
         self._readers = ThreadPoolExecutor(num_workers, thread_name_prefix="read-jpeg") if num_workers else None
 

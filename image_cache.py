@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -201,12 +202,15 @@ class CachedLoader:
     batch order from the generator that would draw it: the global one without workers, else the generator of
     worker k % num_workers (seeded base_seed + worker id, as DataLoader seeds its workers), for batch k.
     Batches hold uint8 NHWC images and their flips; `to_model_input` finishes them on the device.
+    `prefetch` (default: with `pin_memory`, i.e. for a GPU): a thread gathers (and pins) the next batch's images while
+    this one is used, so the host's copies overlap the step (issue 27); the same batches, the same random draws.
     """
 
     def __init__(self, dataset: MultilabelDataset, images: np.ndarray, batch_size: int, shuffle: bool, flip: bool,
                  num_workers: int = 0, persistent_workers: bool = False, pin_memory: bool = False,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, prefetch: bool | None = None) -> None:
         self.dataset, self.images, self.flip, self.pin_memory = dataset, images, flip, pin_memory
+        self.prefetch = pin_memory if prefetch is None else prefetch
         self.num_workers, self.persistent = num_workers, persistent_workers and num_workers > 0
         sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
         self.batch_sampler = BatchSampler(sampler, batch_size, drop_last=drop_last)
@@ -216,21 +220,41 @@ class CachedLoader:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        batches = iter(self.batch_sampler)
+        # (lazy: the sampler draws its seed at the first batch, after the base seed, however far ahead rows are read)
+        batches = (np.asarray(indices) for indices in self.batch_sampler)
         if not (self.persistent and self._worker_generators is not None):  # persistent workers keep theirs
             base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
             self._worker_generators = [torch.Generator().manual_seed(base_seed + w) for w in range(self.num_workers)]
-        for k, indices in enumerate(batches):
-            generator = self._worker_generators[k % self.num_workers] if self.num_workers else None
-            flips = torch.tensor([bool(torch.rand(1, generator=generator) < 0.5) if self.flip else False
-                                  for _ in indices])
-            rows = np.asarray(indices)
-            batch = {"image": self._images(rows), "flip": flips,
-                     "label_vec_obs": torch.from_numpy(self.dataset.labels_obs[rows]).float(),
-                     "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows]).float(),
-                     "idx": torch.from_numpy(rows)}
-            yield {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in batch.items()} \
-                if self.pin_memory else batch
+        gatherer = ThreadPoolExecutor(1, thread_name_prefix="cache-gather") if self.prefetch else None
+        try:
+            upcoming = self._gather_ahead(gatherer, next(batches, None))
+            k = 0
+            while upcoming is not None:
+                rows, images = upcoming
+                upcoming = self._gather_ahead(gatherer, next(batches, None))  # the next batch's images, meanwhile
+                generator = self._worker_generators[k % self.num_workers] if self.num_workers else None
+                flips = torch.tensor([bool(torch.rand(1, generator=generator) < 0.5) if self.flip else False
+                                      for _ in rows])
+                batch = {"image": images.result() if gatherer else self._pinned_images(rows), "flip": flips,
+                         "label_vec_obs": torch.from_numpy(self.dataset.labels_obs[rows]).float(),
+                         "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows]).float(),
+                         "idx": torch.from_numpy(rows)}
+                yield {key: v.pin_memory() if key != "image" else v for key, v in batch.items()} \
+                    if self.pin_memory else batch
+                k += 1
+        finally:
+            if gatherer is not None:
+                gatherer.shutdown(wait=True, cancel_futures=True)
+
+    def _gather_ahead(self, gatherer: ThreadPoolExecutor | None, rows: np.ndarray | None) -> tuple | None:
+        """(rows, their images being gathered by `gatherer`), (rows, None) without one, None after the last batch."""
+        if rows is None:
+            return None
+        return rows, gatherer.submit(self._pinned_images, rows) if gatherer else None
+
+    def _pinned_images(self, rows: np.ndarray) -> torch.Tensor:
+        images = self._images(rows)
+        return images.pin_memory() if self.pin_memory and images.device.type == "cpu" else images
 
     def _images(self, rows: np.ndarray) -> torch.Tensor:
         """The batch's uint8 NHWC images (device_decode.DecodedLoader decodes them instead)."""

@@ -199,3 +199,22 @@ def test_a_run_with_device_decoding_and_eval_batches_finishes(bird_root, tmp_pat
     res = json.loads(next((tmp_path / "r").glob("*/results.json")).read_text())
     assert res["status"] == "finished" and res["config"]["image_decode"] == "device"
     assert res["config"]["eval_batch_size"] == 64 and np.isfinite(res["test_map"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prefetching_gives_the_same_batches_and_draws(bird_root, tmp_path, workers):
+    ds = build_datasets(bird_root, "pascal", 40)["train"]
+    images = build_cache(ds, 40, "ram", "train", tmp_path, num_workers=0)
+    runs = []
+    for prefetch in (False, True):  # (on a GPU prefetching is on, with pinned memory)
+        torch.manual_seed(5)
+        loader = CachedLoader(ds, images, 8, shuffle=True, flip=True, num_workers=workers, prefetch=prefetch)
+        runs.append(([b for b in loader], torch.get_rng_state()))
+        assert len(runs[-1][0]) == len(loader) > 2
+    (plain, plain_state), (ahead, ahead_state) = runs
+    assert torch.equal(plain_state, ahead_state)
+    for a, b in zip(plain, ahead, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(5)
+    first = next(iter(CachedLoader(ds, images, 8, shuffle=True, flip=True, num_workers=workers, prefetch=True)))
+    assert torch.equal(first["idx"], plain[0]["idx"])  # a loop left after one batch: the thread is not in the way
