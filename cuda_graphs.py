@@ -85,7 +85,7 @@ def check(cfg: Config, device: torch.device) -> None:
 
 
 class CudaBackend:
-    """torch.cuda's graphs on one device. (tests/test_cuda_graphs.py replaces it by a CPU stand-in that checks the
+    """torch.cuda's graphs on one device. (tests/test_gpu_speed.py replaces it by a CPU stand-in that checks the
     host logic around it.)"""
 
     def warm_up(self, device: torch.device, body: Callable[[], object], iterations: int) -> None:
