@@ -19,6 +19,8 @@ from models import HEADS  # issue 25
 LOSS_NAMES = tuple(LOSSES)  # every registered loss
 IMAGE_CACHE_MODES = ("off", "ram", "disk")  # --image-cache (image_cache.py)
 AMP_MODES = ("off", "bf16", "fp16")  # --amp (train.AMP_DTYPES)
+CUDA_GRAPH_MODES = ("off", "model", "step")  # --cuda-graphs (cuda_graphs.py)
+IMAGE_DECODE_MODES = ("pil", "device")  # --image-decode (device_decode.py)
 # Settings that only some losses read: each loss's own hyperparameters (losses.py), and APL's schedule.
 APL_SETTINGS = ("neg_proportion", "warmup_epoch")
 VAL_LABELS = ("clean", "observed")  # --val-labels
@@ -26,7 +28,7 @@ STOP_METRICS = ("map", *(f"{m}_{k}" for m in ("prec_at", "rec_at") for k in (1, 
 # Settings of the image pipeline and the backbone, which a linear probe on cached features (--features) does not read.
 IMAGE_SETTINGS = ("arch", "weights", "image_size", "num_workers", "persistent_workers", "image_cache", "amp",
                   "channels_last", "compile", "cudnn_benchmark", "freeze_backbone", "frozen_backbone_epochs",
-                  "sync_bn")
+                  "sync_bn", "cuda_graphs", "image_decode", "eval_batch_size")
 # Settings that cannot change a run's numbers (where it runs and where its files are; the image cache is
 # bit-identical): two runs whose configs differ only in these are the same experiment (sweep.py, report.py).
 # Not --num-workers / --persistent-workers: each worker draws the flips of its batches from its own stream.
@@ -190,6 +192,12 @@ class Config:
     channels_last: bool = False
     compile: bool = False
     cudnn_benchmark: bool = False
+    # issue 27 (docs/gpu-speed.md): CUDA graphs ("model": bit-identical; "step": Adam captured too, float rounding),
+    # JPEGs decoded on the GPU (statistical), the val / test batch size (None: --batch-size, the original; float
+    # rounding only)
+    cuda_graphs: str = "off"
+    image_decode: str = "pil"
+    eval_batch_size: int | None = None
     # torchrun launches (distributed.py): SyncBatchNorm, and how long a collective waits for a silent rank
     sync_bn: bool = False
     dist_timeout: float = 600.0
@@ -377,7 +385,8 @@ def validate(cfg: Config) -> None:
                          f"and --epochs {cfg.num_epochs}")
     if cfg.warmup_epoch < 1:
         raise ValueError(f"--warmup-epoch must be >= 1, got {cfg.warmup_epoch}")
-    for field, choices in (("image_cache", IMAGE_CACHE_MODES), ("amp", AMP_MODES)):
+    for field, choices in (("image_cache", IMAGE_CACHE_MODES), ("amp", AMP_MODES), ("cuda_graphs", CUDA_GRAPH_MODES),
+                           ("image_decode", IMAGE_DECODE_MODES)):
         if getattr(cfg, field) not in choices:
             raise ValueError(f"{flag(field)} must be one of {list(choices)}, got {getattr(cfg, field)!r}")
     if cfg.features is not None and cfg.loss == "role_li":
@@ -419,6 +428,19 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac must be in [0, 1), got {cfg.val_frac}")
     _validate_head(cfg)
+    _validate_gpu_speed(cfg)
+
+
+def _validate_gpu_speed(cfg: Config) -> None:
+    """Issue 27: --eval-batch-size and --image-decode (--cuda-graphs needs the device: cuda_graphs.check)."""
+    if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
+        raise ValueError(f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
+    if cfg.eval_batch_size is not None and cfg.drop_last and not cfg.features:
+        raise ValueError("--eval-batch-size with --drop-last would score other val / test rows (each loader drops "
+                         "its own last partial batch): leave --eval-batch-size unset with --drop-last")
+    if cfg.image_decode == "device" and cfg.image_cache != "off" and not cfg.features:
+        raise ValueError(f"--image-decode device decodes the JPEGs at every pass, --image-cache {cfg.image_cache} "
+                         f"reads them decoded once: give one of them")
 
 
 def _validate_head(cfg: Config) -> None:

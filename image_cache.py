@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -201,12 +202,15 @@ class CachedLoader:
     batch order from the generator that would draw it: the global one without workers, else the generator of
     worker k % num_workers (seeded base_seed + worker id, as DataLoader seeds its workers), for batch k.
     Batches hold uint8 NHWC images and their flips; `to_model_input` finishes them on the device.
+    `prefetch` (default: with `pin_memory`, i.e. for a GPU): a thread gathers (and pins) the next batch's images while
+    this one is used, so the host's copies overlap the step (issue 27); the same batches, the same random draws.
     """
 
     def __init__(self, dataset: MultilabelDataset, images: np.ndarray, batch_size: int, shuffle: bool, flip: bool,
                  num_workers: int = 0, persistent_workers: bool = False, pin_memory: bool = False,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, prefetch: bool | None = None) -> None:
         self.dataset, self.images, self.flip, self.pin_memory = dataset, images, flip, pin_memory
+        self.prefetch = pin_memory if prefetch is None else prefetch
         self.num_workers, self.persistent = num_workers, persistent_workers and num_workers > 0
         sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
         self.batch_sampler = BatchSampler(sampler, batch_size, drop_last=drop_last)
@@ -216,20 +220,45 @@ class CachedLoader:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        batches = iter(self.batch_sampler)
+        # (lazy: the sampler draws its seed at the first batch, after the base seed, however far ahead rows are read)
+        batches = (np.asarray(indices) for indices in self.batch_sampler)
         if not (self.persistent and self._worker_generators is not None):  # persistent workers keep theirs
             base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
             self._worker_generators = [torch.Generator().manual_seed(base_seed + w) for w in range(self.num_workers)]
-        for k, indices in enumerate(batches):
-            generator = self._worker_generators[k % self.num_workers] if self.num_workers else None
-            flips = torch.tensor([bool(torch.rand(1, generator=generator) < 0.5) if self.flip else False
-                                  for _ in indices])
-            rows = np.asarray(indices)
-            batch = {"image": torch.from_numpy(self.images[rows]), "flip": flips,
-                     "label_vec_obs": torch.from_numpy(self.dataset.labels_obs[rows]).float(),
-                     "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows]).float(),
-                     "idx": torch.from_numpy(rows)}
-            yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+        gatherer = ThreadPoolExecutor(1, thread_name_prefix="cache-gather") if self.prefetch else None
+        try:
+            upcoming = self._gather_ahead(gatherer, next(batches, None))
+            k = 0
+            while upcoming is not None:
+                rows, images = upcoming
+                upcoming = self._gather_ahead(gatherer, next(batches, None))  # the next batch's images, meanwhile
+                generator = self._worker_generators[k % self.num_workers] if self.num_workers else None
+                flips = torch.tensor([bool(torch.rand(1, generator=generator) < 0.5) if self.flip else False
+                                      for _ in rows])
+                batch = {"image": images.result() if gatherer else self._pinned_images(rows), "flip": flips,
+                         "label_vec_obs": torch.from_numpy(self.dataset.labels_obs[rows]).float(),
+                         "label_vec_true": torch.from_numpy(self.dataset.labels_true[rows]).float(),
+                         "idx": torch.from_numpy(rows)}
+                yield {key: v.pin_memory() if key != "image" else v for key, v in batch.items()} \
+                    if self.pin_memory else batch
+                k += 1
+        finally:
+            if gatherer is not None:
+                gatherer.shutdown(wait=True, cancel_futures=True)
+
+    def _gather_ahead(self, gatherer: ThreadPoolExecutor | None, rows: np.ndarray | None) -> tuple | None:
+        """(rows, their images being gathered by `gatherer`), (rows, None) without one, None after the last batch."""
+        if rows is None:
+            return None
+        return rows, gatherer.submit(self._pinned_images, rows) if gatherer else None
+
+    def _pinned_images(self, rows: np.ndarray) -> torch.Tensor:
+        images = self._images(rows)
+        return images.pin_memory() if self.pin_memory and images.device.type == "cpu" else images
+
+    def _images(self, rows: np.ndarray) -> torch.Tensor:
+        """The batch's uint8 NHWC images (device_decode.DecodedLoader decodes them instead)."""
+        return torch.from_numpy(self.images[rows])
 
 
 _NORMALISE: dict[torch.device, tuple[torch.Tensor, ...]] = {}
@@ -258,20 +287,31 @@ def to_model_input(batch: dict, device: torch.device, channels_last: bool = Fals
 
 def make_loaders(datasets: dict[str, MultilabelDataset], batch_size: int, num_workers: int, persistent_workers: bool,
                  device: torch.device, image_cache: str = "off", image_size: int | None = None,
-                 cache_dir: Path | None = None, shards: Callable | None = None, drop_last: bool = False) -> dict:
+                 cache_dir: Path | None = None, shards: Callable | None = None, drop_last: bool = False,
+                 eval_batch_size: int | None = None, image_decode: str = "pil") -> dict:
     """The train / val / test loaders: the original's DataLoaders, or cached loaders that give the same batches;
-    `drop_last` for all three (Cole et al.'s loaders).
+    `drop_last` for all three (Cole et al.'s loaders). `eval_batch_size`: the val and test loaders' (None: the
+    training batch size, the original's). `image_decode` "device": device_decode.DecodedLoader (the same batches,
+    the JPEGs decoded on `device`: pixels within a few levels of PIL's).
     `shards(dataset, train)`: in a torchrun launch, the DataLoader arguments of this rank's share of the rows
     (distributed.shard_arguments), instead of batches of `batch_size` over all of them."""
+    sizes = {phase: batch_size if phase == "train" or eval_batch_size is None else eval_batch_size
+             for phase in datasets}
+    if image_decode == "device":
+        from device_decode import DecodedLoader
+        return {phase: DecodedLoader(ds, image_size, device, sizes[phase], shuffle=(phase == "train"),
+                                     flip=(phase == "train"), num_workers=num_workers,
+                                     persistent_workers=persistent_workers, drop_last=drop_last)
+                for phase, ds in datasets.items()}
     if image_cache == "off":
         return {phase: DataLoader(ds, **(shards(ds, phase == "train") if shards is not None else
-                                         dict(batch_size=batch_size, shuffle=(phase == "train"))),
+                                         dict(batch_size=sizes[phase], shuffle=(phase == "train"))),
                                   num_workers=num_workers, pin_memory=device.type == "cuda",
                                   persistent_workers=persistent_workers and num_workers > 0, drop_last=drop_last)
                 for phase, ds in datasets.items()}
     build_workers = num_workers if num_workers > 0 else min(8, os.cpu_count() or 1)
     return {phase: CachedLoader(ds, build_cache(ds, image_size, image_cache, phase, cache_dir, build_workers),
-                                batch_size, shuffle=(phase == "train"), flip=(phase == "train"),
+                                sizes[phase], shuffle=(phase == "train"), flip=(phase == "train"),
                                 num_workers=num_workers, persistent_workers=persistent_workers,
                                 pin_memory=device.type == "cuda", drop_last=drop_last)
             for phase, ds in datasets.items()}

@@ -35,6 +35,7 @@ from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, HEADS, IMAGE_CACHE
                     LINEAR_SETTINGS, LL_CP_CORRECTIONS, LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES,
                     ROLE_LI_INITS, ROLE_LOSSES, STOP_METRICS, TEST_PASSES, VAL_LABELS, Config, build_config_with_sources,
                     flag, validate)
+from config import CUDA_GRAPH_MODES, IMAGE_DECODE_MODES  # issue 27
 
 # what --resume accepts besides the run folder: settings that cannot change its numbers
 RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
@@ -169,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     f.add_argument("--cudnn-benchmark", action="store_true", default=None,
                    help="let cuDNN pick its fastest convolution algorithms (a nondeterministic choice)")
+    f.add_argument("--cuda-graphs", nargs="?", const="model", choices=CUDA_GRAPH_MODES,
+                   help="replay the training step and the eval forward as CUDA graphs (docs/gpu-speed.md; one "
+                        "CUDA GPU): 'model' (the same as giving no value) graphs the forward, loss and backward, "
+                        "Adam runs as usual: the faithful numbers; 'step' graphs Adam too (capturable: float "
+                        "rounding differs); default off")
+    f.add_argument("--image-decode", choices=IMAGE_DECODE_MODES,
+                   help="'device': the loader reads the JPEG files and the GPU decodes and resizes them (antialiased "
+                        "bilinear; pixels differ from PIL's by a few levels: statistical), instead of PIL in the "
+                        "workers ('pil', the original); for data too large for --image-cache; default pil")
+    f.add_argument("--eval-batch-size", type=int,
+                   help="batch size of the val and test passes (default: --batch-size, the original's); eval "
+                        "mode scores each image alone, but other batch sizes may change the last float bits")
     m.add_argument("--results-dir", help="where run folders are created (default: results)")
     m.add_argument("--keep-last", action="store_true", default=None,
                    help="keep last.pt (the resume state) when the run finishes; by default a finished run deletes it "
@@ -414,6 +427,7 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
     from image_cache import make_loaders
     from models import build_model, check_model_runs
     from train import LabelEstimates, build_engine, linear_init
+    import cuda_graphs
 
     def with_features(name: str) -> tuple[dict, dict]:
         features = load_features(cfg.data_root, cfg.dataset, name)
@@ -442,6 +456,7 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
         return datasets, engine, loaders, setup
 
     ctx = ctx or SINGLE
+    cuda_graphs.check(cfg, device)  # before any data is read (issue 27)
     batch_size = cfg.batch_size // ctx.world_size  # per rank (distributed.setup checked that it divides)
     datasets = build_datasets(cfg.data_root, cfg.dataset, cfg.image_size, cfg.train_set_variant, cfg.val_frac,
                               cfg.split_seed, **subsets)
@@ -475,11 +490,12 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
         estimates = LabelEstimates(datasets["train"].labels_obs) if cfg.loss in ROLE_LOSSES else None
     engine = build_engine(model, device, cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark, estimates,
                           cfg.freeze_backbone, ctx, cfg.sync_bn)
+    engine.graphs = cuda_graphs.CudaGraphs(cfg.cuda_graphs) if cfg.cuda_graphs != "off" else None
     shards = (lambda ds, train: shard_arguments(ds, ctx, train, cfg.batch_size, cfg.pytorch_seed)) if ctx.enabled \
         else None
     loaders = make_loaders(datasets, cfg.batch_size, cfg.num_workers, cfg.persistent_workers, device,
                            cfg.image_cache, cfg.image_size, Path(cfg.data_root) / cfg.dataset / "cache", shards,
-                           cfg.drop_last)
+                           cfg.drop_last, cfg.eval_batch_size, cfg.image_decode)
     setup.update(world_size=ctx.world_size, per_rank_batch_size=batch_size)
     if ctx.enabled:
         setup.update(distributed={"backend": ctx.backend, "sync_bn": cfg.sync_bn, "timeout_s": ctx.timeout_s,
@@ -562,7 +578,13 @@ def setup_device(cfg: Config, gpu_given: str | None):
         ("--drop-last", "each process's share ends in its own partial batch: run it with python main.py",
          cfg.drop_last),
         ("--frozen-backbone-epochs", "DistributedDataParallel needs the same trainable parameters in every epoch: "
-         "run it with python main.py", cfg.frozen_backbone_epochs)) if given]
+         "run it with python main.py", cfg.frozen_backbone_epochs),
+        ("--cuda-graphs", "the step is not captured with DDP here: run it with python main.py, or leave it off",
+         cfg.cuda_graphs != "off"),
+        ("--image-decode device", "its loader has no per-process shards: leave --image-decode pil",
+         cfg.image_decode != "pil"),
+        ("--eval-batch-size", "each process's share is batched by --batch-size: leave --eval-batch-size unset",
+         cfg.eval_batch_size is not None)) if given]
     if refused:
         raise ValueError(f"{refused[0][0]} is not supported under torchrun: {refused[0][1]}")
     ctx, device = distributed.setup(gpu_given, cfg.batch_size, cfg.dist_timeout, cfg.sync_bn)

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -246,6 +246,7 @@ class Engine:
     frozen_backbone: bool = False  # --freeze-backbone: the backbone stays in eval mode (BatchNorm statistics fixed)
     dist: DistContext = SINGLE
     eval_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # without DDP's wrapper (default: forward)
+    graphs: Any = None  # --cuda-graphs: a cuda_graphs.CudaGraphs that runs the step and the eval forward; None: eager
 
     def train(self) -> None:
         self.model.train()
@@ -349,9 +350,10 @@ def _cpu_has_bf16() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # one pass over a loader
 
-def _forward_pass(engine: Engine, loader, desc: str,
-                  step: Callable[[torch.Tensor, dict], torch.Tensor] | None = None, epoch: int = 0) -> dict:
-    """Runs the model over `loader`; with `step` (training), `step(logits, batch)` returns the detached batch loss.
+def _forward_pass(engine: Engine, loader, desc: str, step: Callable[[torch.Tensor, dict], torch.Tensor] | None = None,
+                  epoch: int = 0, update: Callable[[], None] | None = None) -> dict:
+    """Runs the model over `loader`; with `step` (training), `step(logits, batch)` computes the loss and its
+    gradients and returns the detached batch loss, then `update()` steps the optimizer.
 
     Returns predictions, true and observed labels and dataset indices in loader order, and the mean loss.
     Nothing waits for the device inside the loop: predictions stay on it (copied once at the end), and the batch
@@ -368,10 +370,17 @@ def _forward_pass(engine: Engine, loader, desc: str,
         size = len(batch["idx"])
         if step is None:
             with torch.inference_mode():
-                preds.append(torch.sigmoid(engine.logits(batch, training=False)))
+                logits = engine.graphs.eval_logits(engine, batch) if engine.graphs is not None else \
+                    engine.logits(batch, training=False)
+                preds.append(torch.sigmoid(logits))
         else:
-            logits = engine.logits(batch)
-            pending.append((step(logits, batch), size))
+            if engine.graphs is not None:  # a replayed CUDA graph (or eager, for a batch of another size)
+                logits, loss = engine.graphs.train_step(engine, batch, step, update)
+            else:
+                logits = engine.logits(batch)
+                loss = step(logits, batch)
+                update()
+            pending.append((loss, size))
             if (i + 1) % NONFINITE_CHECK_EVERY == 0 or i + 1 == len(loader):
                 loss_sum = _add_losses(engine, pending, loss_sum, i + 1, epoch)
                 pending = []
@@ -442,11 +451,14 @@ def train_epoch(engine: Engine, loader, optimizer: torch.optim.Optimizer, scaler
         scaler.scale(loss).backward()  # no scaling unless --amp fp16
         if engine.estimates is not None:  # DDP averages the model's gradients; the estimates' are averaged here
             engine.dist.average_gradients_(list(engine.estimates.parameters()))
-        scaler.step(optimizer)
-        scaler.update()
         return loss.detach()
 
-    out = _forward_pass(engine, loader, f"epoch {epoch} train", step, epoch)
+    def update() -> None:
+        scaler.step(optimizer)
+        scaler.update()
+    update.optimizer = optimizer  # (cuda_graphs: --cuda-graphs step makes it capturable)
+
+    out = _forward_pass(engine, loader, f"epoch {epoch} train", step, epoch, update)
     if corrections is not None:
         before = target.labels_obs.copy()
         rows = [batch_rows for batch_rows, _ in corrected] or [torch.zeros(0, dtype=torch.long)]

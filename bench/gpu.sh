@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# One prepared GPU benchmark (under 5 minutes on one H100/H200, nothing downloaded, no real dataset needed):
-#   1. bench/loader.py at 448 px over the 145 CUB JPEGs of tests/data re-encoded at 500 px (full-size decode cost),
+# One prepared GPU benchmark (about 10 minutes on one H100/H200, nothing downloaded, no real dataset needed):
+#   1. bench/step.py, ResNet-50 at 448 px, batch 16 and 8 (every amp x channels-last combination);
+#   2. bench/epoch.py (issue 27): whole epochs of the full pipeline (train, APL pass, val, test, checkpoints),
+#      VOC-like (20 classes, batch 8) and COCO-like (80 classes, batch 16), faithful against each fast combination
+#      (image cache, --cuda-graphs model / step, bf16 + channels-last, --eval-batch-size, --image-decode device),
+#      then --image-decode device against PIL (max abs pixel difference, img/s);
+#   3. bench/loader.py at 448 px over the 145 CUB JPEGs of tests/data re-encoded at 500 px (full-size decode cost),
 #      0 and 8 workers;
-#   2. bench/step.py, ResNet-50 at 448 px, batch 16 and 8 (every amp x channels-last combination; the compiled
-#      bf16 + channels-last step separately, as its warm-up takes long);
-#   3. a short real run of main.py on the demo (generated, no download) with ResNet-50 at 128 px, 2 epochs,
-#      faithful against --image-cache ram --amp bf16 --channels-last --cudnn-benchmark: wall time and test mAP of each.
+#   4. short real runs of main.py on the demo (generated, no download) with ResNet-50 at 128 px, 2 epochs,
+#      faithful against --image-cache ram --amp bf16 --channels-last --cudnn-benchmark and against --image-cache ram
+#      --cuda-graphs model (whose test mAP should be the faithful one's): wall time and test mAP of each;
+#   5. the compiled bf16 + channels-last step last, as its warm-up takes long (cut when the budget is spent).
 # Writes one JSON: $OUT/gpu_bench.json if $OUT is set, else bench/gpu_bench.json (logs beside it, *_logs/).
 # Every step has a timeout, all within a total budget (BENCH_BUDGET_S, default 285 s); a failing, timed-out or
 # skipped step is recorded and the script goes on.
@@ -33,7 +38,7 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   DEVICE=cuda; GPU=0; ARCH=resnet50; SIZE=448; STEPS=20; WARM=3; UPSCALE=500; WORKERS=8
   DEMO_ARGS=(--arch resnet50 --image-size 128 --epochs 2 --warmup-epoch 1 --num-workers 8)
-  BUDGET=${BENCH_BUDGET_S:-285}
+  BUDGET=${BENCH_BUDGET_S:-570}
   STEP_CAP=${BENCH_STEP_CAP_S:-600}
 fi
 START=$(date +%s)
@@ -91,7 +96,15 @@ run_step step_b16 75 "$PY" bench/step.py --arch "$ARCH" --image-size "$SIZE" --b
 run_step step_b8 50 "$PY" bench/step.py --arch "$ARCH" --image-size "$SIZE" --batch-size 8 --device "$DEVICE" \
   --steps "$STEPS" --warmup-steps "$WARM" --configs "$ST_CONFIGS" --json "$WORK/step_b8.json"
 
-# 2. the loader benchmark over real JPEGs at full-size decode cost
+# 2. whole epochs (issue 27): faithful against the fast combinations; GPU decoding against PIL
+run_step epoch_voc 200 "$PY" bench/epoch.py --preset voc --device "$DEVICE" --no-decode-check --json "$WORK/epoch_voc.json"
+if [[ "$SMOKE" != 1 ]]; then  # (the smoke run's epoch step shows every command of it starts: one preset is enough)
+  run_step epoch_coco 240 "$PY" bench/epoch.py --preset coco --device "$DEVICE" --no-decode-check \
+    --json "$WORK/epoch_coco.json"
+fi
+run_step decode 60 "$PY" bench/epoch.py --decode-only --device "$DEVICE" --json "$WORK/decode.json"
+
+# 3. the loader benchmark over real JPEGs at full-size decode cost
 run_step bench_root 40 "$PY" bench/make_bench_root.py tests/data/cub/CUB_200_2011 "$WORK/cubroot" \
   --upscale "$UPSCALE" --split all-train
 for w in 0 "$WORKERS"; do
@@ -99,14 +112,16 @@ for w in 0 "$WORKERS"; do
     --num-workers "$w" --batch-size 16 --json "$WORK/loader_w$w.json"
 done
 
-# 3. a short real training run: faithful against the fastest options (demo generated on first use)
+# 4. short real training runs: faithful against the fastest options (demo generated on first use)
 run_step demo_data 40 "$PY" -c "from pathlib import Path; from preproc.make_demo import ensure_demo; ensure_demo(Path('data/demo'))"
 run_step main_faithful 80 "$PY" main.py -d demo -g "$GPU" --weights random "${DEMO_ARGS[@]}" \
   --results-dir "$WORK/runs_faithful"
 run_step main_fast 70 "$PY" main.py -d demo -g "$GPU" --weights random "${DEMO_ARGS[@]}" \
   --image-cache ram --amp bf16 --channels-last --cudnn-benchmark --results-dir "$WORK/runs_fast"
+run_step main_graphs 70 "$PY" main.py -d demo -g "$GPU" --weights random "${DEMO_ARGS[@]}" \
+  --image-cache ram --cuda-graphs model --results-dir "$WORK/runs_graphs"
 
-# 4. compile last: its warm-up (dynamo + inductor, forward, backward and eval graphs) is the slowest step
+# 5. compile last: its warm-up (dynamo + inductor, forward, backward and eval graphs) is the slowest step
 if [[ "$DEVICE" == cpu ]]; then
   COMPILE_ARGS=(--arch "$ARCH" --image-size 32 --batch-size 4 --steps 2 --warmup-steps 1 --configs off+compile)
 else
@@ -136,7 +151,8 @@ def run(folder):
             "epoch_seconds": {k: round(v.get("seconds", 0), 2) for k, v in epochs.items()},
             "train_seconds": {k: round(v.get("train", {}).get("seconds", 0), 2) for k, v in epochs.items()},
             "config": {k: res.get("config", {}).get(k) for k in ("arch", "image_size", "batch_size", "num_workers",
-                                                                  "image_cache", "amp", "channels_last", "compile")},
+                                                                  "image_cache", "amp", "channels_last", "compile",
+                                                                  "cuda_graphs")},
             "error": res.get("error")}
 records = [json.loads(l) for l in (work / "records.jsonl").read_text().splitlines() if l.strip()]
 steps = {r["name"]: r for r in records}
@@ -145,8 +161,10 @@ result = {
     "loader": {name: load(work / f"{name}.json") for name in steps if name.startswith("loader_w")},
     "step": {name: load(work / f"{name}.json") for name in ("step_b16", "step_b8", "step_b16_compile")},
     "main": {},
+    "epoch": {name: load(work / f"epoch_{name}.json") for name in ("voc", "coco")},
+    "decode": load(work / "decode.json"),
 }
-for name, folder in (("faithful", "runs_faithful"), ("fast", "runs_fast")):
+for name, folder in (("faithful", "runs_faithful"), ("fast", "runs_fast"), ("graphs", "runs_graphs")):
     info = run(work / folder) or {}
     rec = steps.get(f"main_{name}", {})
     info.update(wall_s=rec.get("seconds"), step_status=rec.get("status"))
@@ -156,6 +174,6 @@ print(f"[gpu.sh] wrote {out} ({total} s in all)")
 for r in records:
     print(f"  {r['name']:18s} {r['status']:8s} {r['seconds']:7.1f} s")
 m = result["main"]
-for k in ("faithful", "fast"):
+for k in ("faithful", "fast", "graphs"):
     print(f"  main {k:9s} wall {m[k].get('wall_s')} s, test mAP {m[k].get('test_map')}, status {m[k].get('status')}")
 EOF

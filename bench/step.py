@@ -185,14 +185,22 @@ def synthetic_data(args) -> tuple[MultilabelDataset, np.ndarray, np.ndarray]:
     return dataset, images, warm
 
 
+def bench_device(name: str) -> torch.device | None:
+    """The device of --device (CUDA without an index: the current one), or None, said on stderr, when it asks for CUDA
+    and there is none (bench/epoch.py shares it)."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {name} but CUDA is not available (BENCH_SMOKE=1 runs the CPU's sizes)", file=sys.stderr)
+        return None
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+    device = bench_device(args.device)
+    if device is None:
         return 2
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     if args.warmup_steps < 1 or args.steps < 1:
         print("error: --steps and --warmup-steps must be >= 1", file=sys.stderr)
         return 2
