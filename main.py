@@ -31,11 +31,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from config import (AMP_MODES, DATASET_SETTINGS, EARLY_STOPS, HEADS, IMAGE_CACHE_MODES, IMAGE_SETTINGS,
-                    LINEAR_SETTINGS, LL_CP_CORRECTIONS, LL_DELTA_REL, LOSS_NAMES, PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES,
-                    ROLE_LI_INITS, ROLE_LOSSES, STOP_METRICS, TEST_PASSES, VAL_LABELS, Config, build_config_with_sources,
-                    flag, validate)
-from config import CUDA_GRAPH_MODES, IMAGE_DECODE_MODES  # issue 27
+from config import (AMP_MODES, CUDA_GRAPH_MODES, DATASET_SETTINGS, EARLY_STOPS, HEADS, IMAGE_CACHE_MODES,
+                    IMAGE_DECODE_MODES, IMAGE_SETTINGS, LINEAR_SETTINGS, LL_CP_CORRECTIONS, LL_DELTA_REL, LOSS_NAMES,
+                    PROTOCOLS, RESULT_NEUTRAL_SETTINGS, ROLE_EXPECTED_POSITIVES, ROLE_LI_INITS, ROLE_LOSSES,
+                    STOP_METRICS, TEST_PASSES, VAL_LABELS, Config, build_config_with_sources, flag, validate)
 
 # what --resume accepts besides the run folder: settings that cannot change its numbers
 RESUME_NEUTRAL = tuple(k for k in RESULT_NEUTRAL_SETTINGS if k != "results_dir")
