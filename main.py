@@ -240,7 +240,7 @@ def prepare_results_dir(results_dir: str) -> None:
     """Create the results folder (or fail with one line now, before any work), remove temporaries that killed
     runs left there, and mark runs whose process died without a word (kill -9, out of memory) as killed."""
     from fileio import describe_os_error, remove_stale_temporaries
-    from train import mark_if_dead
+    from checkpoints import mark_if_dead
     root = Path(results_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -399,7 +399,9 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
     from features import extract_features, feature_set_name, load_features
     from image_cache import make_loaders
     from models import build_model, check_model_runs
-    from train import LabelEstimates, build_engine, linear_init
+    from engine import build_engine
+    from label_state import LabelEstimates
+    from train import linear_init
 
     def with_features(name: str) -> tuple[dict, dict]:
         features = load_features(cfg.data_root, cfg.dataset, name)
@@ -476,7 +478,7 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
 def resume_config(run_dir: Path, given: dict) -> tuple[Config, dict]:
     """The config of the run in `run_dir` (with the given result-neutral settings) and its results.json;
     ValueError (one line) when it cannot be resumed or a flag would change its result."""
-    from train import mark_if_dead
+    from checkpoints import mark_if_dead
     path = run_dir / "results.json"
     if not path.is_file():
         raise ValueError(f"--resume {run_dir}: no results.json there: not a run folder of this project")
@@ -595,7 +597,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _resume(run_dir: Path, argv: list[str] | None) -> int:
     from datasets import data_fingerprint
-    from train import NoResumeState, ResumeError, load_last
+    from checkpoints import NoResumeState, ResumeError, load_last
     given = {k: v for k, v in given_flags(argv).items() if k != "resume"}
     try:
         cfg, results = resume_config(run_dir, given)

@@ -269,17 +269,17 @@ def test_permanent_corrections_persist_and_reach_the_workers(tmp_path, name):
     np.testing.assert_array_equal(ds.labels_obs, initial)  # epoch 1: unchanged
     before = ds.labels_obs.copy()
     spy = []
-    real_corrections = train.LOSSES[name].corrections
+    real_corrections = LOSSES[name].corrections
     if real_corrections is not None:  # record each batch's corrected positions
         def recording(logits, obs, **kw):
             mask = real_corrections(logits, obs, **kw)
             spy.append(mask.clone())
             return mask
-        train.LOSSES[name].corrections = recording
+        LOSSES[name].corrections = recording
     try:
         out = train.train_epoch(engine, loader, optimizer, scaler, cfg, 2, ds)
     finally:
-        train.LOSSES[name].corrections = real_corrections
+        LOSSES[name].corrections = real_corrections
     added = (ds.labels_obs == 1) & (before == 0)
     if name == "ll_ct":
         assert not added.any()  # corrected for the step only

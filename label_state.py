@@ -1,0 +1,162 @@
+"""What methods learn or change about the training labels, one small object or function per method: ROLE's label
+estimates (a learnable matrix trained with the model), LL-Cp's corrections for good, and APL's negative
+pseudo-labels. The training loop (train.py) calls them; the losses (losses.py) stay pure functions."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+from distributed import SINGLE, DistContext
+from losses import LOSSES
+from metrics import worker_threads
+
+# ----------------------------------------------------------------------------------------------------------------
+# ROLE: the label estimates
+
+ESTIMATES_LR_FACTOR = 10  # ROLE: the estimate matrix learns at 10 x the model's lr (Cole et al.'s `lr_mult`)
+
+
+def logit(p: float | np.ndarray, dtype: type = np.float64) -> float | np.ndarray:
+    """log(p / (1 - p)) with p clipped to [1e-5, 1 - 1e-5] (Cole et al.'s `inverse_sigmoid`), in float64, or in
+    `dtype` float32 as their ROLE+LI computes it on its float32 estimates (numpy's float32 operations)."""
+    p = np.asarray(p, dtype=dtype)
+    p = np.maximum(np.minimum(p, dtype(1 - 1e-5)), dtype(1e-5))
+    return np.log(p / (dtype(1) - p))
+
+
+class LabelEstimates(torch.nn.Module):
+    """ROLE's learnable N x C matrix of label-estimate logits, one row per training sample (Cole et al.'s
+    `LabelEstimator`). Initialised from the global torch generator: unknown entries uniform in
+    (-logit(0.6), logit(0.6)), observed positives logit(0.995); or, given `probs` (ROLE+LI's phase 1), logit(probs)
+    computed in `probs_dtype` (float64, or float32 as Cole et al.: --role-li-init).
+    Calling it with row indices gives their estimates sigmoid(logits[rows]).
+
+    The gradient of `logits` is dense (N x C, zero outside the batch rows), as the original's. It is built in one
+    buffer kept from step to step (`_RowsOf`), so after `zero_grad()` the next backward overwrites the previous
+    step's `logits.grad` tensor instead of allocating a new one.
+    """
+
+    def __init__(self, labels_obs: np.ndarray, probs: np.ndarray | None = None, probs_dtype: type = np.float64) -> None:
+        super().__init__()
+        if probs is None:
+            logits = float(logit(0.5 + 0.1)) * (2 * torch.rand(labels_obs.shape) - 1)
+            logits[torch.from_numpy(np.asarray(labels_obs) == 1)] = float(logit(0.995))
+        else:
+            logits = torch.from_numpy(logit(probs, probs_dtype)).float()
+        self.logits = torch.nn.Parameter(logits)
+        self.grad_buffer: torch.Tensor | None = None  # not state: not saved, made again where needed
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(_RowsOf.apply(self.logits, rows, self))
+
+
+class _RowsOf(torch.autograd.Function):
+    """`logits[rows]` whose backward builds the dense gradient with the indexing's own operations (zeros, then the
+    rows' gradients put in with accumulate: aten's index_backward), in `estimates.grad_buffer` rather than a new
+    N x C matrix at every step. Same bits (tests/test_role.py). Why: on the CPU, a fresh 21 MB matrix per step
+    (COCO's 65,665 x 80) is carved from glibc's heap, and the small tensors a pass keeps (predictions, labels) land
+    in the freed ones, so each step's matrix needed new memory: a COCO-sized ROLE epoch on features grew the
+    process by 24 GB. A gradient that exists already is added to, as autograd does."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, estimates: LabelEstimates) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.estimates = estimates
+        return logits[rows]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        param = ctx.estimates.logits
+        buffer = ctx.estimates.grad_buffer
+        if param.grad is not None or buffer is None or (buffer.device, buffer.dtype, buffer.shape) != (
+                param.device, param.dtype, param.shape):
+            buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
+            if param.grad is None:
+                ctx.estimates.grad_buffer = buffer
+        buffer.zero_()
+        torch.ops.aten._index_put_impl_(buffer, (rows,), grad, True, True)  # accumulate, unsafe: index_backward's
+        if param.grad is None:
+            param.grad = buffer
+        else:
+            param.grad += buffer
+        return None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LL-Cp: corrections for good
+
+class PermanentCorrections:
+    """One epoch's corrections for good of a loss registered with `corrections` (LL-Cp): each step's (B, C) mask of
+    entries that become observed positives, kept on the device with the batch rows (no sync), then written into
+    the training set's observed matrix in one go at the end of the epoch. Each row comes once per epoch, so the
+    loaders see them from the next epoch on, as with the original's per-epoch DataLoader workers. In a torchrun
+    launch the corrections of every rank reach every rank."""
+
+    def __init__(self, find: Callable[..., torch.Tensor], epoch: int, hyperparameters: dict) -> None:
+        self.find, self.epoch, self.hyperparameters = find, epoch, hyperparameters
+        self.rows: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
+
+    @classmethod
+    def of(cls, loss: str, epoch: int, hyperparameters: dict) -> PermanentCorrections | None:
+        """The epoch's corrections of `loss`, or None for a loss that corrects nothing for good."""
+        find = LOSSES[loss].corrections
+        return None if find is None else cls(find, epoch, hyperparameters)
+
+    def add(self, rows: torch.Tensor, logits: torch.Tensor, obs: torch.Tensor) -> None:
+        """A step's corrections of its batch (dataset `rows`, on any device)."""
+        self.masks.append(self.find(logits, obs, epoch=self.epoch, **self.hyperparameters))
+        self.rows.append(rows)
+
+    def write(self, dataset, dist: DistContext = SINGLE) -> int:
+        """Mark the epoch's corrections (every rank's) positive in `dataset`; returns how many entries changed."""
+        before = dataset.labels_obs.copy()
+        rows = self.rows or [torch.zeros(0, dtype=torch.long)]
+        masks = self.masks or [torch.zeros((0, before.shape[1]), dtype=torch.bool)]
+        for rank_rows, rank_masks in dist.all_gather((torch.cat(rows), torch.cat(masks).cpu())):
+            dataset.mark_positive(rank_rows, rank_masks)
+        return int(((dataset.labels_obs == 1) & (before != 1)).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# APL: asymmetric pseudo-labelling (its U_c are counted once before training: checkpoints.Progress.unlabel_num)
+
+def apl_update(obs: np.ndarray, preds: np.ndarray, unlabel_num: np.ndarray, neg_proportion: float,
+               num_epochs: int, warmup_epoch: int) -> np.ndarray:
+    """One round of APL; returns the new observed matrix (the input is not modified).
+
+    For each class c, among the entries still exactly 0, the k_c = floor(neg_proportion * U_c / (T - T_w))
+    with the lowest predicted probability become soft negative pseudo-labels -p (target q = p). U_c
+    (`unlabel_num[c]`) is the count of unknowns in the initial observed matrix. No positive pseudo-labels.
+    """
+    obs = np.array(obs, dtype=np.float64)  # a copy; float64 so that -p is not truncated
+    preds = np.asarray(preds)
+    if preds.shape != obs.shape or len(unlabel_num) != obs.shape[1]:
+        raise ValueError(f"obs {obs.shape}, preds {preds.shape} and unlabel_num ({len(unlabel_num)}) do not agree")
+    rounds = num_epochs - warmup_epoch
+    if rounds < 1:
+        raise ValueError(f"APL needs num_epochs > warmup_epoch, got {num_epochs} and {warmup_epoch}")
+    def label(c: int) -> None:  # the classes are independent: they are spread over threads
+        k = int(np.floor(neg_proportion * unlabel_num[c] / rounds))
+        candidates = np.flatnonzero(obs[:, c] == 0)
+        chosen = candidates[_lowest(preds[candidates, c], k)]
+        obs[chosen, c] = -preds[chosen, c]
+
+    with ThreadPoolExecutor(worker_threads()) as pool:
+        list(pool.map(label, range(obs.shape[1])))
+    return obs
+
+
+def _lowest(values: np.ndarray, k: int) -> np.ndarray:
+    """The positions of the k lowest values: the set that the original's `np.argsort(values)[:k]` picks. Unless
+    the k-th and (k+1)-th lowest are equal (then which of the tied values it picks depends on the sort, and the
+    sort decides), the set is those at most the k-th lowest, found by a partition instead of a sort."""
+    if 0 < k < len(values):
+        kth, next_one = np.partition(values, (k - 1, k))[[k - 1, k]]
+        if kth < next_one:  # (False with a NaN: sorted)
+            return np.flatnonzero(values <= kth)
+    return np.argsort(values)[:k]
