@@ -14,7 +14,7 @@ import torch
 from config import AMP_MODES
 from distributed import SINGLE, DistContext
 from image_cache import to_model_input
-from label_state import ESTIMATES_LR_FACTOR, LabelEstimates
+from label_state import ESTIMATES_LR_FACTOR, BufferedAdam, LabelEstimates
 
 AMP_DTYPES = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 
@@ -56,6 +56,12 @@ class Engine:
         if self.estimates is not None:
             groups.append({"params": list(self.estimates.parameters()), "lr": ESTIMATES_LR_FACTOR * lr})
         return groups
+
+    def optimizer(self, lr: float, head_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+        """Adam over `parameter_groups`, with torch's other defaults, as the original trains: torch.optim.Adam, or
+        with ROLE's estimates label_state.BufferedAdam (the same bits; its docstring says why)."""
+        return (torch.optim.Adam if self.estimates is None else BufferedAdam)(self.parameter_groups(lr, head_lr_mult),
+                                                                             lr=lr)
 
     def state(self) -> dict:
         """What a checkpoint keeps: the model's state dict, and the estimate logits when there are any."""

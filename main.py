@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import platform
@@ -643,12 +642,6 @@ def check_writable(run_dir: Path) -> None:
                          f"writable, or copy it somewhere writable and resume the copy") from exc
 
 
-def _import_quietly(module: str) -> None:
-    """Import `module` ahead of its use (on a thread); a failure is left to the import that needs it."""
-    with contextlib.suppress(Exception):
-        importlib.import_module(module)
-
-
 def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = None, results: dict | None = None,
            resume: dict | None = None) -> int:
     """Seeds, the run's setup, then the run (in a new folder, or resumed in `run_dir`). In a torchrun launch
@@ -665,9 +658,6 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
     torch.manual_seed(cfg.pytorch_seed)
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
     previous = handle_interrupts()  # from here on, kill = Ctrl-C
-    if device.type != "cpu":  # there torch's Adam step imports torch._dynamo (~1.5 s): meanwhile, with the loading
-        # (train.Adam's CPU step does not need it; on 2 cores the import only competed with the loading)
-        threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True).start()
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
             if run_dir is None and ctx.main:

@@ -134,7 +134,7 @@ def _train_with_early_stopping(engine: Engine, loaders: dict, datasets: dict, cf
     """epoch -> train -> (pseudo-label) -> val -> select (-> test) -> stop?; returns the best state and the progress.
     The test pass runs after each improving epoch, every epoch or once at the end (--test-pass); its number is the
     best val epoch's either way (each pass draws the DataLoader's seed, so the choice follows the source's loop)."""
-    optimizer = Adam(engine.parameter_groups(cfg.lr, cfg.head_lr_mult), lr=cfg.lr)
+    optimizer = engine.optimizer(cfg.lr, cfg.head_lr_mult)
     scaler = torch.amp.GradScaler(engine.device.type, enabled=cfg.amp == "fp16")
     finished = False
     if resume is None:
@@ -397,7 +397,7 @@ def linear_init(feature_sets: dict[str, FeatureDataset], cfg: Config, device: to
     loaders = {split: FeatureLoader(feature_sets[split], phase.batch_size, split == "train", device,
                                     drop_last_of=phase.batch_size if cfg.drop_last else 0)
                for split in ("train", "val")}
-    optimizer = Adam(engine.parameter_groups(phase.lr), lr=phase.lr)
+    optimizer = engine.optimizer(phase.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     record: dict = {"num_epochs": phase.num_epochs, "lr": phase.lr, "batch_size": phase.batch_size, "epochs": {},
                     "best_epoch": None, "selection": cfg.selection_key}
@@ -415,68 +415,3 @@ def linear_init(feature_sets: dict[str, FeatureDataset], cfg: Config, device: to
         raise ValueError(f"ROLE+LI's linear phase never gave a finite val {cfg.selection_key}; check the features")
     record["val_map"] = best_val_map
     return best_state, record
-
-
-class Adam(torch.optim.Adam):
-    """torch.optim.Adam(params, lr) with torch's other defaults, as the original trains: the same state,
-    state_dict and bits, with a direct `step` and `zero_grad` for parameters on the CPU.
-
-    On the CPU torch runs its single-tensor update, whose few operations cost less than the wrappers around them (a
-    profiler record and torch._dynamo's guards): ~190 us of a linear probe's 1.6-4 ms step. `step` below runs the
-    operations of torch.optim.adam._single_tensor_adam (its branch without capturable / differentiable / weight
-    decay / amsgrad) in torch's order, and initialises the state as torch does; tests/test_optim.py compares the
-    parameters and the state with torch.optim.Adam's by torch.equal. Other devices (CUDA: torch's foreach update),
-    a closure or complex / sparse parameters take torch's own step."""
-
-    def __init__(self, params, lr: float) -> None:
-        super().__init__(params, lr=lr)
-        self._denominators: dict[torch.Tensor, torch.Tensor] = {}  # per parameter, reused by `step` (not state)
-
-    # torch guards these with torch._dynamo.disable, whose first call imports torch._dynamo (~1.5 s, and ~0.3 s
-    # more at exit); called eagerly (nothing here is compiled) they are the same functions without the guard
-    add_param_group, state_dict, load_state_dict = (getattr(method, "__wrapped__", method) for method in (
-        torch.optim.Optimizer.add_param_group, torch.optim.Optimizer.state_dict, torch.optim.Optimizer.load_state_dict))
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        if not set_to_none:
-            return super().zero_grad(set_to_none=False)
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if closure is not None or any(p.device.type != "cpu" or p.is_complex() or p.grad.is_sparse
-                                      for p in with_grad):
-            return super().step(closure)
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            assert group["weight_decay"] == 0 and not (group["amsgrad"] or group["maximize"] or group["capturable"]
-                                                       or group["differentiable"] or group["fused"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:  # as torch.optim.Adam._init_group (step: the default float dtype's scalar)
-                    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-                    state["step"] = torch.tensor(0.0, dtype=scalar)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step = state["step"].item()
-                step_size = lr / (1 - beta1 ** step)
-                # torch's (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps) with the same kernels, in a buffer
-                # kept per parameter: no parameter-sized temporaries per step (LabelEstimates says why that matters)
-                denom = self._denominators.get(p)
-                if denom is None or (denom.dtype, denom.shape, denom.stride()) != (exp_avg_sq.dtype, exp_avg_sq.shape,
-                                                                                   exp_avg_sq.stride()):
-                    denom = self._denominators[p] = torch.empty_like(exp_avg_sq)
-                torch.sqrt(exp_avg_sq, out=denom).div_((1 - beta2 ** step) ** 0.5).add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-step_size)
-        return None
-
-    step.hooked = True  # torch.optim.Optimizer wraps a step without it in its profiler record and hooks

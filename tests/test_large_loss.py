@@ -204,7 +204,7 @@ def test_a_paired_multi_epoch_run_equals_kims_loop(name):
     loader = FeatureLoader(dataset, batch, shuffle=True, device=CPU)
     cfg = config.build_config("demo", loss=name, delta_rel=delta, batch_size=batch, num_workers=0, lr=1e-2)
     engine = train.build_engine(ours, CPU)
-    optimizer = train.Adam(engine.parameter_groups(cfg.lr), lr=cfg.lr)
+    optimizer = engine.optimizer(cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     # Kim's loop
     kims = model()
