@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ class Engine:
     """The model as the loop runs it: `model` (whose state is saved), `forward` (the same module, or its
     torch.compile, or its DistributedDataParallel wrapper), the device, the autocast dtype (None = float32
     throughout), the memory format, ROLE's label estimates (trained and saved with the model) for a loss that
-    reads them, and where the process stands in a torchrun launch (`dist`; SINGLE for one process)."""
+    reads them, and where the process stands in a torchrun launch (`dist`; SINGLE for one process); `optimizer`
+    makes the Adam that trains them."""
 
     model: torch.nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -109,8 +111,7 @@ def build_engine(model: torch.nn.Module, device: torch.device, amp: str = "off",
               "times slower than float32 here; leave --amp off on this machine")
     if compile_model:
         if device.type == "cuda":
-            from torch.utils._triton import has_triton
-            if not has_triton():
+            if importlib.util.find_spec("triton") is None:  # (torch's own check is private: torch.utils._triton)
                 raise ValueError("--compile needs Triton for CUDA (pip install triton); or leave --compile off")
         elif not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
             raise ValueError("--compile on the CPU needs a C++ compiler (e.g. apt-get install g++); "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import itertools
 import json
 import os
@@ -82,8 +83,7 @@ def unsupported(device: torch.device, amp: str, compile_model: bool) -> str | No
         return "this GPU has no bfloat16"
     if compile_model:
         if device.type == "cuda":
-            from torch.utils._triton import has_triton
-            if not has_triton():
+            if importlib.util.find_spec("triton") is None:
                 return "compile on CUDA needs Triton"
         elif not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
             return "compile on the CPU needs a C++ compiler (none found)"
