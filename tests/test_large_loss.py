@@ -24,6 +24,7 @@ import main  # noqa: E402
 import train  # noqa: E402
 from datasets import FeatureDataset, FeatureLoader, LabelledRows  # noqa: E402
 from helpers import TinyNet, tiny_dataset  # noqa: E402
+from label_state import PermanentCorrections  # noqa: E402
 from losses import LOSSES, clean_rate, compute_loss, large_loss_count, large_losses  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -252,6 +253,27 @@ def test_mark_positive_counts_every_mask_of_a_repeated_row():
     rows.mark_positive(torch.tensor([2, 2, 0, 3]), mask)
     expected = obs.copy()
     expected[2, 1] = expected[2, 2] = expected[3, 2] = 1
+    np.testing.assert_array_equal(rows.labels_obs, expected)
+
+
+def test_permanent_corrections_collect_an_epoch_and_write_it_once():
+    """label_state.PermanentCorrections: LL-Cp's masks (strictly above the k-th largest unknown loss) gathered step
+    by step, written together; losses without corrections get none."""
+    assert PermanentCorrections.of("ll_ct", 2, {"delta_rel": 5.0}) is None
+    rows = LabelledRows(np.eye(6, 4), np.ones((6, 4)))
+    corrections = PermanentCorrections.of("ll_cp", 2, {"delta_rel": 5.0})
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [0.0, 0.5, 4.0, 0.2], [5.0, 0.1, 0.3, 0.4]])  # rows 3, 4, 5
+    corrections.add(torch.tensor([3, 4]), logits[:2], torch.from_numpy(rows.labels_obs[[3, 4]]).float())
+    corrections.add(torch.tensor([5]), logits[2:], torch.from_numpy(rows.labels_obs[[5]]).float())
+    np.testing.assert_array_equal(rows.labels_obs, np.eye(6, 4))  # nothing written before the end of the epoch
+    # k = ceil(8 * 0.05) = 1 and ceil(4 * 0.05) = 1: the largest loss is the threshold, none is strictly above it
+    assert corrections.write(rows) == 0
+    corrections = PermanentCorrections.of("ll_cp", 2, {"delta_rel": 40.0})  # k = ceil(8 * 0.4) = 4, then 2
+    corrections.add(torch.tensor([3, 4]), logits[:2], torch.from_numpy(rows.labels_obs[[3, 4]]).float())
+    corrections.add(torch.tensor([5]), logits[2:], torch.from_numpy(rows.labels_obs[[5]]).float())
+    assert corrections.write(rows) == 3 + 1
+    expected = np.eye(6, 4)
+    expected[3, [1, 2]] = expected[4, 2] = expected[5, 0] = 1  # the largest unknown losses, above the k-th
     np.testing.assert_array_equal(rows.labels_obs, expected)
 
 
