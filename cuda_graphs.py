@@ -74,7 +74,7 @@ def check(cfg: Config, device: torch.device) -> None:
     loss = LOSSES[cfg.loss]
     why = ("fills its loss by boolean indexing, whose size the host reads at every step" if loss.masked else
            "collects its label corrections on the host at every step" if loss.corrections is not None else
-           "trains a label-estimate matrix whose gradient buffer the host manages per step (train.LabelEstimates)"
+           "trains a label-estimate matrix whose gradient buffer the host manages per step (label_state.LabelEstimates)"
            if "estimates" in loss.context else None)
     if why:
         raise ValueError(f"{flag}: -l {cfg.loss} {why}, which a CUDA graph cannot replay; leave --cuda-graphs off "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import platform
@@ -266,7 +265,7 @@ def prepare_results_dir(results_dir: str) -> None:
     """Create the results folder (or fail with one line now, before any work), remove temporaries that killed
     runs left there, and mark runs whose process died without a word (kill -9, out of memory) as killed."""
     from fileio import describe_os_error, remove_stale_temporaries
-    from train import mark_if_dead
+    from checkpoints import mark_if_dead
     root = Path(results_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -425,8 +424,10 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
     from features import extract_features, feature_set_name, load_features
     from image_cache import make_loaders
     from models import build_model, check_model_runs
-    from train import LabelEstimates, build_engine, linear_init
     import cuda_graphs
+    from engine import build_engine
+    from label_state import LabelEstimates
+    from train import linear_init
 
     def with_features(name: str) -> tuple[dict, dict]:
         features = load_features(cfg.data_root, cfg.dataset, name)
@@ -505,7 +506,7 @@ def build_run(cfg: Config, device, resuming: bool = False, ctx=None) -> tuple[di
 def resume_config(run_dir: Path, given: dict) -> tuple[Config, dict]:
     """The config of the run in `run_dir` (with the given result-neutral settings) and its results.json;
     ValueError (one line) when it cannot be resumed or a flag would change its result."""
-    from train import mark_if_dead
+    from checkpoints import mark_if_dead
     path = run_dir / "results.json"
     if not path.is_file():
         raise ValueError(f"--resume {run_dir}: no results.json there: not a run folder of this project")
@@ -632,7 +633,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _resume(run_dir: Path, argv: list[str] | None) -> int:
     from datasets import data_fingerprint
-    from train import NoResumeState, ResumeError, load_last
+    from checkpoints import NoResumeState, ResumeError, load_last
     given = {k: v for k, v in given_flags(argv).items() if k != "resume"}
     try:
         cfg, results = resume_config(run_dir, given)
@@ -678,12 +679,6 @@ def check_writable(run_dir: Path) -> None:
                          f"writable, or copy it somewhere writable and resume the copy") from exc
 
 
-def _import_quietly(module: str) -> None:
-    """Import `module` ahead of its use (on a thread); a failure is left to the import that needs it."""
-    with contextlib.suppress(Exception):
-        importlib.import_module(module)
-
-
 def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = None, results: dict | None = None,
            resume: dict | None = None) -> int:
     """Seeds, the run's setup, then the run (in a new folder, or resumed in `run_dir`). In a torchrun launch
@@ -700,9 +695,6 @@ def _start(cfg: Config, device, ignored: list[str], ctx, run_dir: Path | None = 
     torch.manual_seed(cfg.pytorch_seed)
     torch.cuda.manual_seed_all(cfg.pytorch_seed)
     previous = handle_interrupts()  # from here on, kill = Ctrl-C
-    if device.type != "cpu":  # there torch's Adam step imports torch._dynamo (~1.5 s): meanwhile, with the loading
-        # (train.Adam's CPU step does not need it; on 2 cores the import only competed with the loading)
-        threading.Thread(target=_import_quietly, args=("torch._dynamo",), daemon=True).start()
     try:
         try:  # everything a user can get wrong is checked here, before a run folder exists
             if run_dir is None and ctx.main:

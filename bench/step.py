@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import itertools
 import json
 import os
@@ -82,8 +83,7 @@ def unsupported(device: torch.device, amp: str, compile_model: bool) -> str | No
         return "this GPU has no bfloat16"
     if compile_model:
         if device.type == "cuda":
-            from torch.utils._triton import has_triton
-            if not has_triton():
+            if importlib.util.find_spec("triton") is None:
                 return "compile on CUDA needs Triton"
         elif not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
             return "compile on the CPU needs a C++ compiler (none found)"
@@ -125,7 +125,7 @@ def run_config(args, device, name, amp, channels_last, compile_model, data, meas
                        channels_last=channels_last, compile=compile_model, num_epochs=10, warmup_epoch=1)
     model = build_model(args.arch, args.num_classes, "random").to(device)
     engine = train.build_engine(model, device, amp, channels_last, compile_model)
-    optimizer = train.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     timed = image_cache.CachedLoader(dataset, images_timed, bs, shuffle=True, flip=True)
     warm = image_cache.CachedLoader(_subset(dataset, len(images_warm)), images_warm, bs, shuffle=True, flip=True)

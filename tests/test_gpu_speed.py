@@ -121,7 +121,7 @@ def _train_two_epochs(root, graphs: bool, batch: int = 7):
     engine = train.build_engine(model, CPU)
     if graphs:
         engine.graphs = cuda_graphs.CudaGraphs("model", backend=CpuStandIn(model))
-    optimizer = train.Adam(engine.parameter_groups(cfg.lr), lr=cfg.lr)
+    optimizer = engine.optimizer(cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = DataLoader(sets["train"], batch_size=batch, shuffle=True)
     outs = [train.train_epoch(engine, loader, optimizer, scaler, cfg, epoch) for epoch in (1, 2)]

@@ -24,6 +24,7 @@ import main  # noqa: E402
 import train  # noqa: E402
 from datasets import FeatureDataset, FeatureLoader, LabelledRows  # noqa: E402
 from helpers import TinyNet, tiny_dataset  # noqa: E402
+from label_state import PermanentCorrections  # noqa: E402
 from losses import LOSSES, clean_rate, compute_loss, large_loss_count, large_losses  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -183,8 +184,8 @@ def test_head_boostlu_takes_boostlus_correction_rule_and_the_step_passes_it(tmp_
                                ll_cp_corrections="above").ll_cp_corrections == "above"
     ds = tiny_dataset(tmp_path, 16, 6)
     seen = []
-    real = train.LOSSES["ll_cp"].corrections
-    train.LOSSES["ll_cp"].corrections = lambda logits, obs, **kw: seen.append(kw["ties"]) or real(logits, obs, **kw)
+    real = LOSSES["ll_cp"].corrections
+    LOSSES["ll_cp"].corrections = lambda logits, obs, **kw: seen.append(kw["ties"]) or real(logits, obs, **kw)
     try:
         for rule in ("above", "at-or-above"):
             cfg = config.build_config("demo", loss="ll_cp", delta_rel=10.0, batch_size=8, num_workers=0,
@@ -193,7 +194,7 @@ def test_head_boostlu_takes_boostlus_correction_rule_and_the_step_passes_it(tmp_
             train.train_epoch(engine, DataLoader(ds, batch_size=8), torch.optim.Adam(engine.model.parameters()),
                               torch.amp.GradScaler("cpu", enabled=False), cfg, 2, ds)
     finally:
-        train.LOSSES["ll_cp"].corrections = real
+        LOSSES["ll_cp"].corrections = real
     assert seen == [False, False, True, True]
 
 
@@ -254,7 +255,7 @@ def test_a_paired_multi_epoch_run_equals_kims_loop(name):
     loader = FeatureLoader(dataset, batch, shuffle=True, device=CPU)
     cfg = config.build_config("demo", loss=name, delta_rel=delta, batch_size=batch, num_workers=0, lr=1e-2)
     engine = train.build_engine(ours, CPU)
-    optimizer = train.Adam(engine.parameter_groups(cfg.lr), lr=cfg.lr)
+    optimizer = engine.optimizer(cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     # Kim's loop
     kims = model()
@@ -305,6 +306,27 @@ def test_mark_positive_counts_every_mask_of_a_repeated_row():
     np.testing.assert_array_equal(rows.labels_obs, expected)
 
 
+def test_permanent_corrections_collect_an_epoch_and_write_it_once():
+    """label_state.PermanentCorrections: LL-Cp's masks (strictly above the k-th largest unknown loss) gathered step
+    by step, written together; losses without corrections get none."""
+    assert PermanentCorrections.of("ll_ct", 2, {"delta_rel": 5.0}) is None
+    rows = LabelledRows(np.eye(6, 4), np.ones((6, 4)))
+    corrections = PermanentCorrections.of("ll_cp", 2, {"delta_rel": 5.0})
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [0.0, 0.5, 4.0, 0.2], [5.0, 0.1, 0.3, 0.4]])  # rows 3, 4, 5
+    corrections.add(torch.tensor([3, 4]), logits[:2], torch.from_numpy(rows.labels_obs[[3, 4]]).float())
+    corrections.add(torch.tensor([5]), logits[2:], torch.from_numpy(rows.labels_obs[[5]]).float())
+    np.testing.assert_array_equal(rows.labels_obs, np.eye(6, 4))  # nothing written before the end of the epoch
+    # k = ceil(8 * 0.05) = 1 and ceil(4 * 0.05) = 1: the largest loss is the threshold, none is strictly above it
+    assert corrections.write(rows) == 0
+    corrections = PermanentCorrections.of("ll_cp", 2, {"delta_rel": 40.0})  # k = ceil(8 * 0.4) = 4, then 2
+    corrections.add(torch.tensor([3, 4]), logits[:2], torch.from_numpy(rows.labels_obs[[3, 4]]).float())
+    corrections.add(torch.tensor([5]), logits[2:], torch.from_numpy(rows.labels_obs[[5]]).float())
+    assert corrections.write(rows) == 3 + 1
+    expected = np.eye(6, 4)
+    expected[3, [1, 2]] = expected[4, 2] = expected[5, 0] = 1  # the largest unknown losses, above the k-th
+    np.testing.assert_array_equal(rows.labels_obs, expected)
+
+
 @pytest.mark.parametrize("name", ["ll_cp", "ll_ct"])
 def test_permanent_corrections_persist_and_reach_the_workers(tmp_path, name):
     torch.manual_seed(0)
@@ -319,17 +341,17 @@ def test_permanent_corrections_persist_and_reach_the_workers(tmp_path, name):
     np.testing.assert_array_equal(ds.labels_obs, initial)  # epoch 1: unchanged
     before = ds.labels_obs.copy()
     spy = []
-    real_corrections = train.LOSSES[name].corrections
+    real_corrections = LOSSES[name].corrections
     if real_corrections is not None:  # record each batch's corrected positions
         def recording(logits, obs, **kw):
             mask = real_corrections(logits, obs, **kw)
             spy.append(mask.clone())
             return mask
-        train.LOSSES[name].corrections = recording
+        LOSSES[name].corrections = recording
     try:
         out = train.train_epoch(engine, loader, optimizer, scaler, cfg, 2, ds)
     finally:
-        train.LOSSES[name].corrections = real_corrections
+        LOSSES[name].corrections = real_corrections
     added = (ds.labels_obs == 1) & (before == 0)
     if name == "ll_ct":
         assert not added.any()  # corrected for the step only

@@ -1,13 +1,13 @@
-"""train.Adam: torch.optim.Adam's update run directly on the CPU. Same parameters, same state, same bits."""
-import subprocess
-import sys
-
+"""label_state.BufferedAdam (ROLE's optimizer): torch.optim.Adam's update with a kept denominator buffer on the
+CPU. Same parameters, same state, same bits."""
+import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from engine import build_engine
+from label_state import BufferedAdam as Adam
+from label_state import LabelEstimates
 from losses import compute_loss
-from train import Adam
 
 
 def pair(seed: int = 0, dtype=torch.float32):
@@ -115,12 +115,10 @@ def test_zero_grad_and_a_closure_behave_as_torchs():
     assert_same(copies, optimizers)
 
 
-def test_a_cpu_run_of_it_never_imports_torch_dynamo():
-    """The point of the direct step: torch's wrappers import torch._dynamo (~1.5 s) on first use."""
-    code = ("import sys, torch\nfrom train import Adam\nhead = torch.nn.Linear(4, 2)\n"
-            "optimizer = Adam([{'params': [head.weight]}, {'params': [head.bias], 'lr': 0.1}], lr=1e-3)\n"
-            "for _ in range(3):\n    optimizer.zero_grad()\n    head(torch.ones(1, 4)).sum().backward()\n"
-            "    optimizer.step()\noptimizer.load_state_dict(optimizer.state_dict())\n"
-            "print('torch._dynamo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+
+def test_a_run_takes_torchs_adam_and_role_the_buffered_one():
+    head = torch.nn.Linear(4, 2)
+    plain = build_engine(head, torch.device("cpu")).optimizer(1e-3)
+    assert type(plain) is torch.optim.Adam and plain.defaults["lr"] == 1e-3
+    role = build_engine(head, torch.device("cpu"), estimates=LabelEstimates(np.eye(3, 2))).optimizer(1e-3)
+    assert type(role) is Adam and [g["lr"] for g in role.param_groups] == [1e-3, 1e-2]

@@ -141,7 +141,7 @@ def test_the_head_learns_at_head_lr_mult_times_lr():
     assert [len(g["params"]) for g in groups] == [2, 2]
     assert all(p is q for p, q in zip(groups[1]["params"], model.head.parameters()))
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = train.Adam(groups, lr=1e-3)
+    optimizer = torch.optim.Adam(groups, lr=1e-3)
     model(torch.randn(4, 6)).sum().backward()
     optimizer.step()
     # Adam's first step moves every weight by lr * g / (|g| + eps) ~ lr

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import main
 import train
 from metrics import compute_map
@@ -150,7 +151,7 @@ def test_refusals_leave_the_folder_alone(stopped_run, capsys):
     torch.save({"format": 99}, run_dir / "last.pt")
     before["last.pt"] = (run_dir / "last.pt").read_bytes()
     err = refused()
-    assert "format 99" in err and f"format {train.CHECKPOINT_FORMAT}" in err
+    assert "format 99" in err and f"format {checkpoints.CHECKPOINT_FORMAT}" in err
     assert main.main(["--resume", str(run_dir.parent / "nothing")]) == 2
     assert "no results.json" in capsys.readouterr().err
 
@@ -218,24 +219,25 @@ def test_a_run_stopped_before_its_first_last_pt_restarts_from_its_start(bird_roo
     """Stopped (a kill, a full disk) after epoch 1's record but before its last.pt was written: the resume says
     so, and runs the whole run again in its folder, equal to the run left alone (issue 23)."""
     _, ref = reference
-    real = train._save_last
+    real = checkpoints.save_last
 
     def cut(*args, **kwargs):
         if args[6].epoch == 1:  # progress
             raise KeyboardInterrupt("stopped while writing last.pt")
         return real(*args, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(train, "_save_last", cut)
+        m.setattr(checkpoints, "save_last", cut)
         assert start(bird_root, tmp_path) == 130
     run_dir = run_folder(tmp_path)
     assert len(json.loads((run_dir / "results.json").read_text())["epochs"]) == 1
     assert not (run_dir / "last.pt").exists()
-    with pytest.raises(train.NoResumeState, match=r"results.json records 1 epoch\(s\), but it stopped before last.pt"):
-        train.load_last(run_dir)
+    with pytest.raises(checkpoints.NoResumeState,
+                       match=r"results.json records 1 epoch\(s\), but it stopped before last.pt"):
+        checkpoints.load_last(run_dir)
     leftover = run_dir / ".last.pt.0123abcd.999999.89abcdef.tmp"  # what a kill -9 during the write leaves
     leftover.write_bytes(b"half a checkpoint")
-    with pytest.raises(train.NoResumeState, match="it stopped while writing last.pt of epoch 1"):
-        train.load_last(run_dir)
+    with pytest.raises(checkpoints.NoResumeState, match="it stopped while writing last.pt of epoch 1"):
+        checkpoints.load_last(run_dir)
     capsys.readouterr()
     assert main.main(["--resume", str(run_dir)]) == 0
     assert f"resuming {run_dir} from its start (it was interrupted): no finished epoch's state was saved" in \

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from losses import LOSSES, Entries, compute_loss
-from train import ESTIMATES_LR_FACTOR, Engine, LabelEstimates, logit
+from engine import Engine
+from label_state import ESTIMATES_LR_FACTOR, LabelEstimates, logit
 
 
 def cole_neg_log(x):

@@ -208,7 +208,7 @@ def test_unsupported_speed_options_name_the_alternative(bird_root, tmp_path, cap
     assert main.main([*args, "--amp", "fp16"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --amp fp16 needs a CUDA GPU") and "--amp bf16" in err
-    monkeypatch.setattr("train.shutil.which", lambda name: None)
+    monkeypatch.setattr("engine.shutil.which", lambda name: None)
     assert main.main([*args, "--compile"]) == 2
     err = capsys.readouterr().err
     assert "--compile" in err and "C++ compiler" in err and "leave --compile off" in err
