@@ -62,12 +62,12 @@ class _RowsOf(torch.autograd.Function):
     COCO-sized ROLE epoch on features grew the process by 24 GB. A gradient that exists already is added to, as
     autograd does.
 
-    Measured on a 2-core VM shared with other jobs: a one-epoch ROLE run with torch's indexing backward and
-    BufferedAdam (`python bench/linear.py --loss role -- --expected-num-pos 2.9 --epochs 1` under `ulimit -v
-    9437184`) ran out of its 9 GB of address space during the epoch (the fault), and with this buffer it ended with
-    a peak RSS of 2.7 GB. glibc's fixed mmap threshold fixes the fault without the buffer, at a cost: a ROLE step
-    (`python bench/role_step.py --plain rows --mmap-threshold 1048576`, 1 thread) takes 26.3 ms of CPU against
-    16.5-16.9 ms with the buffer (which saves 36 % of the step).
+    Measured (BufferedAdam gives the whole-run figures of both buffers: 66 % of a ROLE run): with torch's indexing
+    backward and BufferedAdam, a one-epoch ROLE run (`python bench/linear.py --loss role -- --expected-num-pos 2.9
+    --epochs 1` under `ulimit -v 9437184`) ran out of its 9 GB of address space during the epoch (the fault); with
+    this buffer it ended at a peak RSS of 2.73 GB. glibc's fixed mmap threshold fixes the fault without the buffer,
+    at a cost: a ROLE step (`python bench/role_step.py --plain rows --mmap-threshold 1048576`, 1 thread) takes 26.3
+    ms of CPU against 16.5-16.9 ms with the buffer.
     """
 
     @staticmethod
@@ -102,21 +102,20 @@ class BufferedAdam(torch.optim.Adam):
     torch's single-tensor update makes two temporaries of a parameter's size per step (`exp_avg_sq.sqrt()`, then its
     division). For the 65,665 x 80 estimates those are fresh 21 MB matrices carved from glibc's heap, and the small
     tensors a training pass keeps (each batch's predictions and labels) land in the freed ones, so each step needs
-    new memory: a COCO-sized ROLE run grows without bound (24 GB in its first epoch). `step` runs the operations of
+    new memory: a COCO-sized ROLE run grows without bound (3.4 GB per 200 steps, below). `step` runs the operations of
     torch.optim.adam._single_tensor_adam (its branch without capturable / differentiable / weight decay / amsgrad)
     in torch's order, with `torch.sqrt(..., out=)` into the buffer, and initialises the state as torch does;
     tests/test_optim.py compares the parameters and the state with torch.optim.Adam's by torch.equal. Other
     devices (CUDA: torch's foreach update), a closure or complex / sparse parameters take torch's own step.
 
-    Measured on a 2-core VM shared with other jobs (CPU time; commit of bench/role_step.py): a COCO-sized ROLE step
-    (`python bench/role_step.py`, 1 thread) takes 16.5-16.9 ms with this class, RSS flat over 200 steps; with
-    torch.optim.Adam (`--plain adam`) 25.6 ms and RSS +3.4 GB per 200 steps, the fault; with torch.optim.Adam and
-    glibc's fixed mmap threshold, which returns the temporaries to the system and so fixes the fault without this
-    class (`--plain adam --mmap-threshold 1048576`), 33.4 ms: this class saves 49 % of the step. A one-epoch ROLE
-    run (`python bench/linear.py --loss role -- --expected-num-pos 2.9 --epochs 1`) took 140.7 s CPU (439.5 s
-    wall) with the buffers, and 174.8 s CPU (483.5 s wall) with torch's indexing, torch.optim.Adam and that mmap
-    threshold, 24 % more (its epoch: 455.2 against 415.7 s of wall time). So the class fixes the fault at half
-    the step's cost of the public fix.
+    Measured on this project's 2-core VM (CPU seconds too: the host is shared): a whole COCO-sized ROLE run
+    (`python bench/linear.py --loss role -- --expected-num-pos 2.9`: 23 epochs, test mAP 35.48 both ways) took
+    208.6 s (385.1 s CPU, peak RSS 2.73 GB) with this class and `_RowsOf`'s buffer, and 606.3 s (1,182.1 s CPU,
+    2.72 GB) with torch's indexing and torch.optim.Adam under glibc's fixed mmap threshold (mallopt
+    M_MMAP_THRESHOLD = 1 MB), the public way to keep the memory flat: the buffers save 66 % of the run. This
+    class alone, on a ROLE step (`python bench/role_step.py`, 1 thread): 16.5-16.9 ms of CPU, RSS flat; with
+    torch.optim.Adam (`--plain adam`) 25.6 ms and RSS +3.4 GB per 200 steps; with torch.optim.Adam and the fixed
+    threshold (`--plain adam --mmap-threshold 1048576`) flat, 33.4 ms.
     """
 
     def __init__(self, params, lr: float) -> None:
