@@ -3,6 +3,7 @@ estimates (a learnable matrix trained with the model), LL-Cp's corrections for g
 pseudo-labels. The training loop (train.py) calls them; the losses (losses.py) stay pure functions."""
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -11,7 +12,6 @@ import torch
 
 from distributed import SINGLE, DistContext
 from losses import LOSSES
-from metrics import worker_threads
 
 # ----------------------------------------------------------------------------------------------------------------
 # ROLE: the label estimates
@@ -197,6 +197,14 @@ class PermanentCorrections:
 
 # ----------------------------------------------------------------------------------------------------------------
 # APL: asymmetric pseudo-labelling (its U_c are counted once before training: checkpoints.Progress.unlabel_num)
+
+def worker_threads() -> int:
+    """Threads for per-class work (apl_update): OMP_NUM_THREADS when set (torchrun sets 1 per process), else
+    the usable cores."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
 
 def apl_update(obs: np.ndarray, preds: np.ndarray, unlabel_num: np.ndarray, neg_proportion: float,
                num_epochs: int, warmup_epoch: int) -> np.ndarray:

@@ -7,8 +7,6 @@ faster on COCO's sizes (tests/test_metrics.py compares with `average_precision_s
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 TOP_K = (1, 3, 5)
@@ -73,14 +71,6 @@ def _per_class_ap(scores: np.ndarray, label_sets: list[np.ndarray]) -> list[np.n
             steps *= precision[::-1]
             per_class[i][c] = max(0.0, -np.sum(steps))
     return per_class
-
-
-def worker_threads() -> int:
-    """Threads for per-class work (train.apl_update): OMP_NUM_THREADS when set (torchrun sets 1 per process), else
-    the usable cores."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def compute_map(scores: np.ndarray, labels: np.ndarray) -> float:
