@@ -34,11 +34,13 @@ class DecodedLoader(CachedLoader):
                          prefetch=False)  # (decoding stays in this thread: it launches work on the device)
         self.image_size, self.device = image_size, torch.device(device)
         self._readers = ThreadPoolExecutor(num_workers, thread_name_prefix="read-jpeg") if num_workers else None
+        from features import _FileBytes  # (features imports image_cache: imported here)
+        self._files = _FileBytes(dataset.image_root, dataset.image_paths)
 
     def _images(self, rows: np.ndarray) -> torch.Tensor:
-        from features import _decoded_on_device, _FileBytes  # (features imports image_cache: imported here)
-        files = _FileBytes(self.dataset.image_root, self.dataset.image_paths)
-        read = list(self._readers.map(files.__getitem__, rows) if self._readers else map(files.__getitem__, rows))
+        from features import _decoded_on_device
+        read = list(self._readers.map(self._files.__getitem__, rows) if self._readers
+                    else map(self._files.__getitem__, rows))
         error = next((e for _, _, e in read if e), "")
         if not error:
             paths = [self.dataset.image_root / str(self.dataset.image_paths[r]) for r in rows]
