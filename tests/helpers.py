@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from conftest import REALDATA
+from conftest import CUB, REALDATA, read_table
 from datasets import MultilabelDataset
 
 VOC_JPEGS = REALDATA / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages"
@@ -141,3 +141,35 @@ def mobilenet_v2_imagenet_state(path: Path) -> Path:
         renamed["features." + k_ours] = v
     torch.save(renamed, path)
     return path
+
+
+def make_bird_root(root: Path) -> Path:
+    """A "pascal"-shaped data root under `root` over the 145 real CUB JPEGs (species 001, 005, 006) of tests/data;
+    returns `root`. (The tests' `bird_root` fixture, and the bird rows of `bench/linear_sweep.py`.)
+
+    A 20-label task, written directly as the formatted_*.npy arrays: labels 0-2 = the bird's species, labels
+    3-19 = the first 17 attributes whose class-level percentage (attributes/class_attribute_labels_continuous.txt)
+    is >= 50 % for some but not all three species, taken at the image's species. Official train/test follow the
+    real train_test_split.txt; observed labels come from generate_observed_labels (seed 1200)."""
+    from preproc.generate_observed_labels import generate_observed
+    names = read_table(CUB / "images.txt")
+    is_train = {k: int(v) for k, v in read_table(CUB / "train_test_split.txt").items()}
+    class_of = {k: int(v) for k, v in read_table(CUB / "image_class_labels.txt").items()}
+    present = [i for i in sorted(names) if (CUB / "images" / names[i]).is_file()]
+    assert len(present) == 145
+    species = sorted({class_of[i] for i in present})
+    assert species == [1, 5, 6]
+    attr = np.loadtxt(CUB / "attributes" / "class_attribute_labels_continuous.txt")[[s - 1 for s in species]] >= 50
+    varying = np.where(attr.any(axis=0) & ~attr.all(axis=0))[0][:17]
+    assert len(varying) == 17
+    table = np.concatenate([np.eye(3, dtype=bool), attr[:, varying]], axis=1)  # (species, 20 labels)
+    out = root / "pascal"
+    (out / "VOCdevkit" / "VOC2012").mkdir(parents=True)
+    (out / "VOCdevkit" / "VOC2012" / "JPEGImages").symlink_to(CUB / "images")
+    for phase, flag in (("train", 1), ("val", 0)):
+        ids = [i for i in present if is_train[i] == flag]
+        labels = table[[species.index(class_of[i]) for i in ids]].astype(np.float64)
+        np.save(out / f"formatted_{phase}_images.npy", np.array([names[i] for i in ids]))
+        np.save(out / f"formatted_{phase}_labels.npy", labels)
+        np.save(out / f"formatted_{phase}_labels_obs.npy", generate_observed(labels, 1, 0, 1200))
+    return root
