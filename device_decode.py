@@ -4,7 +4,7 @@ Why: the exact uint8 image cache of COCO at 448 px is 73.6 GB, and the faithful 
 (340 img/s on the H200 host of bench/measured/) cannot feed a fast step at batch 16. Here the host only reads the
 files' bytes (threads, no decoding); the device decodes them (torchvision.io.decode_jpeg: nvJPEG on CUDA,
 libjpeg-turbo on the CPU) and resizes them to S x S (bilinear, antialiased), as `--decode device` of feature
-extraction does (features._decoded_on_device, shared). Another decoder and resize than PIL's: pixels differ from
+extraction does (features.decoded_on_device, shared). Another decoder and resize than PIL's: pixels differ from
 the faithful path's by a few levels (tests/test_gpu_speed.py bounds it on real JPEGs; bench/epoch.py measures it
 on the GPU), so results are statistically, not bitwise, the same.
 
@@ -34,17 +34,17 @@ class DecodedLoader(CachedLoader):
                          prefetch=False)  # (decoding stays in this thread: it launches work on the device)
         self.image_size, self.device = image_size, torch.device(device)
         self._readers = ThreadPoolExecutor(num_workers, thread_name_prefix="read-jpeg") if num_workers else None
-        from features import _FileBytes  # (features imports image_cache: imported here)
-        self._files = _FileBytes(dataset.image_root, dataset.image_paths)
+        from features import FileBytes  # (features imports image_cache: imported here)
+        self._files = FileBytes(dataset.image_root, dataset.image_paths)
 
     def _images(self, rows: np.ndarray) -> torch.Tensor:
-        from features import _decoded_on_device
+        from features import decoded_on_device
         read = list(self._readers.map(self._files.__getitem__, rows) if self._readers
                     else map(self._files.__getitem__, rows))
         error = next((e for _, _, e in read if e), "")
         if not error:
             paths = [self.dataset.image_root / str(self.dataset.image_paths[r]) for r in rows]
-            images, error = _decoded_on_device([data for _, data, _ in read], paths, self.image_size, self.device)
+            images, error = decoded_on_device([data for _, data, _ in read], paths, self.image_size, self.device)
         if error:
             raise DataError(error)
         return images

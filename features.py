@@ -288,7 +288,7 @@ def _jpeg_batches(image_root: Path, names: np.ndarray, image_size: int, start: i
         yield start + int(idx[0]), images, errors
 
 
-class _FileBytes(Dataset):
+class FileBytes(Dataset):
     """Image i's file as it is on the disk (a 1-D uint8 tensor), for decoding on the extraction device."""
 
     def __init__(self, image_root: Path, image_paths: np.ndarray) -> None:
@@ -342,8 +342,8 @@ def _decode_one(data: torch.Tensor, path: Path, is_jpeg: bool,
         return None, f"cannot read image {path}: {_decoder_message(exc)}"
 
 
-def _decoded_on_device(data: list[torch.Tensor], paths: list[Path], image_size: int,
-                       device: torch.device) -> tuple[torch.Tensor | None, str]:
+def decoded_on_device(data: list[torch.Tensor], paths: list[Path], image_size: int,
+                      device: torch.device) -> tuple[torch.Tensor | None, str]:
     """(uint8 (B, S, S, 3) on `device`, "") or (None, the message of the first image that cannot be decoded).
     The batch's JPEGs are decoded in one call (nvJPEG's batched decoder on CUDA); when it fails (it returns
     nothing then), image by image, to find the culprit."""
@@ -373,7 +373,7 @@ def _decoded_on_device(data: list[torch.Tensor], paths: list[Path], image_size: 
 def _device_batches(image_root: Path, names: np.ndarray, image_size: int, start: int, batch_size: int,
                     num_workers: int, device: torch.device) -> Batches:
     """Batches whose files DataLoader workers read and this process decodes and resizes on `device`."""
-    loader = DataLoader(_FileBytes(image_root, names[start:]), batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(FileBytes(image_root, names[start:]), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_lists, generator=torch.Generator())
     for first, data, errors in loader:
         first += start
@@ -381,7 +381,7 @@ def _device_batches(image_root: Path, names: np.ndarray, image_size: int, start:
             yield first, torch.empty(0, dtype=torch.uint8), errors
             continue
         paths = [image_root / str(n) for n in names[first:first + len(data)]]
-        images, error = _decoded_on_device(data, paths, image_size, device)
+        images, error = decoded_on_device(data, paths, image_size, device)
         yield first, images if images is not None else torch.empty(0, dtype=torch.uint8), (error,)
 
 
