@@ -44,6 +44,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 import main  # noqa: E402
+import checkpoints  # noqa: E402
 import train  # noqa: E402
 from config import build_config  # noqa: E402
 from datasets import DATASET_INFO, build_datasets  # noqa: E402
@@ -127,9 +128,11 @@ def _sync(device: torch.device) -> None:
 
 
 class PhaseTimer:
-    """Wraps train's functions that fit calls (module globals) to time each phase of each epoch."""
+    """Wraps the functions that train.fit calls through their modules (train's loop, checkpoints' files) to time
+    each phase of each epoch."""
 
-    NAMES = ("train_epoch", "run_apl", "evaluate", "_save_checkpoint", "_save_predictions", "_save_last")
+    TARGETS = ((train, ("train_epoch", "run_apl", "evaluate")),
+               (checkpoints, ("save_checkpoint", "save_predictions", "save_last")))
 
     def __init__(self, device: torch.device, num_epochs: int) -> None:
         self.device, self.num_epochs = device, num_epochs
@@ -138,14 +141,14 @@ class PhaseTimer:
         self.snapshot_s = 0.0
 
     def __enter__(self):
-        self.saved = {name: getattr(train, name) for name in self.NAMES}
-        for name, fn in self.saved.items():
-            setattr(train, name, self._wrap(name, fn))
+        self.saved = [(module, name, getattr(module, name)) for module, names in self.TARGETS for name in names]
+        for module, name, fn in self.saved:
+            setattr(module, name, self._wrap(name, fn))
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, fn in self.saved.items():
-            setattr(train, name, fn)
+        for module, name, fn in self.saved:
+            setattr(module, name, fn)
 
     def _wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -157,13 +160,13 @@ class PhaseTimer:
             out = fn(*args, **kwargs)
             _sync(self.device)
             seconds = time.perf_counter() - start
-            phase = {"train_epoch": "train", "run_apl": "apl", "_save_last": "checkpoint",
-                     "_save_checkpoint": "checkpoint", "_save_predictions": "checkpoint"}.get(name)
+            phase = {"train_epoch": "train", "run_apl": "apl", "save_last": "checkpoint",
+                     "save_checkpoint": "checkpoint", "save_predictions": "checkpoint"}.get(name)
             if name == "evaluate":
                 desc = args[2]
                 phase = "apl_pass" if "APL" in desc else "val" if desc.endswith("val") else "test"
             self.events.append((self.epoch, phase, seconds))
-            if name == "_save_last" and self.epoch == self.num_epochs:  # the last epoch's weights, not timed
+            if name == "save_last" and self.epoch == self.num_epochs:  # the last epoch's weights, not timed
                 t = time.perf_counter()
                 self.last_weights = {k: v.detach().cpu().clone() for k, v in args[1].model.state_dict().items()}
                 self.snapshot_s = time.perf_counter() - t
@@ -347,7 +350,7 @@ def _run_presets(args, device: torch.device, names: list[str], work: Path, cache
                 row, w = run_combination(args, name, preset, root, device, work / preset, no_graphs=True)
                 rows.append(row)
             if w:
-                weights[name] = w
+                weights[row["combination"]] = w  # (a CPU row without the graphs has its own name)
             print(f"[{preset}] {name}: {row['status']}" + (
                 f", epochs {', '.join(f'{s:.1f}' for s in row['epoch_s'])} s, train "
                 f"{row['phases']['train']['img_s']:.0f} img/s" if row["status"] == "ok" else

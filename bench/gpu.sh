@@ -15,6 +15,7 @@
 # Every step has a timeout, all within a total budget (BENCH_BUDGET_S, default 285 s); a failing, timed-out or
 # skipped step is recorded and the script goes on.
 #   BENCH_SMOKE=1 bash bench/gpu.sh   # CPU, tiny sizes: proves every command starts (no GPU needed)
+#   BENCH_SKIP=main_fast,step_b16_compile   # steps recorded as skipped (tests/test_gpu_speed.py skips the slow ones)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +50,10 @@ run_step() {
   local name=$1 limit=$2; shift 2
   local left=$(( BUDGET - ($(date +%s) - START) ))
   local rc=0 status t0 t1
-  if (( left < 15 )); then
+  if [[ ",${BENCH_SKIP:-}," == *",$name,"* ]]; then
+    status=skipped; rc=-1; t0=$(date +%s.%N); t1=$t0
+    echo "[gpu.sh] $name: skipped (BENCH_SKIP)" | tee "$LOGS/$name.log"
+  elif (( left < 15 )); then
     status=skipped; rc=-1; t0=$(date +%s.%N); t1=$t0
     echo "[gpu.sh] $name: skipped (${left} s of the budget left)" | tee "$LOGS/$name.log"
   else

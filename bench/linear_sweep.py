@@ -46,8 +46,8 @@ def call(argv: list[str]) -> None:
     print("$", shlex.join(argv), flush=True)
     proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"error: {shlex.join(argv)} failed (exit {proc.returncode}): "
-                         f"{proc.stderr.strip().splitlines()[-1:] or ''}")
+        last = (proc.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        raise SystemExit(f"error: {shlex.join(argv)} failed (exit {proc.returncode}): {last}")
 
 
 def prepare(rows: str, tmp: Path) -> list[str]:

@@ -5,11 +5,16 @@ host logic around the graphs (static buffers, warm-up whose effects are undone, 
 eagerly, one eval graph per batch shape, Adam after each replay) gives the eager loop's numbers bit for bit, with a
 CPU stand-in for torch.cuda's graphs. --image-decode device: within 2 levels of PIL's pixels on real JPEGs (CPU
 decoder), the faithful loader's order, flips and random draws, and the faithful path untouched.
---eval-batch-size: the val / test loaders only.
+--eval-batch-size: the val / test loaders only. bench/epoch.py and bench/gpu.sh (what a session lent a GPU runs)
+work on the current code, in their CPU smoke mode.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +223,54 @@ def test_prefetching_gives_the_same_batches_and_draws(bird_root, tmp_path, worke
     torch.manual_seed(5)
     first = next(iter(CachedLoader(ds, images, 8, shuffle=True, flip=True, num_workers=workers, prefetch=True)))
     assert torch.equal(first["idx"], plain[0]["idx"])  # a loop left after one batch: the thread is not in the way
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the whole-epoch benchmark (bench/epoch.py), in its CPU smoke mode: it drives main.build_run and train.fit and
+# times them by wrapping train's and checkpoints' functions, so a refactor of either must keep it working
+
+def test_the_epoch_benchmark_times_every_phase_and_finds_the_cache_bit_identical(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "epoch.json"
+    proc = subprocess.run([sys.executable, "bench/epoch.py", "--preset", "voc", "--device", "cpu",
+                           "--no-decode-check", "--json", str(out)], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "BENCH_SMOKE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["combination"]: r for r in json.loads(out.read_text())["presets"]["voc"]["rows"]}
+    # on the CPU each graphed combination is refused in one line, then run without the graphs and amp
+    assert rows["cache+graphs"]["status"] == "refused"
+    assert rows["cache+graphs"]["error"].startswith("--cuda-graphs model needs a CUDA GPU")
+    faithful, cache = rows["faithful"], rows["cache+graphs (CPU: no graphs, no amp)"]
+    statistical = rows["decode+graphs-step+bf16+cl+eval4x (CPU: no graphs, no amp)"]
+    for row in (faithful, cache, statistical):
+        assert row["status"] == "ok" and len(row["epoch_s"]) == 2
+        # smoke sizes: 40 official training images = 32 train + 8 val, 16 test; the APL pass sees the train rows
+        assert row["images_per_epoch"] == {"train": 32, "apl_pass": 32, "apl": 32, "val": 8, "test": 16}
+        assert all(row["phases"][p]["seconds"] > 0 for p in ("train", "apl_pass", "val", "test", "checkpoint"))
+    # the image cache is bit-identical to the faithful loader: equal final weights and equal metrics per epoch
+    assert cache["equal_to_faithful"] is True and cache["max_abs_diff_to_faithful"] == 0.0
+    assert cache["val_map"] == faithful["val_map"] and cache["train_loss"] == faithful["train_loss"]
+    # device decoding + channels-last + 4x eval batches are statistical: compared, and not equal
+    assert statistical["equal_to_faithful"] is False and statistical["max_abs_diff_to_faithful"] > 0
+
+
+def test_the_prepared_gpu_script_runs_its_benchmarks_in_smoke_mode(tmp_path):
+    """bench/gpu.sh is what a session lent a GPU runs once: its benchmark scripts must work on the current code
+    (BENCH_SMOKE=1: the CPU at tiny sizes). The demo runs of main.py (other tests run main.py) and the compiled
+    step (half a minute of compiling) are skipped here."""
+    repo = Path(__file__).resolve().parents[1]
+    skip = ("demo_data", "main_faithful", "main_fast", "main_graphs", "step_b16_compile")
+    env = {**os.environ, "BENCH_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "BENCH_SKIP": ",".join(skip), "BENCH_STEP_CAP_S": "900", "BENCH_BUDGET_S": "3600"}
+    proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    status = {r["name"]: r["status"] for r in result["steps"]}
+    assert {name: status[name] for name in skip} == dict.fromkeys(skip, "skipped")
+    ran = {name: s for name, s in status.items() if name not in skip}
+    assert set(ran) >= {"step_b16", "step_b8", "epoch_voc", "decode", "bench_root", "loader_w0", "loader_w2"}
+    assert ran == dict.fromkeys(ran, "ok"), [r.get("log_tail") for r in result["steps"] if r["status"] != "ok"]
+    # each benchmark's own JSON made it into the one file
+    assert result["epoch"]["voc"]["presets"]["voc"]["rows"][0]["combination"] == "faithful"
+    assert all(result["step"][name] for name in ("step_b16", "step_b8"))
+    assert result["loader"]["loader_w0"]["max_abs_diff"] == 0.0 and result["decode"]
