@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# One prepared GPU benchmark (about 10 minutes on one H100/H200, nothing downloaded, no real dataset needed):
-#   1. bench/step.py, ResNet-50 at 448 px, batch 16 and 8 (every amp x channels-last combination);
-#   2. bench/epoch.py (issue 27): whole epochs of the full pipeline (train, APL pass, val, test, checkpoints),
+# One prepared GPU benchmark (about 10 minutes on one H100/H200, nothing downloaded, no real dataset needed), issue
+# 27's targets first:
+#   1. bench/epoch.py (issue 27): whole epochs of the full pipeline (train, APL pass, val, test, checkpoints),
 #      VOC-like (20 classes, batch 8) and COCO-like (80 classes, batch 16), faithful against each fast combination
 #      (image cache, --cuda-graphs model / step, bf16 + channels-last, --eval-batch-size, --image-decode device),
 #      then --image-decode device against PIL (max abs pixel difference, img/s);
-#   3. bench/loader.py at 448 px over the 145 CUB JPEGs of tests/data re-encoded at 500 px (full-size decode cost),
+#   2. equal mAP: the demo at its own settings (EM_APL, ResNet-18 from scratch at 48 px, 6 epochs), seeds 0, 1, 2,
+#      faithful against --image-cache ram --cuda-graphs model (the same numbers expected) and against the fast
+#      statistical combination (+ --cuda-graphs step --amp bf16 --channels-last --eval-batch-size 128);
+#   3. bench/step.py, ResNet-50 at 448 px, batch 16 and 8 (every amp x channels-last combination);
+#   4. bench/loader.py at 448 px over the 145 CUB JPEGs of tests/data re-encoded at 500 px (full-size decode cost),
 #      0 and 8 workers;
-#   4. short real runs of main.py on the demo (generated, no download) with ResNet-50 at 128 px, 2 epochs,
-#      faithful against --image-cache ram --amp bf16 --channels-last --cudnn-benchmark and against --image-cache ram
-#      --cuda-graphs model (whose test mAP should be the faithful one's): wall time and test mAP of each;
-#   5. the compiled bf16 + channels-last step last, as its warm-up takes long (cut when the budget is spent).
+#   5. short real runs of main.py on the demo with ResNet-50 at 128 px, 2 epochs, faithful against --image-cache
+#      ram --amp bf16 --channels-last --cudnn-benchmark and against --image-cache ram --cuda-graphs model: wall time
+#      and test mAP of each;
+#   6. the compiled bf16 + channels-last step last, as its warm-up takes long (cut when the budget is spent).
 # Writes one JSON: $OUT/gpu_bench.json if $OUT is set, else bench/gpu_bench.json (logs beside it, *_logs/).
-# Every step has a timeout, all within a total budget (BENCH_BUDGET_S, default 285 s); a failing, timed-out or
+# Every step has a timeout, all within a total budget (BENCH_BUDGET_S, default 570 s); a failing, timed-out or
 # skipped step is recorded and the script goes on.
 #   BENCH_SMOKE=1 bash bench/gpu.sh   # CPU, tiny sizes: proves every command starts (no GPU needed)
 #   BENCH_SKIP=main_fast,step_b16_compile   # steps recorded as skipped (tests/test_gpu_speed.py skips the slow ones)
@@ -34,11 +38,13 @@ PY=${PYTHON:-python}
 if [[ "$SMOKE" == 1 ]]; then
   DEVICE=cpu; GPU=cpu; ARCH=resnet18; SIZE=64; STEPS=2; WARM=1; UPSCALE=160; WORKERS=2
   DEMO_ARGS=(--arch resnet18 --image-size 32 --epochs 2 --warmup-epoch 1 --num-workers 0)
+  SEEDS=(0); SEED_ARGS=(--image-size 32 --epochs 2 --warmup-epoch 1)
   BUDGET=${BENCH_BUDGET_S:-900}
   STEP_CAP=${BENCH_STEP_CAP_S:-60}  # a step cut by this cap has still shown that its command starts
 else
   DEVICE=cuda; GPU=0; ARCH=resnet50; SIZE=448; STEPS=20; WARM=3; UPSCALE=500; WORKERS=8
   DEMO_ARGS=(--arch resnet50 --image-size 128 --epochs 2 --warmup-epoch 1 --num-workers 8)
+  SEEDS=(0 1 2); SEED_ARGS=()  # the demo's own settings
   BUDGET=${BENCH_BUDGET_S:-570}
   STEP_CAP=${BENCH_STEP_CAP_S:-600}
 fi
@@ -92,15 +98,7 @@ if command -v nvidia-smi >/dev/null; then
   run_step nvidia_smi 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 fi
 
-# 1. the training-step benchmark first (the most wanted numbers), without compile
-ST_CONFIGS=faithful,off,off+cl,bf16,bf16+cl,fp16,fp16+cl
-[[ "$DEVICE" == cpu ]] && ST_CONFIGS=faithful,off+cl,bf16+cl
-run_step step_b16 75 "$PY" bench/step.py --arch "$ARCH" --image-size "$SIZE" --batch-size 16 --device "$DEVICE" \
-  --steps "$STEPS" --warmup-steps "$WARM" --configs "$ST_CONFIGS" --json "$WORK/step_b16.json"
-run_step step_b8 50 "$PY" bench/step.py --arch "$ARCH" --image-size "$SIZE" --batch-size 8 --device "$DEVICE" \
-  --steps "$STEPS" --warmup-steps "$WARM" --configs "$ST_CONFIGS" --json "$WORK/step_b8.json"
-
-# 2. whole epochs (issue 27): faithful against the fast combinations; GPU decoding against PIL
+# 1. whole epochs (issue 27's first two targets): faithful against the fast combinations; GPU decoding against PIL
 run_step epoch_voc 200 "$PY" bench/epoch.py --preset voc --device "$DEVICE" --no-decode-check --json "$WORK/epoch_voc.json"
 if [[ "$SMOKE" != 1 ]]; then  # (the smoke run's epoch step shows every command of it starts: one preset is enough)
   run_step epoch_coco 240 "$PY" bench/epoch.py --preset coco --device "$DEVICE" --no-decode-check \
@@ -108,7 +106,27 @@ if [[ "$SMOKE" != 1 ]]; then  # (the smoke run's epoch step shows every command 
 fi
 run_step decode 60 "$PY" bench/epoch.py --decode-only --device "$DEVICE" --json "$WORK/decode.json"
 
-# 3. the loader benchmark over real JPEGs at full-size decode cost
+# 2. equal mAP (issue 27's third target): 3 seeds of the demo, faithful / bit-identical graphs / statistical
+run_step demo_data 40 "$PY" -c "from pathlib import Path; from preproc.make_demo import ensure_demo; ensure_demo(Path('data/demo'))"
+for s in "${SEEDS[@]}"; do
+  run_step "seed_faithful_s$s" 60 "$PY" main.py -d demo -g "$GPU" -s "$s" ${SEED_ARGS[@]+"${SEED_ARGS[@]}"} \
+    --results-dir "$WORK/seeds_faithful_s$s"
+  run_step "seed_graphs_s$s" 60 "$PY" main.py -d demo -g "$GPU" -s "$s" ${SEED_ARGS[@]+"${SEED_ARGS[@]}"} \
+    --image-cache ram --cuda-graphs model --results-dir "$WORK/seeds_graphs_s$s"
+  run_step "seed_fast_s$s" 60 "$PY" main.py -d demo -g "$GPU" -s "$s" ${SEED_ARGS[@]+"${SEED_ARGS[@]}"} \
+    --image-cache ram --cuda-graphs step --amp bf16 --channels-last --eval-batch-size 128 \
+    --results-dir "$WORK/seeds_fast_s$s"
+done
+
+# 3. the training-step benchmark (docs/speed.md's table), without compile
+ST_CONFIGS=faithful,off,off+cl,bf16,bf16+cl,fp16,fp16+cl
+[[ "$DEVICE" == cpu ]] && ST_CONFIGS=faithful,off+cl,bf16+cl
+run_step step_b16 75 "$PY" bench/step.py --arch "$ARCH" --image-size "$SIZE" --batch-size 16 --device "$DEVICE" \
+  --steps "$STEPS" --warmup-steps "$WARM" --configs "$ST_CONFIGS" --json "$WORK/step_b16.json"
+run_step step_b8 50 "$PY" bench/step.py --arch "$ARCH" --image-size "$SIZE" --batch-size 8 --device "$DEVICE" \
+  --steps "$STEPS" --warmup-steps "$WARM" --configs "$ST_CONFIGS" --json "$WORK/step_b8.json"
+
+# 4. the loader benchmark over real JPEGs at full-size decode cost
 run_step bench_root 40 "$PY" bench/make_bench_root.py tests/data/cub/CUB_200_2011 "$WORK/cubroot" \
   --upscale "$UPSCALE" --split all-train
 for w in 0 "$WORKERS"; do
@@ -116,8 +134,7 @@ for w in 0 "$WORKERS"; do
     --num-workers "$w" --batch-size 16 --json "$WORK/loader_w$w.json"
 done
 
-# 4. short real training runs: faithful against the fastest options (demo generated on first use)
-run_step demo_data 40 "$PY" -c "from pathlib import Path; from preproc.make_demo import ensure_demo; ensure_demo(Path('data/demo'))"
+# 5. short real training runs with ResNet-50: faithful against the fastest options
 run_step main_faithful 80 "$PY" main.py -d demo -g "$GPU" --weights random "${DEMO_ARGS[@]}" \
   --results-dir "$WORK/runs_faithful"
 run_step main_fast 70 "$PY" main.py -d demo -g "$GPU" --weights random "${DEMO_ARGS[@]}" \
@@ -125,7 +142,7 @@ run_step main_fast 70 "$PY" main.py -d demo -g "$GPU" --weights random "${DEMO_A
 run_step main_graphs 70 "$PY" main.py -d demo -g "$GPU" --weights random "${DEMO_ARGS[@]}" \
   --image-cache ram --cuda-graphs model --results-dir "$WORK/runs_graphs"
 
-# 5. compile last: its warm-up (dynamo + inductor, forward, backward and eval graphs) is the slowest step
+# 6. compile last: its warm-up (dynamo + inductor, forward, backward and eval graphs) is the slowest step
 if [[ "$DEVICE" == cpu ]]; then
   COMPILE_ARGS=(--arch "$ARCH" --image-size 32 --batch-size 4 --steps 2 --warmup-steps 1 --configs off+compile)
 else
@@ -168,6 +185,19 @@ result = {
     "epoch": {name: load(work / f"epoch_{name}.json") for name in ("voc", "coco")},
     "decode": load(work / "decode.json"),
 }
+# issue 27's equal-mAP target: test mAP per seed of each combination, mean and sample std, and whether the graphed
+# runs equal the faithful ones seed by seed
+seeds = sorted({int(n.rsplit("_s", 1)[1]) for n in steps if n.startswith("seed_")})
+result["seeds"] = {}
+for combo in ("faithful", "graphs", "fast"):
+    maps = {s: (run(work / f"seeds_{combo}_s{s}") or {}).get("test_map") for s in seeds}
+    done = [m for m in maps.values() if m is not None]
+    result["seeds"][combo] = {
+        "test_map": maps, "wall_s": {s: steps.get(f"seed_{combo}_s{s}", {}).get("seconds") for s in seeds},
+        "mean": sum(done) / len(done) if done else None,
+        "std": (sum((m - sum(done) / len(done)) ** 2 for m in done) / (len(done) - 1)) ** 0.5 if len(done) > 1 else None}
+f, g = result["seeds"]["faithful"]["test_map"], result["seeds"]["graphs"]["test_map"]
+result["seeds"]["graphs_equal_faithful"] = {s: f[s] is not None and f[s] == g[s] for s in seeds}
 for name, folder in (("faithful", "runs_faithful"), ("fast", "runs_fast"), ("graphs", "runs_graphs")):
     info = run(work / folder) or {}
     rec = steps.get(f"main_{name}", {})
@@ -177,6 +207,9 @@ out.write_text(json.dumps(result, indent=2))
 print(f"[gpu.sh] wrote {out} ({total} s in all)")
 for r in records:
     print(f"  {r['name']:18s} {r['status']:8s} {r['seconds']:7.1f} s")
+for k in ("faithful", "graphs", "fast"):
+    r = result["seeds"][k]
+    print(f"  demo seeds {k:9s} test mAP {r['test_map']}, mean {r['mean']}, std {r['std']}")
 m = result["main"]
 for k in ("faithful", "fast", "graphs"):
     print(f"  main {k:9s} wall {m[k].get('wall_s')} s, test mAP {m[k].get('test_map')}, status {m[k].get('status')}")

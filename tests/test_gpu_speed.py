@@ -256,10 +256,11 @@ def test_the_epoch_benchmark_times_every_phase_and_finds_the_cache_bit_identical
 
 def test_the_prepared_gpu_script_runs_its_benchmarks_in_smoke_mode(tmp_path):
     """bench/gpu.sh is what a session lent a GPU runs once: its benchmark scripts must work on the current code
-    (BENCH_SMOKE=1: the CPU at tiny sizes). The demo runs of main.py (other tests run main.py) and the compiled
-    step (half a minute of compiling) are skipped here."""
+    (BENCH_SMOKE=1: the CPU at tiny sizes). Skipped here: the demo runs of main.py (they write the checkout's
+    data/demo; other tests run main.py) and the compiled step (half a minute of compiling)."""
     repo = Path(__file__).resolve().parents[1]
-    skip = ("demo_data", "main_faithful", "main_fast", "main_graphs", "step_b16_compile")
+    skip = ("demo_data", "seed_faithful_s0", "seed_graphs_s0", "seed_fast_s0", "main_faithful", "main_fast",
+            "main_graphs", "step_b16_compile")
     env = {**os.environ, "BENCH_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
            "BENCH_SKIP": ",".join(skip), "BENCH_STEP_CAP_S": "900", "BENCH_BUDGET_S": "3600"}
     proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=repo, env=env, capture_output=True, text=True)
