@@ -153,7 +153,7 @@ run_step step_b16_compile 150 "$PY" bench/step.py --device "$DEVICE" "${COMPILE_
 
 # one JSON from everything
 "$PY" - "$WORK" "$JSON" "$SMOKE" "$BUDGET" "$(( $(date +%s) - START ))" <<'EOF'
-import json, sys
+import json, statistics, sys
 from pathlib import Path
 work, out, smoke, budget, total = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", *map(int, sys.argv[4:6])
 def load(path):
@@ -194,8 +194,8 @@ for combo in ("faithful", "graphs", "fast"):
     done = [m for m in maps.values() if m is not None]
     result["seeds"][combo] = {
         "test_map": maps, "wall_s": {s: steps.get(f"seed_{combo}_s{s}", {}).get("seconds") for s in seeds},
-        "mean": sum(done) / len(done) if done else None,
-        "std": (sum((m - sum(done) / len(done)) ** 2 for m in done) / (len(done) - 1)) ** 0.5 if len(done) > 1 else None}
+        "mean": statistics.mean(done) if done else None,
+        "std": statistics.stdev(done) if len(done) > 1 else None}
 f, g = result["seeds"]["faithful"]["test_map"], result["seeds"]["graphs"]["test_map"]
 result["seeds"]["graphs_equal_faithful"] = {s: f[s] is not None and f[s] == g[s] for s in seeds}
 for name, folder in (("faithful", "runs_faithful"), ("fast", "runs_fast"), ("graphs", "runs_graphs")):
