@@ -65,8 +65,6 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
     if dist.enabled:
         results["process"]["ranks"] = [{"host": host, "pid": pid} for host, pid in dist.peers]
     results.pop("error", None)
-    if dist.main:
-        save_json(run_dir / "results.json", results)
 
     def stopped_by_watchdog(message: str) -> None:  # this process may be blocked inside a collective: end it here
         error = f"{message} during epoch {len(results['epochs']) + 1}; the run stopped"
@@ -78,13 +76,17 @@ def fit(engine: Engine, loaders: dict, datasets: dict[str, MultilabelDataset], c
         print(f"error: {error}" if dist.main else f"[rank {dist.rank}] error: {error}", file=sys.stderr, flush=True)
         os._exit(3)
 
-    watchdog = start_watchdog(dist, stopped_by_watchdog)
-    try:
+    watchdog = None
+    try:  # from the first "running" record on: a signal that lands anywhere after it is recorded below
+        if dist.main:
+            save_json(run_dir / "results.json", results)
+        watchdog = start_watchdog(dist, stopped_by_watchdog)
         best_state, progress = _train_with_early_stopping(engine, loaders, datasets, cfg, run_dir, results, resume)
         watchdog.set()
         dist.all_gather(None)  # no rank exits (and looks dead to a watchdog) before every rank stopped watching
     except BaseException as exc:
-        watchdog.set()
+        if watchdog is not None:
+            watchdog.set()
         if dist.enabled:  # torchrun's SIGTERM to the survivors must not cut what follows (main restores them)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)

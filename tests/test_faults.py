@@ -278,6 +278,23 @@ def test_an_interrupted_run_says_so_and_keeps_its_finished_epochs(tmp_path, caps
     assert signal.getsignal(signal.SIGINT) is not main.raise_interrupt
 
 
+def test_a_signal_right_after_the_first_record_is_saved_marks_the_run(tmp_path, capsys, monkeypatch):
+    """A signal that lands between fit's first "running" record and its training loop (torchrun stops the other
+    ranks within a fraction of a second when one dies, so it can land here) is recorded like one in the loop: the
+    run's results.json says "interrupted", as the console does, instead of staying "running"."""
+    def signal_now(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # main's handler turns it into an interruption
+        time.sleep(1)  # the handler runs here at the latest
+    monkeypatch.setattr(train, "start_watchdog", signal_now)
+    assert run(tmp_path, "--epochs", "3", "-l", "an") == 143
+    err = capsys.readouterr().err
+    assert 'interrupted (terminated by SIGTERM) during epoch 1' in err and "Traceback" not in err
+    (folder,) = run_folders(tmp_path)
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["error"] == "terminated by SIGTERM during epoch 1"
+    assert results["epochs"] == {}
+
+
 def test_only_the_first_signal_interrupts():
     """A cluster signals every process of a job and a sweep forwards one too: the second signal must not cut the
     saving that the first one started."""
