@@ -295,6 +295,20 @@ def test_a_signal_right_after_the_first_record_is_saved_marks_the_run(tmp_path, 
     assert results["epochs"] == {}
 
 
+def test_ctrl_c_before_the_first_record_says_nothing_was_recorded(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the run prints its summary (before fit's first record): one line that says no results were
+    recorded, not a traceback, and not a claim that results.json was marked."""
+    def interrupt(datasets):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, "print_stats", interrupt)
+    assert run(tmp_path, "--epochs", "3", "-l", "an") == 130
+    err = capsys.readouterr().err
+    (folder,) = run_folders(tmp_path)
+    assert f"interrupted (Ctrl-C) before training started: no results were recorded in {folder}" in err
+    assert "Traceback" not in err and "marked" not in err
+    assert not (folder / "results.json").exists()
+
+
 def test_only_the_first_signal_interrupts():
     """A cluster signals every process of a job and a sweep forwards one too: the second signal must not cut the
     saving that the first one started."""
