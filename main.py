@@ -738,41 +738,41 @@ def _train_in(run_dir: Path, cfg: Config, device, datasets: dict, engine, loader
         print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.stderr)
 
     try:
-        try:
-            print(f"run folder: {run_dir}")
-            print(f"config: {cfg.to_dict()}")
-            if cfg.weights == "random":
-                print(f"note: {cfg.arch} starts from random weights (--weights random)")
-            chance = print_stats(datasets)
-            if results is None:
-                results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
-                           "ignored_flags": [flag(k) for k in ignored], "class_names": class_names(cfg),
-                           "environment": environment(device), "chance_test_map": chance, **setup}
-            else:  # resumed: the run's own record, with this process's environment (the earlier one in `resumes`)
-                results["resumes"][-1]["previous_environment"] = results.get("environment")
-                results["environment"] = environment(device)
-                if results["resumes"][-1]["previous_environment"] and \
-                        results["resumes"][-1]["previous_environment"].get("git_commit") != results["environment"]["git_commit"]:
-                    print("warning: the code changed since this run started (another git commit): the resumed epochs "
-                          "run the new code")
-            results = fit(engine, loaders, datasets, cfg, run_dir, results, resume)
-        except KeyboardInterrupt as exc:
-            reason = str(exc) or "Ctrl-C"
-            # fit records this process's pid and, when interrupted, the status: else the signal came before that
-            recorded = results is not None and results.get("status") == "interrupted" and \
-                results.get("process", {}).get("pid") == os.getpid()
-            if recorded:
-                finished = len(results.get("epochs", {}))
-                report(f"interrupted ({reason}) during epoch {finished + 1}: {finished} finished epoch(s) kept in "
-                       f"{run_dir / 'results.json'}, marked \"interrupted\"")
-            elif resume is not None:
-                report(f"interrupted ({reason}) before training resumed: {run_dir / 'results.json'} is unchanged")
-            else:
-                report(f"interrupted ({reason}) before training started: no results were recorded in {run_dir}")
-            return 143 if isinstance(exc, Terminated) else 130
-        except (NonFiniteLossError, DataError, ValueError, OutputError, RankFailure) as exc:
-            report(f"error: {one_line(exc)}")
-            return 3
+        print(f"run folder: {run_dir}")
+        print(f"config: {cfg.to_dict()}")
+        if cfg.weights == "random":
+            print(f"note: {cfg.arch} starts from random weights (--weights random)")
+        chance = print_stats(datasets)
+        if results is None:
+            results = {"config": cfg.to_dict(), "loss_hyperparameters": cfg.loss_hyperparameters(),
+                       "ignored_flags": [flag(k) for k in ignored], "class_names": class_names(cfg),
+                       "environment": environment(device), "chance_test_map": chance, **setup}
+        else:  # resumed: the run's own record, with this process's environment (the earlier one in `resumes`)
+            results["resumes"][-1]["previous_environment"] = results.get("environment")
+            results["environment"] = environment(device)
+            if results["resumes"][-1]["previous_environment"] and \
+                    results["resumes"][-1]["previous_environment"].get("git_commit") != results["environment"]["git_commit"]:
+                print("warning: the code changed since this run started (another git commit): the resumed epochs "
+                      "run the new code")
+        results = fit(engine, loaders, datasets, cfg, run_dir, results, resume)
+    except KeyboardInterrupt as exc:
+        reason = str(exc) or "Ctrl-C"
+        # fit records this process's pid and, when interrupted, the status: else the signal came before that
+        recorded = results is not None and results.get("status") == "interrupted" and \
+            results.get("process", {}).get("pid") == os.getpid()
+        if recorded:
+            finished = len(results.get("epochs", {}))
+            report(f"interrupted ({reason}) during epoch {finished + 1}: {finished} finished epoch(s) kept in "
+                   f"{run_dir / 'results.json'}, marked \"interrupted\"")
+        elif resume is not None:
+            report(f"interrupted ({reason}) before training resumed: {run_dir / 'results.json'} is unchanged")
+        else:
+            report(f"interrupted ({reason}) before training started: no results were recorded in {run_dir}")
+        return 143 if isinstance(exc, Terminated) else 130
+    except (NonFiniteLossError, DataError, ValueError, OutputError, RankFailure) as exc:
+        report(f"error: {one_line(exc)}")
+        return 3
+    else:
         print(f"best epoch {results['best_epoch']}: val mAP {results['val_map']:.2f}, "
               f"test mAP {results['test_map']:.2f} (chance {chance:.2f})")
         print(f"results: {run_dir / 'results.json'}")
