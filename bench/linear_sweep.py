@@ -39,7 +39,7 @@ FEATURE_SETS = {"demo": "demo, random ResNet-18 at 48 px",
                 "bird": "bird images of the tests, ImageNet MobileNetV2 at 96 px"}
 
 sys.path.insert(0, str(REPO / "bench"))
-from readme_demo_table import machine  # noqa: E402
+from readme_demo_table import head_commit, machine  # noqa: E402
 
 
 def call(argv: list[str]) -> None:
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     # rows from the end, so that earlier spans stay valid
     for key in sorted(wanted, key=lambda k: spans[k][0], reverse=True):
         text = text[:spans[key][0]] + fresh[key] + text[spans[key][1]:]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    stamp = (f"Made at commit {commit} on a {machine()} by `python bench/linear_sweep.py --update"
+    stamp = (f"Made at commit {head_commit()} on a {machine()} by `python bench/linear_sweep.py --update"
              + ("" if set(chosen) == set(FEATURE_SETS) else f" --rows {','.join(chosen)}") + "`.")
     text = re.sub(r"^Made at commit .*linear_sweep\.py.*$", lambda _: stamp, text, count=1, flags=re.M)
     DOC.write_text(text)

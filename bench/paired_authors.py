@@ -41,12 +41,18 @@ def patch(path: Path, old: str, new: str, count: int = 1) -> None:
     path.write_text(text.replace(old, new))
 
 
+def extract(git_dir: Path, tree: Path, *paths: str) -> None:
+    """The files of `git_dir`'s HEAD (all, or `paths`) written under `tree` (git archive | tar)."""
+    archive = subprocess.run(["git", "-C", str(git_dir), "archive", "HEAD", *paths], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+
+
 def authors_tree(method: str, git_dir: Path, workdir: Path, data_root: Path, image_size: int,
                  head_lr_mult: float, test_each_best: bool) -> Path:
     tree = workdir / "authors"
     tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(git_dir), "archive", "HEAD"], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    extract(git_dir, tree)
     (tree / "munch.py").write_text(MUNCH_SHIM)
     shutil.rmtree(tree / "data", ignore_errors=True)  # (BoostLU's holds the datasets' READMEs)
     (tree / "data").symlink_to(data_root)

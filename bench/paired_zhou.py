@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
-from paired_authors import patch  # noqa: E402
+from paired_authors import extract, patch  # noqa: E402
 
 ZHOU_FILES = ("main.py", "datasets.py", "models.py", "losses.py", "metrics.py", "instrumentation.py")
 DUMP = """
@@ -42,9 +42,7 @@ def zhou_tree(git_dir: Path, workdir: Path, data_root: Path, args: argparse.Name
     tree = workdir / "zhou"
     tree.mkdir()
     # their training code only (a mirror may lack the repository's large media files)
-    archive = subprocess.run(["git", "-C", str(git_dir), "archive", "HEAD", *ZHOU_FILES], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    extract(git_dir, tree, *ZHOU_FILES)
     (tree / "data").mkdir()
     (tree / "data" / "pascal").symlink_to(data_root / "pascal", target_is_directory=True)
     size = args.image_size

@@ -76,6 +76,12 @@ def machine() -> str:
     return f"{cores}-core CPU VM ({model})"
 
 
+def head_commit() -> str:
+    """The checkout's commit, short, for a "Made at commit" stamp."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--update", action="store_true", help="write the fresh table into docs/experiments.md")
@@ -99,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         # --update rewrites table, plots and stamp even when the table is unchanged: the stamp then names the
         # commit whose code was last checked to give it
         copy_docs_plots(Path(tmp) / "demo_plots")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    stamp = f"Made at commit {commit} on a {machine()} by `python bench/readme_demo_table.py --update`."
+    stamp = f"Made at commit {head_commit()} on a {machine()} by `python bench/readme_demo_table.py --update`."
     updated = text[:span[0]] + fresh + text[span[1]:]
     if made:  # (before the table: its position does not move with the table's length)
         updated = updated[:made[0]] + stamp + updated[made[1]:]
