@@ -150,9 +150,9 @@ class CudaGraphs:
             graph = None
         if graph is None and self.mode == "step":
             _make_capturable(optimizer)
-        if graph is None and step is not self._no_capture_for and (self.mode == "model" or optimizer.state):
+        if graph is None and step is not self._no_capture_for and (self.mode == "model" or _has_state(optimizer)):
             graph = self._train = self._capture_train(engine, x, batch, step, update, optimizer)
-        if graph is None:  # eagerly, as the loop without graphs (mode step: the run's first batch makes Adam's state)
+        if graph is None:  # eagerly, as the loop without graphs (mode step: a batch that makes Adam's state)
             self.stats["train_eager"] += 1
             logits = engine.logits({"image": x})
             loss = step(logits, batch)
@@ -262,6 +262,13 @@ def _copy_inputs(graph: _Graph, x: torch.Tensor, batch: dict) -> None:
 def _tensor_pointers(model: torch.nn.Module) -> tuple:
     """Where the parameters and buffers live: a graph reads and writes these addresses."""
     return tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
+
+
+def _has_state(optimizer) -> bool:
+    """Mode step captures Adam's update only once every parameter that trains has its state: a state that Adam
+    made inside the capture would be made anew, zeros, at every replay (e.g. the backbone's after the frozen
+    epochs of --frozen-backbone-epochs, when the head's state exists already)."""
+    return all(p in optimizer.state for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
 
 
 def _make_capturable(optimizer) -> None:

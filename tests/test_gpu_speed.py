@@ -153,6 +153,23 @@ def test_graphed_steps_give_the_eager_loops_numbers(bird_root):
     assert expected[0]["loss"] != expected[1]["loss"]  # it trains: equal numbers are not those of a frozen model
 
 
+def test_mode_step_captures_only_once_every_training_parameter_has_adams_state():
+    """--cuda-graphs step with --frozen-backbone-epochs: when the backbone starts training, the head has Adam's
+    state and the backbone has none; a capture then would record Adam making the backbone's state (zeros) and
+    replay that at every step. The capture waits until every parameter that trains has its state."""
+    head, backbone = torch.nn.Linear(3, 2), torch.nn.Linear(3, 3)
+    optimizer = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=1e-3)
+    backbone.requires_grad_(False)  # the frozen epochs: the head alone trains and gets its state
+    head(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    assert cuda_graphs._has_state(optimizer)
+    backbone.requires_grad_(True)  # the first unfrozen epoch: no state for the backbone yet, no capture
+    assert not cuda_graphs._has_state(optimizer)
+    head(backbone(torch.randn(4, 3))).sum().backward()  # the eager batch that makes it
+    optimizer.step()
+    assert cuda_graphs._has_state(optimizer)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # --image-decode device
 
