@@ -52,7 +52,7 @@ from preproc.generate_observed_labels import generate_observed  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from make_bench_root import make_bench_root  # noqa: E402
-from step import bench_device  # noqa: E402
+from step import bench_device, synchronize  # noqa: E402
 
 CUB = REPO / "tests" / "data" / "cub" / "CUB_200_2011"
 # name -> (settings on top of the faithful ones, what they change)
@@ -122,11 +122,6 @@ def make_root(out: Path, dataset: str, num_classes: int, n_train: int, n_test: i
 # ----------------------------------------------------------------------------------------------------------------
 # timing the pipeline's own functions
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class PhaseTimer:
     """Wraps the functions that train.fit calls through their modules (train's loop, checkpoints' files) to time
     each phase of each epoch."""
@@ -155,10 +150,10 @@ class PhaseTimer:
             if name == "train_epoch":
                 self.epoch = args[5]
                 self.starts[self.epoch] = time.perf_counter()
-            _sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            _sync(self.device)
+            synchronize(self.device)
             seconds = time.perf_counter() - start
             phase = {"train_epoch": "train", "run_apl": "apl", "save_last": "checkpoint",
                      "save_checkpoint": "checkpoint", "save_predictions": "checkpoint"}.get(name)
@@ -198,7 +193,7 @@ def run_combination(args, name: str, preset: str, root: Path, device: torch.devi
     except ValueError as exc:  # e.g. --cuda-graphs on the CPU: its one-line refusal is the result
         row.update(status="refused", error=str(exc))
         return row, {}
-    _sync(device)
+    synchronize(device)
     row["setup_s"] = time.perf_counter() - start
     run_dir = work / f"{preset}_{name.replace(' ', '_').replace(':', '')}"
     run_dir.mkdir(parents=True)
@@ -285,10 +280,10 @@ def decode_check(args, root: Path, device: torch.device) -> dict:
     pil_s = time.perf_counter() - start
     loader = DecodedLoader(ds, args.image_size, device, 16, shuffle=False, flip=False, num_workers=args.num_workers)
     next(iter(loader))  # decoder start-up
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     decoded = [b["image"] for b in loader]
-    _sync(device)
+    synchronize(device)
     device_s = time.perf_counter() - start
     diff = np.abs(torch.cat(decoded).cpu().numpy().astype(np.int16) - pil.astype(np.int16))
     return {"images": len(ds), "image_size": args.image_size, "device": str(device), "max_abs_diff": int(diff.max()),

@@ -42,14 +42,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config import EXPECTED_POSITIVES_LOSSES  # noqa: E402
+from config import EXPECTED_POSITIVES_LOSSES, ROLE_EXPECTED_POSITIVES  # noqa: E402
 from losses import LOSSES  # noqa: E402
 from preproc.common import write_dataset_json  # noqa: E402
 from preproc.generate_observed_labels import generate_observed  # noqa: E402
 
 TARGET_SECONDS = 6.0  # per epoch on 2 cores (issue 24)
 ROLE_TARGET_SECONDS = 20.0  # ROLE: Adam's dense update of the 65,665 x 80 estimates at every step, the original's
-EXPECTED_NUM_POS = "2.9"  # COCO's (config.ROLE_EXPECTED_POSITIVES)
+EXPECTED_NUM_POS = str(ROLE_EXPECTED_POSITIVES["coco"])  # COCO's
 ALL_ONLY_FLAGS = {"EM_APL": ["--warmup-epoch", "1"]}  # --loss all: EM_APL's epochs with APL rounds
 SKIPPED = {"role_li": "it fine-tunes a backbone after its linear phase; main.py refuses it with --features"}
 EPOCH_LINE = re.compile(r"epoch (\d+)/\d+ ")
@@ -59,7 +59,7 @@ START_LINE = "chance-level test mAP"  # printed just before the first epoch
 def make_dataset(folder: Path, n_train: int, n_test: int, dim: int, classes: int, signal: float = 0.05,
                  seed: int = 0) -> None:
     rng = np.random.RandomState(seed)
-    prevalence = 2.9 / classes
+    prevalence = ROLE_EXPECTED_POSITIVES["coco"] / classes
     mixing = signal * rng.randn(classes, dim).astype(np.float32)
     arrays = {}
     for phase, n in (("train", n_train), ("val", n_test)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def rss_gb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2 ** 30
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
 def main() -> int:
