@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import cuda_graphs
+from conftest import ROOT
 import main
 import train
 from config import build_config
@@ -243,17 +243,13 @@ def test_prefetching_gives_the_same_batches_and_draws(bird_root, tmp_path, worke
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the whole-epoch benchmark (bench/epoch.py), in its CPU smoke mode: it drives main.build_run and train.fit and
-# times them by wrapping train's and checkpoints' functions, so a refactor of either must keep it working
+# the prepared GPU script (bench/gpu.sh) and its whole-epoch benchmark (bench/epoch.py), in their CPU smoke mode:
+# epoch.py drives main.build_run and train.fit and times them by wrapping train's and checkpoints' functions, so a
+# refactor of either must keep it working
 
-def test_the_epoch_benchmark_times_every_phase_and_finds_the_cache_bit_identical(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
-    out = tmp_path / "epoch.json"
-    proc = subprocess.run([sys.executable, "bench/epoch.py", "--preset", "voc", "--device", "cpu",
-                           "--no-decode-check", "--json", str(out)], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, "BENCH_SMOKE": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {r["combination"]: r for r in json.loads(out.read_text())["presets"]["voc"]["rows"]}
+def _check_epoch_rows(epoch: dict) -> None:
+    """bench/epoch.py's VOC-like rows in smoke mode: every phase timed, the cache bit-identical to faithful."""
+    rows = {r["combination"]: r for r in epoch["presets"]["voc"]["rows"]}
     # on the CPU each graphed combination is refused in one line, then run without the graphs and amp
     assert rows["cache+graphs"]["status"] == "refused"
     assert rows["cache+graphs"]["error"].startswith("--cuda-graphs model needs a CUDA GPU")
@@ -275,12 +271,11 @@ def test_the_prepared_gpu_script_runs_its_benchmarks_in_smoke_mode(tmp_path):
     """bench/gpu.sh is what a session lent a GPU runs once: its benchmark scripts must work on the current code
     (BENCH_SMOKE=1: the CPU at tiny sizes). Skipped here: the demo runs of main.py (they write the checkout's
     data/demo; other tests run main.py) and the compiled step (half a minute of compiling)."""
-    repo = Path(__file__).resolve().parents[1]
     skip = ("demo_data", "seed_faithful_s0", "seed_graphs_s0", "seed_fast_s0", "main_faithful", "main_fast",
             "main_graphs", "step_b16_compile")
     env = {**os.environ, "BENCH_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
            "BENCH_SKIP": ",".join(skip), "BENCH_STEP_CAP_S": "900", "BENCH_BUDGET_S": "3600"}
-    proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     status = {r["name"]: r["status"] for r in result["steps"]}
@@ -290,5 +285,6 @@ def test_the_prepared_gpu_script_runs_its_benchmarks_in_smoke_mode(tmp_path):
     assert ran == dict.fromkeys(ran, "ok"), [r.get("log_tail") for r in result["steps"] if r["status"] != "ok"]
     # each benchmark's own JSON made it into the one file
     assert result["epoch"]["voc"]["presets"]["voc"]["rows"][0]["combination"] == "faithful"
+    _check_epoch_rows(result["epoch"]["voc"])
     assert all(result["step"][name] for name in ("step_b16", "step_b8"))
     assert result["loader"]["loader_w0"]["max_abs_diff"] == 0.0 and result["decode"]
