@@ -18,7 +18,7 @@ from models import HEADS  # issue 25
 
 LOSS_NAMES = tuple(LOSSES)  # every registered loss
 IMAGE_CACHE_MODES = ("off", "ram", "disk")  # --image-cache (image_cache.py)
-AMP_MODES = ("off", "bf16", "fp16")  # --amp (train.AMP_DTYPES)
+AMP_MODES = ("off", "bf16", "fp16")  # --amp (engine.AMP_DTYPES)
 CUDA_GRAPH_MODES = ("off", "model", "step")  # --cuda-graphs (cuda_graphs.py)
 IMAGE_DECODE_MODES = ("pil", "device")  # --image-decode (device_decode.py)
 # Settings that only some losses read: each loss's own hyperparameters (losses.py), and APL's schedule.
